@@ -1,0 +1,27 @@
+"""Triton kernels for FP4 attention: quantization, fused Attn-QAT training, FP4 inference.
+
+The package stands alone (it imports no other layer except the constants of
+``fp4sim.formats``). Submodules are imported lazily so that ``import kernels`` does not
+import Triton until a kernel is used.
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import Any
+
+_EXPORTS = {
+    "quantize_fp4": "kernels.quantize",
+    "attn_qat": "kernels.attn_qat",
+    "attn_qat_forward": "kernels.attn_qat",
+    "fp4_inference_attention": "kernels.inference",
+}
+
+__all__ = sorted(_EXPORTS)
+
+
+def __getattr__(name: str) -> Any:
+    module_name = _EXPORTS.get(name)
+    if module_name is None:
+        raise AttributeError(f"module 'kernels' has no attribute {name!r}")
+    return getattr(importlib.import_module(module_name), name)
