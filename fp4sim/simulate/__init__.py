@@ -1,0 +1,1 @@
+"""`fp4sim simulate`: training-stability simulation of FP4 attention backward variants."""

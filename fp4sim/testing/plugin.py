@@ -1,16 +1,40 @@
-"""pytest plugin (entry point ``pytest11``): Hypothesis profiles for fp4sim suites.
+"""pytest plugin (entry point ``pytest11``) for FP4 test suites.
 
-Placeholder registering the profiles; grown by the testing layer.
+Loaded in every pytest run of an environment with fp4sim installed, so it imports only
+Hypothesis and pytest at load time; torch, the reference and the kernels are imported by
+the fixtures that need them.
+
+What a user's tests get without copying anything:
+
+* Hypothesis profiles ``ci`` (deterministic: derandomized, no example database, 25
+  examples, no deadline), ``dev`` (50 examples) and ``thorough`` (1000 examples); select
+  with ``--hypothesis-profile=NAME`` or the ``HYPOTHESIS_PROFILE`` environment variable;
+* fixtures: ``fp4_recipe`` (parametrized over the reference's preset names, restrict with
+  ``@pytest.mark.fp4_recipes("attn-qat", ...)``), ``fp4_recipe_name``, ``fp4_reference``
+  (the ``reference`` package), ``fp4_emulator`` (``fp4sim``), ``fp4_kernels`` (the
+  ``kernels`` package, skipped when Triton cannot run here), ``fp4_device``,
+  ``fp4_strategies`` (``fp4sim.testing.strategies``), ``fp4_rng`` (a seeded NumPy
+  Generator);
+* markers ``gpu`` (skipped without CUDA), ``interpreter``, ``slow``, ``exhaustive``,
+  ``fp4_recipes``.
+
+The strategies are also plain imports: ``from fp4sim.testing.strategies import
+attention_inputs, fp4_arrays, tie_values``.
 """
 
 from __future__ import annotations
 
+import os
+from typing import Any
+
+import pytest
 from hypothesis import HealthCheck, settings
 
 settings.register_profile(
     "ci",
     max_examples=25,
     derandomize=True,
+    database=None,
     deadline=None,
     print_blob=True,
     suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large],
@@ -23,3 +47,110 @@ settings.register_profile(
     print_blob=True,
     suppress_health_check=[HealthCheck.too_slow],
 )
+
+_MARKERS = (
+    "gpu: needs a CUDA device (skipped without one)",
+    "interpreter: runs Triton kernels (on the CPU only under TRITON_INTERPRET=1)",
+    "slow: thorough runs, excluded from the default CI selection",
+    "exhaustive: sweeps all 2^32 float32 bit patterns",
+    "fp4_recipes(*names): restrict the fp4_recipe fixture to these preset names",
+)
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    for line in _MARKERS:
+        config.addinivalue_line("markers", line)
+    explicit = getattr(config.option, "hypothesis_profile", None)
+    from_env = os.environ.get("HYPOTHESIS_PROFILE")
+    if explicit is None and from_env:
+        settings.load_profile(from_env)
+
+
+def _cuda_available() -> bool:
+    try:
+        import torch
+    except ImportError:
+        return False
+    return bool(torch.cuda.is_available())
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    gpu_items = [item for item in items if item.get_closest_marker("gpu") is not None]
+    if gpu_items and not _cuda_available():
+        skip = pytest.mark.skip(reason="needs a CUDA device")
+        for item in gpu_items:
+            item.add_marker(skip)
+
+
+def _recipe_names() -> tuple[str, ...]:
+    import reference
+
+    return tuple(reference.RECIPE_NAMES)
+
+
+def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
+    if "fp4_recipe_name" not in metafunc.fixturenames:
+        return
+    marker = metafunc.definition.get_closest_marker("fp4_recipes")
+    names = tuple(marker.args) if marker is not None and marker.args else _recipe_names()
+    metafunc.parametrize("fp4_recipe_name", names)
+
+
+@pytest.fixture
+def fp4_recipe(fp4_recipe_name: str) -> Any:
+    """The reference ``Recipe`` for each preset name (see ``fp4_recipe_name``)."""
+    import reference
+
+    return reference.get_recipe(fp4_recipe_name)
+
+
+@pytest.fixture(scope="session")
+def fp4_reference() -> Any:
+    """The ``reference`` package (PyTorch FP4 attention reference)."""
+    import reference
+
+    return reference
+
+
+@pytest.fixture(scope="session")
+def fp4_emulator() -> Any:
+    """The ``fp4sim`` core package (NumPy bit-exact emulator)."""
+    import fp4sim
+
+    return fp4sim
+
+
+@pytest.fixture(scope="session")
+def fp4_device() -> str:
+    """'cuda' when a CUDA device is present, else 'cpu'."""
+    return "cuda" if _cuda_available() else "cpu"
+
+
+@pytest.fixture(scope="session")
+def fp4_kernels(fp4_device: str) -> Any:
+    """The ``kernels`` package; skips unless CUDA is present or TRITON_INTERPRET=1."""
+    if fp4_device != "cuda" and os.environ.get("TRITON_INTERPRET") != "1":
+        pytest.skip("Triton kernels need CUDA or TRITON_INTERPRET=1")
+    try:
+        import kernels
+    except ImportError as err:  # pragma: no cover - depends on the environment
+        pytest.skip(f"kernels not importable: {err}")
+    return kernels
+
+
+@pytest.fixture(scope="session")
+def fp4_strategies() -> Any:
+    """``fp4sim.testing.strategies`` (also importable directly)."""
+    from fp4sim.testing import strategies
+
+    return strategies
+
+
+@pytest.fixture
+def fp4_rng(request: pytest.FixtureRequest) -> Any:
+    """A NumPy Generator seeded from the test's node id (stable across runs)."""
+    import zlib
+
+    import numpy as np
+
+    return np.random.default_rng(zlib.crc32(request.node.nodeid.encode()))

@@ -1,0 +1,99 @@
+"""E4M3 "fn" (OCP OFP8) encoding and decoding: the NVFP4 block-scale format.
+
+Codes are uint8: bit 7 sign, bits 3-6 exponent (bias 7), bits 0-2 mantissa; 0x7F/0xFF NaN.
+RNE uses the same top-16-bit table as E2M1 (every E4M3 tie has at most 4 mantissa bits).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from fp4sim.float_input import as_float32, float32_bits
+from fp4sim.formats import E4M3FN
+from fp4sim.minifloat import (
+    F32_ABS_MASK,
+    F32_INF_BITS,
+    build_high_half_table,
+    encode_with_high_half_table,
+    round_magnitude_rne,
+)
+
+OVERFLOW_POLICIES = ("saturate", "nan")
+NAN_POLICIES = ("ptx", "ml_dtypes")
+E4M3_NAN = E4M3FN.nan_code  # 0x7F
+E4M3_MAX_CODE = E4M3FN.max_code  # 0x7E = 448
+
+
+def _check_policies(overflow: str, nan: str) -> None:
+    if overflow not in OVERFLOW_POLICIES:
+        raise ValueError(f"overflow must be one of {OVERFLOW_POLICIES}, got {overflow!r}")
+    if nan not in NAN_POLICIES:
+        raise ValueError(f"nan must be one of {NAN_POLICIES}, got {nan!r}")
+
+
+def e4m3_encode_bits_exact(bits: np.ndarray, overflow: str = "saturate",
+                           nan: str = "ptx") -> np.ndarray:
+    """RNE E4M3 codes of float32 bit patterns by exact integer arithmetic (general path)."""
+    bits = np.asarray(bits, dtype=np.uint32)
+    abs_bits = bits & np.uint32(F32_ABS_MASK)
+    is_nan = abs_bits > F32_INF_BITS
+    magnitude = round_magnitude_rne(np.where(is_nan, np.uint32(0), abs_bits), E4M3FN)
+    if overflow == "saturate":
+        # PTX cvt.rn.satfinite.e4m3x2.f32: out-of-range values and Inf give +-448.
+        magnitude = np.minimum(magnitude, E4M3_MAX_CODE)
+    else:
+        # ml_dtypes float8_e4m3fn: values rounding past 448 and Inf become NaN.
+        magnitude = np.where(magnitude > E4M3_MAX_CODE, E4M3_NAN, magnitude)
+    codes = magnitude.astype(np.uint8) | ((bits >> 24) & 0x80).astype(np.uint8)
+    if is_nan.any():
+        # PTX gives the canonical NaN 0x7F; ml_dtypes keeps the input's sign.
+        keep_sign = nan == "ml_dtypes"
+        codes[is_nan] = E4M3_NAN | (((bits[is_nan] >> 24) & 0x80) if keep_sign else 0)
+    return codes
+
+
+_TABLES = {
+    (overflow, nan): build_high_half_table(
+        lambda b, overflow=overflow, nan=nan: e4m3_encode_bits_exact(b, overflow, nan),
+        wide=True)
+    for overflow in OVERFLOW_POLICIES for nan in NAN_POLICIES
+}
+
+
+def e4m3_encode(x: object, overflow: str = "saturate", nan: str = "ptx") -> np.ndarray:
+    """Encode ``x`` to E4M3FN codes (uint8, shape of x), round to nearest even.
+
+    overflow='saturate' (default, PTX .satfinite): beyond 448 and Inf give +-448 (0x7E/0xFE).
+    overflow='nan' (ml_dtypes): values that round past 448, and Inf, give NaN.
+    nan='ptx': NaN -> 0x7F; nan='ml_dtypes': NaN keeps its sign (0x7F or 0xFF).
+    """
+    _check_policies(overflow, nan)
+    x32 = as_float32(x)
+    bits = float32_bits(x32).reshape(-1)
+    out = np.empty(bits.shape, dtype=np.uint8)
+    encode_with_high_half_table(bits, out, _TABLES[(overflow, nan)])
+    return out.reshape(x32.shape)
+
+
+def _build_decode_table() -> np.ndarray:
+    codes = np.arange(256)
+    exponent = (codes >> 3) & 0xF
+    mantissa = codes & 0x7
+    # OCP OFP8 E4M3: subnormal m * 2^-9, normal (1 + m/8) * 2^(e - 7).
+    magnitude = np.where(exponent == 0, np.ldexp(mantissa, -9),
+                         np.ldexp(8 + mantissa, exponent - 10))
+    values = np.where(codes & 0x80, -magnitude, magnitude).astype(np.float32)
+    values[(codes & 0x7F) == E4M3_NAN] = np.nan
+    values.flags.writeable = False
+    return values
+
+
+E4M3_VALUES = _build_decode_table()
+
+
+def e4m3_decode(codes: object) -> np.ndarray:
+    """Values (float32) of E4M3FN codes (uint8); 0x7F and 0xFF decode to NaN."""
+    arr = np.asarray(codes)
+    if arr.dtype != np.uint8:
+        raise TypeError(f"E4M3 codes must be a uint8 array, got dtype {arr.dtype}")
+    return E4M3_VALUES.take(arr)

@@ -1,0 +1,113 @@
+"""``fp4sim simulate``: train one small LM per attention backward variant and compare.
+
+Exit codes: 0 every variant trained (a diverging run is a result, not an error);
+1 a variant failed with an exception (its traceback is in the report);
+2 usage error (unknown variant, recipe, task, config or kernel; no CUDA; output folder).
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from fp4sim.simulate.config import PRESETS, get_preset, with_overrides
+from fp4sim.simulate.tasks import TASKS
+from fp4sim.simulate.variants import VALID_VARIANTS, SimulationSetupError
+
+DEFAULT_OUT = "fp4sim-simulate"
+
+
+def configure_parser(parser: argparse.ArgumentParser) -> None:
+    parser.formatter_class = argparse.ArgumentDefaultsHelpFormatter
+    parser.add_argument("--config", choices=sorted(PRESETS), default=None,
+                        help="preset: 'gpu' (the paper-scale ablation) or 'cpu' (reduced); "
+                             "default gpu when CUDA is available, else cpu")
+    parser.add_argument("--variants", nargs="+", default=None, metavar="VARIANT",
+                        help=f"variants to train, from {', '.join(VALID_VARIANTS)} and "
+                             "'kernel' (with --kernel); default bf16 attn_qat p_only o_only "
+                             "drop_in (with --kernel: bf16 attn_qat kernel)")
+    parser.add_argument("--recipe", default=None,
+                        help="reference FP4 recipe for the FP4 variants (default attn-qat)")
+    parser.add_argument("--block-n", type=int, default=None,
+                        help="P tile width replacing the recipe's (default 32; 0 keeps it)")
+    parser.add_argument("--kernel", default=None, metavar="MODULE:ATTR",
+                        help="external attention fn(q, k, v, causal, sm_scale) -> o, "
+                             "trained as variant 'kernel'")
+    parser.add_argument("--device", default=None, help="cpu or cuda (default: the preset's)")
+    parser.add_argument("--task", choices=sorted(TASKS), default=None,
+                        help="synthetic task (default copy)")
+    parser.add_argument("--steps", type=int, default=None, help="training steps per variant")
+    parser.add_argument("--batch-size", type=int, default=None)
+    parser.add_argument("--seq-len", type=int, default=None)
+    parser.add_argument("--width", type=int, default=None)
+    parser.add_argument("--layers", type=int, default=None, dest="n_layers")
+    parser.add_argument("--heads", type=int, default=None, dest="n_heads")
+    parser.add_argument("--lr", type=float, default=None)
+    parser.add_argument("--seed", type=int, default=None, help="seed (default 0)")
+    parser.add_argument("--jobs", type=int, default=None,
+                        help="train this many variants at once, each in its own process on "
+                             "the same device (same numbers, less wall time; default 1)")
+    parser.add_argument("--log-every", type=int, default=None,
+                        help="progress line every N steps (default: about 20 per variant)")
+    parser.add_argument("--out", default=DEFAULT_OUT, help="output folder")
+    parser.add_argument("--overwrite", action="store_true",
+                        help="replace an existing report folder")
+
+
+def _error(message: str) -> int:
+    print(f"fp4sim simulate: error: {message}", file=sys.stderr)
+    return 2
+
+
+def _log(line: str) -> None:
+    print(line, file=sys.stderr, flush=True)
+
+
+def run(args: argparse.Namespace) -> int:
+    import torch
+
+    from fp4sim.simulate.runner import run_simulation
+    from reports.output import ReportFolderError, check_output_folder, write_report_folder
+
+    cuda = torch.cuda.is_available()
+    preset_name = args.config or ("gpu" if cuda else "cpu")
+    try:
+        config = get_preset(preset_name)
+        variants = tuple(args.variants) if args.variants else (
+            ("bf16", "attn_qat", "kernel") if args.kernel else None)
+        config = with_overrides(
+            config, variants=variants, recipe=args.recipe, block_n=args.block_n,
+            kernel=args.kernel, device=args.device, task=args.task, steps=args.steps,
+            batch_size=args.batch_size, seq_len=args.seq_len, width=args.width,
+            n_layers=args.n_layers, n_heads=args.n_heads, lr=args.lr, seed=args.seed,
+            log_every=args.log_every, jobs=args.jobs)
+    except ValueError as error:
+        return _error(str(error))
+    if config.device.startswith("cuda") and not cuda:
+        return _error(f"device {config.device!r} asked for (config '{config.name}') but CUDA is "
+                      "not available; use --device cpu or --config cpu")
+    try:
+        check_output_folder(args.out, overwrite=args.overwrite)
+    except ReportFolderError as error:
+        return _error(str(error))
+
+    if config.smoke:
+        _log(f"config '{config.name}' is a SMOKE RUN: it checks that every variant trains, "
+             "it is not expected to separate them")
+    try:
+        result = run_simulation(config, log=_log)
+    except SimulationSetupError as error:
+        return _error(str(error))
+
+    from fp4sim.simulate.report import build_html, build_report_json, build_summary_md
+
+    summary = build_summary_md(result)
+    try:
+        out = write_report_folder(args.out, index_html=build_html(result),
+                                  report_json=build_report_json(result), summary_md=summary,
+                                  overwrite=args.overwrite)
+    except ReportFolderError as error:
+        return _error(str(error))
+    print(summary)
+    print(f"report written to {out}/index.html", file=sys.stderr)
+    return 1 if result.any_failed else 0

@@ -1,0 +1,139 @@
+"""Synthetic sequence tasks on which attention matters, generated on the fly.
+
+Every task produces token sequences of length ``seq_len + 1`` starting with the
+beginning-of-sequence token 0; the model reads the first ``seq_len`` tokens and predicts
+the last ``seq_len`` (``targets[t] = tokens[t + 1]``). Only the positions a task marks as
+``scored`` count towards the loss, so the loss measures the part that needs attention.
+
+- ``copy``: ``BOS a_1 .. a_n a_1 .. a_n`` with ``n = seq_len / 2`` tokens drawn uniformly
+  from ``1 .. V-1``; the repeated half is scored. Chance loss ``log(V - 1)``.
+- ``recall`` (multi-query associative recall): ``BOS k_1 v_1 .. k_m v_m q_1 a_1 q_2 a_2 ..``
+  with distinct keys from ``1 .. K``, values from ``K+1 .. V-1`` (``K = (V-1) // 2``),
+  ``m = min(K, seq_len // 4)`` pairs, queries drawn from the context's keys and ``a_j`` the
+  value bound to ``q_j``; the answers are scored. A lookup by content, harder than copy,
+  which position alone solves. Chance loss ``log(V - 1 - K)``.
+
+Data comes from a NumPy generator seeded independently of the model, so every variant
+sees the same stream whatever its device.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+
+import numpy as np
+
+BOS = 0
+
+
+@dataclass(frozen=True)
+class TokenBatch:
+    """A batch as NumPy arrays: ``inputs``/``targets`` int64 (B, L), ``scored`` bool (B, L)."""
+
+    inputs: np.ndarray
+    targets: np.ndarray
+    scored: np.ndarray
+
+
+def _split(tokens: np.ndarray, scored_tokens: np.ndarray) -> TokenBatch:
+    return TokenBatch(
+        inputs=np.ascontiguousarray(tokens[:, :-1]),
+        targets=np.ascontiguousarray(tokens[:, 1:]),
+        scored=np.ascontiguousarray(scored_tokens[:, 1:]),
+    )
+
+
+def generate_copy(rng: np.random.Generator, batch_size: int, seq_len: int,
+                  vocab_size: int) -> TokenBatch:
+    if seq_len < 4 or seq_len % 2:
+        raise ValueError(f"the copy task needs an even seq_len >= 4, got {seq_len}")
+    if vocab_size < 3:
+        raise ValueError(f"the copy task needs vocab_size >= 3, got {vocab_size}")
+    half = seq_len // 2
+    content = rng.integers(1, vocab_size, size=(batch_size, half), dtype=np.int64)
+    bos = np.full((batch_size, 1), BOS, dtype=np.int64)
+    tokens = np.concatenate([bos, content, content], axis=1)
+    scored = np.zeros(tokens.shape, dtype=bool)
+    scored[:, 1 + half:] = True
+    return _split(tokens, scored)
+
+
+def recall_layout(seq_len: int, vocab_size: int) -> tuple[int, int, int]:
+    """(number of keys K, context pairs m, queries) of the recall task."""
+    num_keys = (vocab_size - 1) // 2
+    if num_keys < 1 or vocab_size - 1 - num_keys < 2:
+        raise ValueError(f"the recall task needs vocab_size >= 5, got {vocab_size}")
+    pairs = min(num_keys, seq_len // 4)
+    queries = (seq_len - 2 * pairs) // 2
+    if pairs < 1 or queries < 1:
+        raise ValueError(f"the recall task needs seq_len >= 4, got {seq_len}")
+    return num_keys, pairs, queries
+
+
+def generate_recall(rng: np.random.Generator, batch_size: int, seq_len: int,
+                    vocab_size: int) -> TokenBatch:
+    num_keys, pairs, queries = recall_layout(seq_len, vocab_size)
+    keys = np.argsort(rng.random((batch_size, num_keys)), axis=1)[:, :pairs] + 1
+    values = rng.integers(num_keys + 1, vocab_size, size=(batch_size, pairs), dtype=np.int64)
+    which = rng.integers(0, pairs, size=(batch_size, queries))
+    query_keys = np.take_along_axis(keys, which, axis=1)
+    answers = np.take_along_axis(values, which, axis=1)
+
+    tokens = np.full((batch_size, seq_len + 1), BOS, dtype=np.int64)
+    scored = np.zeros(tokens.shape, dtype=bool)
+    tokens[:, 1:1 + 2 * pairs:2] = keys
+    tokens[:, 2:2 + 2 * pairs:2] = values
+    start = 1 + 2 * pairs
+    tokens[:, start:start + 2 * queries:2] = query_keys
+    tokens[:, start + 1:start + 2 * queries:2] = answers
+    scored[:, start + 1:start + 2 * queries:2] = True
+    return _split(tokens, scored)
+
+
+@dataclass(frozen=True)
+class Task:
+    name: str
+    description: str
+    generate: Callable[[np.random.Generator, int, int, int], TokenBatch]
+    chance_loss: Callable[[int, int], float]  # (seq_len, vocab_size) -> nats
+
+
+TASKS: dict[str, Task] = {
+    "copy": Task(
+        name="copy",
+        description="random tokens then their repetition; the repeated half is scored",
+        generate=generate_copy,
+        chance_loss=lambda seq_len, vocab: math.log(vocab - 1),
+    ),
+    "recall": Task(
+        name="recall",
+        description="multi-query associative recall: key-value pairs, then queried keys "
+                    "whose values are scored",
+        generate=generate_recall,
+        chance_loss=lambda seq_len, vocab: math.log(
+            vocab - 1 - recall_layout(seq_len, vocab)[0]),
+    ),
+}
+
+
+def get_task(name: str) -> Task:
+    try:
+        return TASKS[name]
+    except KeyError:
+        raise ValueError(f"unknown task {name!r}; valid tasks: {', '.join(TASKS)}") from None
+
+
+def batch_stream(task: Task, seed: int, batch_size: int, seq_len: int,
+                 vocab_size: int) -> Iterator[TokenBatch]:
+    """An endless, reproducible stream of batches drawn from ``seed`` alone."""
+    rng = np.random.default_rng(seed)
+    while True:
+        yield task.generate(rng, batch_size, seq_len, vocab_size)
+
+
+def fixed_batches(task: Task, seed: int, count: int, batch_size: int, seq_len: int,
+                  vocab_size: int) -> list[TokenBatch]:
+    stream = batch_stream(task, seed, batch_size, seq_len, vocab_size)
+    return [next(stream) for _ in range(count)]

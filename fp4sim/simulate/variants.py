@@ -1,0 +1,135 @@
+"""Training variants: which attention (and which backward) a simulated model uses.
+
+A variant is one of the reference's backward variants run through
+``reference.fp4_attention`` with the simulation's FP4 recipe, ``bf16`` (the ``bf16``
+recipe, exact backward: the unquantized baseline), or ``kernel``: an external attention
+callable ``fn(q, k, v, causal, sm_scale) -> o`` named as ``MODULE:ATTR`` by ``--kernel``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import importlib
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+from fp4sim.simulate.model import AttentionFn
+
+KERNEL_VARIANT = "kernel"
+
+VARIANT_DESCRIPTIONS: dict[str, str] = {
+    "bf16": "unquantized attention (recipe bf16) with its exact gradient",
+    "attn_qat": "FP4 forward; backward recomputes S from Q^, K^, dV = P~^T dO, "
+                "D = rowsum(dO * O_hp) (both principles)",
+    "p_only": "FP4 forward; backward recomputes S from Q^, K^, dV = P^T dO with the "
+              "high-precision P, D = rowsum(dO * O_hp)",
+    "o_only": "FP4 forward; backward recomputes S from Q^, K^, dV = P~^T dO, "
+              "D = rowsum(dO * O) with the low-precision O",
+    "drop_in": "FP4 forward, then the high-precision FlashAttention backward on Q, K, V "
+               "with D = rowsum(dO * O)",
+    "ste_autograd": "autograd through the fake-quantized forward (straight-through)",
+}
+VALID_VARIANTS: tuple[str, ...] = tuple(VARIANT_DESCRIPTIONS)
+
+
+class SimulationSetupError(ValueError):
+    """A variant, recipe, task or kernel named on the command line does not exist."""
+
+
+@dataclass(frozen=True)
+class Variant:
+    name: str
+    recipe_name: str
+    backward: str | None
+    description: str
+    attention: AttentionFn = dataclasses.field(repr=False, compare=False)
+
+
+def check_variant_names(names: tuple[str, ...] | list[str], kernel: str | None) -> None:
+    valid = VALID_VARIANTS + ((KERNEL_VARIANT,) if kernel else ())
+    unknown = [name for name in names if name not in valid]
+    if unknown:
+        extra = "" if kernel else f" ('{KERNEL_VARIANT}' needs --kernel MODULE:ATTR)"
+        raise SimulationSetupError(
+            f"unknown variant(s) {', '.join(map(repr, unknown))}; valid variants: "
+            f"{', '.join(valid)}{extra}")
+    if len(set(names)) != len(names):
+        raise SimulationSetupError(f"variants listed twice: {list(names)}")
+    if not names:
+        raise SimulationSetupError("no variant to train")
+
+
+def resolve_recipe(name: str, block_n: int | None) -> Any:
+    """The reference recipe ``name`` with its P tile width replaced by ``block_n`` and NaN
+    inputs propagated (so that a diverging run shows as a non-finite loss, not an error)."""
+    import reference
+
+    try:
+        recipe = reference.get_recipe(name)
+    except (KeyError, ValueError) as error:
+        raise SimulationSetupError(
+            f"unknown recipe {name!r}; valid recipes: {', '.join(reference.RECIPE_NAMES)}"
+        ) from error
+    if block_n is not None and block_n > 0:
+        recipe = dataclasses.replace(recipe, block_n=block_n)
+    if getattr(recipe, "nan_policy", "propagate") != "propagate":
+        recipe = dataclasses.replace(recipe, nan_policy="propagate")
+    return recipe
+
+
+def load_kernel(spec: str) -> Callable[..., Any]:
+    """Import ``MODULE:ATTR`` and return the callable it names."""
+    module_name, sep, attr_path = spec.partition(":")
+    if not sep or not module_name or not attr_path:
+        raise SimulationSetupError(f"--kernel must look like MODULE:ATTR, got {spec!r}")
+    try:
+        target: Any = importlib.import_module(module_name)
+    except ImportError as error:
+        raise SimulationSetupError(f"cannot import kernel module {module_name!r}: {error}") \
+            from error
+    for part in attr_path.split("."):
+        if not hasattr(target, part):
+            raise SimulationSetupError(f"module {module_name!r} has no attribute {attr_path!r}")
+        target = getattr(target, part)
+    if not callable(target):
+        raise SimulationSetupError(f"{spec} is not callable")
+    return target
+
+
+def reference_attention(recipe: Any, backward: str) -> AttentionFn:
+    import reference
+
+    def attention(q, k, v, causal, sm_scale):  # noqa: ANN001, ANN202 - AttentionFn
+        return reference.fp4_attention(q, k, v, causal=causal, sm_scale=sm_scale,
+                                       recipe=recipe, backward=backward)
+
+    return attention
+
+
+def kernel_attention(kernel: Callable[..., Any]) -> AttentionFn:
+    def attention(q, k, v, causal, sm_scale):  # noqa: ANN001, ANN202 - AttentionFn
+        return kernel(q, k, v, causal, sm_scale)
+
+    return attention
+
+
+def build_variant(name: str, recipe_name: str, block_n: int | None,
+                  kernel_spec: str | None = None) -> Variant:
+    """The variant ``name`` (see :data:`VALID_VARIANTS`) ready to plug into the model."""
+    if name == KERNEL_VARIANT:
+        if not kernel_spec:
+            raise SimulationSetupError("variant 'kernel' needs --kernel MODULE:ATTR")
+        return Variant(name=KERNEL_VARIANT, recipe_name=kernel_spec, backward=None,
+                       description=f"external attention {kernel_spec}",
+                       attention=kernel_attention(load_kernel(kernel_spec)))
+    check_variant_names([name], kernel_spec)
+    if name == "bf16":
+        recipe = resolve_recipe("bf16", block_n)
+        return Variant(name="bf16", recipe_name="bf16", backward="exact",
+                       description=VARIANT_DESCRIPTIONS["bf16"],
+                       attention=reference_attention(recipe, "exact"))
+    recipe = resolve_recipe(recipe_name, block_n)
+    return Variant(name=name, recipe_name=recipe_name, backward=name,
+                   description=VARIANT_DESCRIPTIONS[name],
+                   attention=reference_attention(recipe, name))

@@ -1,0 +1,508 @@
+"""Assertions for FP4 kernels: bit-exact quantizer output, attention under the FP4 rule.
+
+* ``compare_quantized`` / ``assert_quantized_equal``: packed bytes, scale bytes and the
+  tensor scale must equal the emulator's exactly; a failure names the first differing
+  block with its input values and both sides' bytes and codes.
+* ``attention_error`` / ``assert_attention_close``: the FP4 tolerance rule (below).
+* ``tie_flip_summary``: how many differing codes sit on rounding ties.
+
+The FP4 tolerance rule (after FlashAttention's tests, which bound a kernel's error by a
+multiple of the error of a PyTorch run in the same low precision):
+
+    max|out - ref_fp64| <= factor * max|ref_lowprec - ref_fp64| + floor,
+    factor = 2 (forward) or 3 (backward),  floor = u(out dtype) * max|ref_fp64| + floor_abs
+
+elementwise (``floor_abs`` may be an array: `fp4sim check` passes the componentwise
+float32 rounding-error bound of the attention formulas, so that an exactly cancelling
+reference, whose own error is 0, does not make the bound 0).
+
+``ref_fp64`` is the same recipe evaluated with float64 accumulation (every quantization
+decision identical), ``ref_lowprec`` the same recipe in the kernel's precision (float32
+accumulation, output rounded to the kernel's output dtype). ``u`` is the unit roundoff
+(2^-24 float32, 2^-11 float16, 2^-8 bfloat16): one final rounding of the largest value.
+Optionally a few rows (``max_allowance_rows``) may exceed the bound by at most
+``row_allowance`` (the effect of one FP4 code flip of P at a rounding tie, which the
+kernel's and the reference's float32 roundings may legitimately resolve differently).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+__all__ = [
+    "AttentionErrorReport",
+    "QuantizedDiff",
+    "UNIT_ROUNDOFF",
+    "as_numpy",
+    "assert_attention_close",
+    "assert_quantized_equal",
+    "attention_error",
+    "compare_quantized",
+    "tie_flip_summary",
+]
+
+# E2M1 magnitudes of codes 0..7 (OCP MX v1.0 section 5.3.3); bit 3 is the sign.
+_E2M1_VALUES = np.array([0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0])
+# Rounding ties between adjacent E2M1 magnitudes (OCP MX v1.0 section 5.3.3).
+_E2M1_TIES = np.array([0.25, 0.75, 1.25, 1.75, 2.5, 3.5, 5.0])
+
+# Unit roundoff 2^-(p) with p the significand precision (IEEE 754; bfloat16 has 8 bits).
+UNIT_ROUNDOFF: dict[str, float] = {
+    "float64": 2.0**-53,
+    "float32": 2.0**-24,
+    "float16": 2.0**-11,
+    "bfloat16": 2.0**-8,
+}
+
+
+# ---------------------------------------------------------------------------
+# conversions
+# ---------------------------------------------------------------------------
+
+
+def _torch_dtype_name(t: Any) -> str:
+    return str(t.dtype).removeprefix("torch.")
+
+
+def as_numpy(x: Any, *, raw_bytes: bool = False) -> np.ndarray:
+    """A NumPy copy of a NumPy array or torch tensor (any device).
+
+    ``raw_bytes=True`` reinterprets 1-byte dtypes (uint8, int8, float8_e4m3fn,
+    float8_e8m0fnu, float4_e2m1fn_x2) as uint8; floating tensors otherwise become float32
+    (bfloat16 and float16 exactly) or float64.
+    """
+    if type(x).__module__.startswith("torch"):
+        t = x.detach().cpu()
+        if raw_bytes:
+            if t.element_size() != 1:
+                raise TypeError(f"expected a 1-byte dtype for raw bytes, got {t.dtype}")
+            import torch  # a torch tensor is in hand, so torch is importable
+
+            return t.contiguous().view(torch.uint8).numpy().copy()
+        name = _torch_dtype_name(t)
+        if name in ("bfloat16", "float16"):
+            t = t.float()
+        return t.numpy().copy()
+    arr = np.asarray(x)
+    if raw_bytes:
+        if arr.dtype.itemsize != 1:
+            raise TypeError(f"expected a 1-byte dtype for raw bytes, got {arr.dtype}")
+        return arr.view(np.uint8).copy()
+    return arr.copy()
+
+
+def dtype_name(x: Any) -> str:
+    """'float32', 'bfloat16', ... for a NumPy array or torch tensor."""
+    if type(x).__module__.startswith("torch"):
+        return _torch_dtype_name(x)
+    return str(np.asarray(x).dtype)
+
+
+# ---------------------------------------------------------------------------
+# quantizer comparison
+# ---------------------------------------------------------------------------
+
+
+def _unpack_nibbles(packed: np.ndarray) -> np.ndarray:
+    """Element 2i is the low nibble, 2i+1 the high nibble (FP4_FORMATS.md, Packing)."""
+    out = np.empty((*packed.shape[:-1], packed.shape[-1] * 2), dtype=np.uint8)
+    out[..., 0::2] = packed & 0x0F
+    out[..., 1::2] = packed >> 4
+    return out
+
+
+def _decode_codes(codes: np.ndarray) -> np.ndarray:
+    sign = np.where(codes & 0x8, -1.0, 1.0)
+    return sign * _E2M1_VALUES[codes & 0x7]
+
+
+@dataclass
+class QuantizedDiff:
+    """Where a kernel's quantized output differs from the emulator's (blocks along the
+    last axis after moving the quantized axis there)."""
+
+    what: str  # 'shape', 'tensor_scale' or 'blocks'
+    message: str
+    n_blocks: int = 0
+    differing_blocks: np.ndarray = field(default_factory=lambda: np.zeros(0, dtype=np.int64))
+    scale_differs: np.ndarray = field(default_factory=lambda: np.zeros(0, dtype=bool))
+    codes_differ: np.ndarray = field(default_factory=lambda: np.zeros(0, dtype=bool))
+    x_blocks: np.ndarray | None = None
+    expected_codes: np.ndarray | None = None
+    actual_codes: np.ndarray | None = None
+    expected_scale_bits: np.ndarray | None = None
+    actual_scale_bits: np.ndarray | None = None
+    expected_packed: np.ndarray | None = None
+    actual_packed: np.ndarray | None = None
+    expected_scales: np.ndarray | None = None
+
+    def __str__(self) -> str:
+        return self.message
+
+
+def _blocks_last(a: np.ndarray, axis: int, block: int | None) -> np.ndarray:
+    """Move ``axis`` last and reshape to (n_blocks_total, block) (or (n, 1) for scales)."""
+    moved = np.moveaxis(a, axis, -1)
+    if block is None:
+        return moved.reshape(-1)
+    return moved.reshape(-1, block)
+
+
+def _fmt_bytes(b: np.ndarray) -> str:
+    return " ".join(f"{int(v):02x}" for v in np.ravel(b))
+
+
+def _fmt_codes(c: np.ndarray) -> str:
+    return " ".join(f"{int(v):x}" for v in np.ravel(c))
+
+
+def compare_quantized(
+    x: Any,
+    expected: Any,
+    packed: Any,
+    scale_bits: Any,
+    tensor_scale: Any = None,
+    *,
+    axis: int | None = None,
+    name: str = "kernel",
+    max_values: int = 32,
+) -> QuantizedDiff | None:
+    """Compare a kernel's (packed, scale_bits, tensor_scale) with the emulator's
+    ``expected`` (an ``fp4sim.QuantizedTensor``) bit for bit; None when equal.
+
+    ``packed`` and ``scale_bits`` may be NumPy arrays or torch tensors of any 1-byte dtype;
+    a scale array with the expected number of bytes but another shape (e.g. flattened) is
+    reshaped. The tensor scale is compared by its float32 bits.
+    """
+    axis = getattr(expected, "axis", -1) if axis is None else axis
+    x_np = as_numpy(x).astype(np.float32)
+    exp_codes = np.asarray(expected.codes, dtype=np.uint8)
+    exp_packed = np.asarray(expected.packed, dtype=np.uint8)
+    exp_scale_bits = np.asarray(expected.scale_bits, dtype=np.uint8)
+    try:
+        act_packed = as_numpy(packed, raw_bytes=True)
+        act_scale_bits = as_numpy(scale_bits, raw_bytes=True)
+    except TypeError as err:
+        return QuantizedDiff("shape", f"{name}: {err}")
+    if act_packed.shape != exp_packed.shape:
+        return QuantizedDiff(
+            "shape",
+            f"{name}: packed shape {act_packed.shape} != expected {exp_packed.shape} "
+            f"(two FP4 codes per byte along axis {axis}, element 2i in the low nibble)",
+        )
+    if act_scale_bits.shape != exp_scale_bits.shape:
+        if act_scale_bits.size != exp_scale_bits.size:
+            return QuantizedDiff(
+                "shape",
+                f"{name}: scale shape {act_scale_bits.shape} != expected {exp_scale_bits.shape}"
+                " (a wrong block size changes the number of scales)",
+            )
+        act_scale_bits = act_scale_bits.reshape(exp_scale_bits.shape)
+
+    ndim = x_np.ndim
+    ax = axis % ndim
+    n = x_np.shape[ax]
+    block = exp_codes.shape[ax] // exp_scale_bits.shape[ax]
+    exp_codes_full = exp_codes
+    act_codes_full = np.moveaxis(_unpack_nibbles(np.moveaxis(act_packed, ax, -1)), -1, ax)
+    padded = exp_codes_full.shape[ax]
+    if padded != n:  # pad=True: the block axis was zero-padded up to a multiple of the block
+        pad_width = [(0, 0)] * ndim
+        pad_width[ax] = (0, padded - n)
+        x_np = np.pad(x_np, pad_width)
+    xb = _blocks_last(x_np, ax, block)
+    ec = _blocks_last(exp_codes_full, ax, block)
+    ac = _blocks_last(act_codes_full, ax, block)
+    es = _blocks_last(exp_scale_bits, ax, None)
+    as_ = _blocks_last(act_scale_bits, ax, None)
+    half = block // 2
+    ep = _blocks_last(exp_packed, ax, half) if block % 2 == 0 else None
+    ap = _blocks_last(act_packed, ax, half) if block % 2 == 0 else None
+    exp_scales = getattr(expected, "scales", None)
+    es_dec = (
+        _blocks_last(np.asarray(exp_scales, dtype=np.float64), ax, None)
+        if (exp_scales is not None)
+        else None
+    )
+
+    codes_differ = np.any(ec != ac, axis=-1)
+    scale_differs = es != as_
+    differing = np.flatnonzero(codes_differ | scale_differs)
+
+    exp_ts = getattr(expected, "tensor_scale", None)
+    ts_message = ""
+    if exp_ts is None and tensor_scale is not None:
+        ts_message = f"{name}: returned a tensor scale {tensor_scale!r} but none is expected"
+    elif exp_ts is not None:
+        if tensor_scale is None:
+            ts_message = f"{name}: returned no tensor scale; expected {float(exp_ts)!r}"
+        else:
+            e_bits = np.float32(exp_ts).view(np.uint32)
+            a_val = np.float32(as_numpy(tensor_scale).reshape(-1)[0])
+            if a_val.view(np.uint32) != e_bits:
+                ts_message = (
+                    f"{name}: tensor scale {float(a_val)!r} (0x{int(a_val.view(np.uint32)):08x})"
+                    f" != expected {float(np.float32(exp_ts))!r} (0x{int(e_bits):08x})"
+                )
+    if differing.size == 0 and not ts_message:
+        return None
+
+    lines = []
+    if ts_message:
+        lines.append(ts_message)
+    if differing.size:
+        i = int(differing[0])
+        lines.append(
+            f"{name}: {differing.size} of {len(es)} blocks differ "
+            f"({int(scale_differs.sum())} scale bytes, {int(codes_differ.sum())} blocks with"
+            f" codes differing; {int((ec != ac).sum())} codes); block size {block}, axis {axis}"
+        )
+        index = np.unravel_index(i, np.moveaxis(exp_scale_bits, ax, -1).shape)
+        lines.append(f"first differing block: #{i} (index {tuple(int(j) for j in index)})")
+        vals = xb[i][:max_values]
+        lines.append("  input     : " + np.array2string(vals, precision=8, max_line_width=200))
+        decoded = f" (decoded {es_dec[i]!r})" if es_dec is not None else ""
+        lines.append(f"  scale byte: expected {int(es[i]):02x}{decoded}, {name} {int(as_[i]):02x}")
+        lines.append(f"  codes     : expected {_fmt_codes(ec[i][:max_values])}")
+        lines.append(f"              {name:8s} {_fmt_codes(ac[i][:max_values])}")
+        if ep is not None and ap is not None:
+            lines.append(f"  packed    : expected {_fmt_bytes(ep[i])}")
+            lines.append(f"              {name:8s} {_fmt_bytes(ap[i])}")
+    return QuantizedDiff(
+        what="blocks" if differing.size else "tensor_scale",
+        message="\n".join(lines),
+        n_blocks=len(es),
+        differing_blocks=differing,
+        scale_differs=scale_differs,
+        codes_differ=codes_differ,
+        x_blocks=xb,
+        expected_codes=ec,
+        actual_codes=ac,
+        expected_scale_bits=es,
+        actual_scale_bits=as_,
+        expected_packed=ep,
+        actual_packed=ap,
+        expected_scales=es_dec,
+    )
+
+
+def assert_quantized_equal(
+    x: Any,
+    expected: Any,
+    packed: Any,
+    scale_bits: Any,
+    tensor_scale: Any = None,
+    *,
+    axis: int | None = None,
+    name: str = "kernel",
+) -> None:
+    """Raise AssertionError unless packed bytes, scale bytes and tensor scale equal the
+    emulator's ``expected`` (``fp4sim.QuantizedTensor``) exactly; the message shows the
+    first differing block (input values, both scale bytes, codes and packed bytes)."""
+    diff = compare_quantized(x, expected, packed, scale_bits, tensor_scale, axis=axis, name=name)
+    if diff is not None:
+        raise AssertionError(diff.message)
+
+
+def tie_flip_summary(
+    x: Any, expected: Any, actual_codes: Any, *, axis: int | None = None
+) -> dict[str, int]:
+    """Classify code differences by whether the scaled input sat on an E2M1 rounding tie.
+
+    ``expected`` is the emulator's QuantizedTensor, ``actual_codes`` the kernel's unpacked
+    codes (same shape as ``expected.codes``). The scaled input is x / (block scale *
+    tensor scale) in float64; it is "at a tie" when within 2 float32 ulps of one of
+    0.25, 0.75, ..., 5 (so a reciprocal-multiply rounding counts). Returns counts:
+    elements, differing, at_tie, differing_at_tie, differing_off_tie, away_from_zero
+    (differing codes whose magnitude is larger than expected), sign_flips.
+    """
+    axis = getattr(expected, "axis", -1) if axis is None else axis
+    exp_codes = np.asarray(expected.codes, dtype=np.uint8)
+    act = as_numpy(actual_codes).astype(np.uint8)
+    if act.shape != exp_codes.shape:
+        raise ValueError(f"actual codes shape {act.shape} != expected {exp_codes.shape}")
+    ax = axis % exp_codes.ndim
+    x_np = as_numpy(x).astype(np.float64)
+    if x_np.shape[ax] != exp_codes.shape[ax]:
+        pad_width = [(0, 0)] * x_np.ndim
+        pad_width[ax] = (0, exp_codes.shape[ax] - x_np.shape[ax])
+        x_np = np.pad(x_np, pad_width)
+    scales = np.asarray(expected.scales, dtype=np.float64)
+    block = exp_codes.shape[ax] // scales.shape[ax]
+    s = np.repeat(scales, block, axis=ax)
+    ts = expected.tensor_scale
+    s = s * (1.0 if ts is None else float(ts))
+    with np.errstate(divide="ignore", invalid="ignore"):
+        y = np.abs(x_np / s)
+    tol = 2.0 * np.spacing(np.float32(_E2M1_TIES)).astype(np.float64)
+    at_tie = np.zeros(y.shape, dtype=bool)
+    for tie, t in zip(_E2M1_TIES, tol, strict=True):
+        at_tie |= np.abs(y - tie) <= t
+    differ = act != exp_codes
+    return {
+        "elements": int(exp_codes.size),
+        "differing": int(differ.sum()),
+        "at_tie": int(at_tie.sum()),
+        "differing_at_tie": int((differ & at_tie).sum()),
+        "differing_off_tie": int((differ & ~at_tie).sum()),
+        "away_from_zero": int((differ & ((act & 7) > (exp_codes & 7))).sum()),
+        "sign_flips": int((differ & ((act & 8) != (exp_codes & 8))).sum()),
+    }
+
+
+# ---------------------------------------------------------------------------
+# attention tolerance rule
+# ---------------------------------------------------------------------------
+
+# Multiplier of the low-precision reference's error (FlashAttention's tests use 2 for the
+# output and up to 3 for gradients, whose accumulation chains are longer).
+RULE_FACTORS: dict[str, float] = {"forward": 2.0, "backward": 3.0}
+
+
+@dataclass(frozen=True)
+class AttentionErrorReport:
+    """Outcome of the FP4 tolerance rule on one tensor."""
+
+    name: str
+    kind: str
+    ok: bool
+    max_error: float  # max|out - ref_fp64|
+    ref_error: float  # max|ref_lowprec - ref_fp64|
+    bound: float  # factor * ref_error + floor, at worst_index
+    floor: float  # at worst_index
+    worst_error: float  # |out - ref_fp64| at worst_index
+    worst_index: tuple[int, ...]  # the element most over its bound (else the largest error)
+    n_rows_over: int  # rows (all axes but the last) whose max error exceeds the bound
+    n_rows: int
+    rows_over_allowance: int  # rows exceeding even bound + row_allowance
+    relative_l2: float  # ||out - ref_fp64|| / ||ref_fp64||
+    nonfinite: int
+
+    def describe(self) -> str:
+        verdict = "ok" if self.ok else "FAIL"
+        return (
+            f"{self.name} ({self.kind}): {verdict}: max|out - ref64| = {self.max_error:.3e};"
+            f" at {self.worst_index} error {self.worst_error:.3e} vs bound {self.bound:.3e}"
+            f" (ref error {self.ref_error:.3e}, floor {self.floor:.3e}); rows over bound"
+            f" {self.n_rows_over}/{self.n_rows}; relative L2 {self.relative_l2:.3e}"
+            + (f"; {self.nonfinite} non-finite values" if self.nonfinite else "")
+        )
+
+
+def attention_error(
+    out: Any,
+    ref_lowprec: Any,
+    ref_fp64: Any,
+    kind: str = "forward",
+    *,
+    name: str = "O",
+    out_dtype: str | None = None,
+    factor: float | None = None,
+    floor_abs: Any = 0.0,
+    row_allowance: Any = None,
+    max_allowance_rows: int = 0,
+) -> AttentionErrorReport:
+    """Evaluate the FP4 tolerance rule (module docstring) without raising."""
+    if kind not in RULE_FACTORS:
+        raise ValueError(f"kind must be one of {sorted(RULE_FACTORS)}, got {kind!r}")
+    factor = RULE_FACTORS[kind] if factor is None else float(factor)
+    out_dtype = dtype_name(out) if out_dtype is None else out_dtype
+    if out_dtype not in UNIT_ROUNDOFF:
+        raise ValueError(f"unsupported output dtype {out_dtype!r}")
+    o = as_numpy(out).astype(np.float64)
+    lo = as_numpy(ref_lowprec).astype(np.float64)
+    hi = as_numpy(ref_fp64).astype(np.float64)
+    if not (o.shape == lo.shape == hi.shape):
+        raise ValueError(
+            f"{name}: shapes differ: out {o.shape}, ref_lowprec {lo.shape}, ref_fp64 {hi.shape}"
+        )
+    nonfinite = int((~np.isfinite(o) & np.isfinite(hi)).sum())
+    err = np.abs(o - hi)
+    err = np.where(np.isnan(err), np.inf, err)
+    ref_err = np.abs(lo - hi)
+    ref_err = ref_err[np.isfinite(ref_err)]
+    ref_error = float(ref_err.max()) if ref_err.size else 0.0
+    scale = float(np.abs(hi[np.isfinite(hi)]).max()) if np.isfinite(hi).any() else 0.0
+    floor = UNIT_ROUNDOFF[out_dtype] * scale + np.broadcast_to(
+        np.asarray(floor_abs, dtype=np.float64), err.shape
+    )
+    bound = factor * ref_error + floor
+    rows = err.reshape(-1, err.shape[-1]) if err.ndim else err.reshape(1, 1)
+    row_bound = bound.reshape(rows.shape)
+    excess = rows - row_bound  # > 0 where over the bound
+    row_excess = excess.max(axis=-1)
+    over = row_excess > 0
+    if row_allowance is None:
+        allowance = np.zeros(row_excess.shape)
+    else:
+        allowance = np.broadcast_to(
+            np.asarray(row_allowance, dtype=np.float64).reshape(-1), row_excess.shape
+        )
+    over_allowance = row_excess > allowance
+    n_over = int(over.sum())
+    ok = n_over == 0 or (n_over <= max_allowance_rows and not over_allowance.any())
+    if err.size:
+        with np.errstate(divide="ignore", invalid="ignore"):
+            ratio = np.where(bound > 0, err / bound, np.where(err > 0, np.inf, 0.0))
+        flat = int(np.argmax(ratio)) if np.any(ratio > 1) else int(np.argmax(err))
+        worst = np.unravel_index(flat, err.shape)
+    else:
+        flat, worst = 0, ()
+    norm = float(np.linalg.norm(hi))
+    finite_err_norm = float(np.linalg.norm(np.where(np.isfinite(err), err, 0.0)))
+    if norm:
+        rel = finite_err_norm / norm
+    else:
+        rel = float("inf") if finite_err_norm else 0.0
+    return AttentionErrorReport(
+        name=name,
+        kind=kind,
+        ok=bool(ok) and nonfinite == 0,
+        max_error=float(err.max()) if err.size else 0.0,
+        ref_error=ref_error,
+        bound=float(bound.reshape(-1)[flat]) if err.size else 0.0,
+        floor=float(floor.reshape(-1)[flat]) if err.size else 0.0,
+        worst_error=float(err.reshape(-1)[flat]) if err.size else 0.0,
+        worst_index=tuple(int(i) for i in worst),
+        n_rows_over=n_over,
+        n_rows=int(row_excess.size),
+        rows_over_allowance=int(over_allowance.sum()),
+        relative_l2=rel,
+        nonfinite=nonfinite,
+    )
+
+
+def assert_attention_close(
+    out: Any,
+    ref_lowprec: Any,
+    ref_fp64: Any,
+    kind: str = "forward",
+    *,
+    name: str = "O",
+    out_dtype: str | None = None,
+    factor: float | None = None,
+    floor_abs: Any = 0.0,
+    row_allowance: Any = None,
+    max_allowance_rows: int = 0,
+) -> AttentionErrorReport:
+    """Raise AssertionError unless ``out`` satisfies the FP4 tolerance rule (module
+    docstring) against ``ref_fp64``, with the bound set by ``ref_lowprec``'s error.
+    Returns the report when it passes."""
+    report = attention_error(
+        out,
+        ref_lowprec,
+        ref_fp64,
+        kind,
+        name=name,
+        out_dtype=out_dtype,
+        factor=factor,
+        floor_abs=floor_abs,
+        row_allowance=row_allowance,
+        max_allowance_rows=max_allowance_rows,
+    )
+    if not report.ok:
+        raise AssertionError(report.describe())
+    return report

@@ -1,0 +1,146 @@
+"""The in-register FP4 device functions of ``kernels.fp4_jit`` against independent oracles.
+
+Element casts are compared bit for bit with ``ml_dtypes`` (finite inputs; the saturation and
+NaN policies are checked against the rules of FP4_FORMATS.md), and the E8M0 ``rceil`` byte
+against a float64 brute force. Inputs: every float32 bit pattern class (random bits), the
+rounding ties of each format and their float32 neighbours, and the subnormal boundaries.
+"""
+
+from __future__ import annotations
+
+import os
+
+import numpy as np
+import pytest
+import torch
+
+ml_dtypes = pytest.importorskip("ml_dtypes")
+triton = pytest.importorskip("triton")
+import triton.language as tl  # noqa: E402
+
+from kernels import fp4_jit  # noqa: E402
+
+_CAN_RUN = torch.cuda.is_available() or os.environ.get("TRITON_INTERPRET") == "1"
+pytestmark = [
+    pytest.mark.interpreter,
+    pytest.mark.skipif(not _CAN_RUN, reason="needs CUDA or TRITON_INTERPRET=1"),
+]
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+N = 4096
+
+
+@triton.jit
+def _elementwise_kernel(x_ptr, e2m1_ptr, dec_ptr, e4v_ptr, e4b_ptr, e8_ptr, N: tl.constexpr):
+    offs = tl.arange(0, N)
+    x = tl.load(x_ptr + offs)
+    codes = fp4_jit.e2m1_rne_codes(x)
+    tl.store(e2m1_ptr + offs, codes)
+    tl.store(dec_ptr + offs, fp4_jit.e2m1_decode(codes))
+    tl.store(e4v_ptr + offs, fp4_jit.e4m3_rne_sat(x))
+    tl.store(e4b_ptr + offs, fp4_jit.e4m3_bits(x))
+    tl.store(e8_ptr + offs, fp4_jit.e8m0_rceil_bits(tl.abs(x)))
+
+
+def _run_elementwise(x: np.ndarray) -> dict[str, np.ndarray]:
+    assert x.dtype == np.float32 and x.size == N
+    xt = torch.from_numpy(x.copy()).to(DEVICE)
+    outs = {
+        "e2m1": torch.full((N,), 0xAA, dtype=torch.uint8, device=DEVICE),
+        "dec": torch.full((N,), float("nan"), dtype=torch.float32, device=DEVICE),
+        "e4v": torch.full((N,), 12345.0, dtype=torch.float32, device=DEVICE),
+        "e4b": torch.full((N,), 0xAA, dtype=torch.uint8, device=DEVICE),
+        "e8": torch.full((N,), 0xAA, dtype=torch.uint8, device=DEVICE),
+    }
+    _elementwise_kernel[(1,)](
+        xt, outs["e2m1"], outs["dec"], outs["e4v"], outs["e4b"], outs["e8"], N
+    )
+    return {k: v.cpu().numpy() for k, v in outs.items()}
+
+
+def _neighbours(v: np.ndarray) -> np.ndarray:
+    v = np.asarray(v, np.float32)
+    return np.concatenate([v, np.nextafter(v, np.float32(np.inf)), np.nextafter(v, np.float32(0))])
+
+
+def _inputs(seed: int) -> np.ndarray:
+    rng = np.random.default_rng(seed)
+    e2m1_vals = np.array([0, 0.5, 1, 1.5, 2, 3, 4, 6], np.float32)
+    e2m1_ties = (e2m1_vals[1:] + e2m1_vals[:-1]) / 2
+    e4_all = np.arange(0, 0x7F, dtype=np.uint8).view(ml_dtypes.float8_e4m3fn).astype(np.float32)
+    e4_ties = (e4_all[1:] + e4_all[:-1]) / 2
+    special = np.concatenate(
+        [
+            _neighbours(e2m1_ties),
+            _neighbours(e2m1_vals),
+            _neighbours(e4_ties),
+            _neighbours(np.array([448, 464, 480, 2.0**-10, 2.0**-9, 2.0**-6], np.float32)),
+            _neighbours(6 * 2.0 ** np.arange(-127, 126, dtype=np.float64)).astype(np.float32),
+            np.array([0, 3.5264830524668625e-38, 1e-45, 1e-40, 3e38, np.inf, np.nan], np.float32),
+        ]
+    ).astype(np.float32)
+    special = np.concatenate([special, -special])
+    n_rest = N - special.size
+    assert n_rest >= 1000, special.size
+    rand_bits = rng.integers(0, 2**32, size=n_rest // 2, dtype=np.uint64).astype(np.uint32)
+    n_t = n_rest - rand_bits.size
+    scaled = rng.standard_t(2, size=n_t) * 2.0 ** rng.integers(-12, 10, size=n_t)
+    scaled = scaled.astype(np.float32)
+    x = np.concatenate([special, scaled, rand_bits.view(np.float32)])
+    rng.shuffle(x)
+    return np.ascontiguousarray(x)
+
+
+def _e8m0_rceil_oracle(amax: np.ndarray) -> np.ndarray:
+    """ceil(log2(float32(amax / 6))) + 127 clamped to [0, 254], by float64 search (exact);
+    Inf counts as the largest float32, NaN gives 0xFF (fp4sim ``mx_scale_bits``)."""
+    out = np.empty(amax.shape, np.uint8)
+    a32 = np.minimum(amax.astype(np.float32), np.finfo(np.float32).max)
+    q = (a32 / np.float32(6)).astype(np.float64)
+    for i, qq in enumerate(q):
+        if np.isnan(qq):
+            out[i] = 0xFF
+            continue
+        e = -127
+        while e < 127 and qq > 2.0**e:
+            e += 1
+        out[i] = e + 127
+    return out
+
+
+@pytest.mark.parametrize("seed", [0, 1])
+def test_element_casts_match_oracles(seed: int) -> None:
+    x = _inputs(seed)
+    got = _run_elementwise(x)
+    finite = np.isfinite(x)
+    nan = np.isnan(x)
+
+    # E2M1: ml_dtypes RNE on finite values; saturation clamps to +-6 first (PTX .satfinite).
+    ref_codes = np.clip(x[finite], -6, 6).astype(ml_dtypes.float4_e2m1fn).view(np.uint8) & 0xF
+    np.testing.assert_array_equal(got["e2m1"][finite], ref_codes)
+    assert np.all(got["e2m1"][nan] == 7), "NaN -> +6 (code 7), PTX policy"
+    inf = np.isinf(x)
+    np.testing.assert_array_equal(got["e2m1"][inf], np.where(x[inf] > 0, 7, 15))
+    dec_ref = (got["e2m1"].view(ml_dtypes.float4_e2m1fn)).astype(np.float32)
+    np.testing.assert_array_equal(got["dec"].view(np.uint32), dec_ref.view(np.uint32))
+
+    # E4M3FN: ml_dtypes RNE; saturation = clamp to +-448 first (ml_dtypes overflows to NaN).
+    ref_e4 = np.clip(x[finite], -448, 448).astype(ml_dtypes.float8_e4m3fn)
+    np.testing.assert_array_equal(got["e4b"][finite], ref_e4.view(np.uint8))
+    np.testing.assert_array_equal(
+        got["e4v"][finite].view(np.uint32), ref_e4.astype(np.float32).view(np.uint32)
+    )
+    assert np.all(got["e4b"][nan] & 0x7F == 0x7F)
+    assert np.all(np.isnan(got["e4v"][nan]))
+    np.testing.assert_array_equal(got["e4b"][inf], np.where(x[inf] > 0, 0x7E, 0xFE))
+
+    # E8M0 rceil of |x|.
+    np.testing.assert_array_equal(got["e8"], _e8m0_rceil_oracle(np.abs(x)))
+
+
+def test_elementwise_test_can_fail() -> None:
+    """The oracle comparison distinguishes RNE from round-half-away (0.25 -> 0, not 0.5)."""
+    x = np.zeros(N, np.float32)
+    x[:4] = [0.25, 0.75, 2.5, 5.0]
+    got = _run_elementwise(x)
+    assert list(got["e2m1"][:4]) == [0, 2, 4, 6]
+    assert list(got["e2m1"][:4]) != [1, 2, 5, 7]  # what ties-away would give

@@ -1,0 +1,342 @@
+"""Tests of `fp4sim simulate`: tasks, spike counter, verdicts, the training loop, the CLI."""
+
+from __future__ import annotations
+
+import copy
+import json
+import math
+import textwrap
+
+import numpy as np
+import pytest
+import torch
+
+from fp4sim.simulate import metrics
+from fp4sim.simulate.config import get_preset, with_overrides
+from fp4sim.simulate.model import build_model, masked_cross_entropy
+from fp4sim.simulate.tasks import generate_copy, generate_recall, get_task, recall_layout
+from fp4sim.simulate.training import (
+    DeviceBatch,
+    derive_seeds,
+    to_device,
+    train_variant,
+    training_step,
+)
+from fp4sim.simulate.variants import (
+    VALID_VARIANTS,
+    SimulationSetupError,
+    Variant,
+    build_variant,
+    check_variant_names,
+    resolve_recipe,
+)
+
+
+def tiny_config(**overrides: object):
+    settings = dict(steps=3, batch_size=2, seq_len=32, width=32, n_heads=1, n_layers=2,
+                    eval_batches=1, diagnostic_checkpoints=2, diagnostic_batch=1, log_every=1)
+    settings.update(overrides)
+    return with_overrides(get_preset("cpu"), **settings)
+
+
+def exact_attention(q, k, v, causal, sm_scale):  # noqa: ANN001, ANN201
+    scores = (q @ k.transpose(-1, -2)) * sm_scale
+    if causal:
+        length = q.shape[-2]
+        mask = torch.ones(length, length, dtype=torch.bool).tril()
+        scores = scores.masked_fill(~mask, float("-inf"))
+    return scores.softmax(-1) @ v
+
+
+# -- tasks ------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("seq_len", [8, 32, 64])
+def test_copy_task_repeats_the_first_half_and_scores_it(seq_len: int) -> None:
+    batch = generate_copy(np.random.default_rng(1), 3, seq_len, 32)
+    tokens = np.concatenate([batch.inputs[:, :1], batch.targets], axis=1)
+    half = seq_len // 2
+    assert tokens.shape == (3, seq_len + 1)
+    assert (tokens[:, 0] == 0).all()
+    np.testing.assert_array_equal(tokens[:, 1:1 + half], tokens[:, 1 + half:])
+    np.testing.assert_array_equal(batch.inputs[:, 1:], batch.targets[:, :-1])
+    scored_tokens = np.flatnonzero(batch.scored[0]) + 1
+    np.testing.assert_array_equal(scored_tokens, np.arange(1 + half, seq_len + 1))
+
+
+@pytest.mark.parametrize(("seq_len", "vocab"), [(16, 32), (128, 32), (64, 12)])
+def test_recall_answers_are_the_values_bound_to_the_queried_keys(seq_len: int,
+                                                                 vocab: int) -> None:
+    batch = generate_recall(np.random.default_rng(2), 4, seq_len, vocab)
+    num_keys, pairs, queries = recall_layout(seq_len, vocab)
+    assert batch.scored.sum(axis=1).tolist() == [queries] * 4
+    for row in range(4):
+        tokens = np.concatenate([batch.inputs[row, :1], batch.targets[row]])
+        context = tokens[1:1 + 2 * pairs]
+        keys, values = context[0::2], context[1::2]
+        assert len(set(keys.tolist())) == pairs
+        assert ((keys >= 1) & (keys <= num_keys)).all()
+        assert ((values > num_keys) & (values < vocab)).all()
+        binding = dict(zip(keys.tolist(), values.tolist(), strict=True))
+        for target_position in np.flatnonzero(batch.scored[row]):
+            query = tokens[target_position]  # the token read just before the answer
+            assert tokens[target_position + 1] == binding[int(query)]
+
+
+def test_unknown_task_lists_the_valid_ones() -> None:
+    with pytest.raises(ValueError, match="copy.*recall"):
+        get_task("sorting")
+
+
+# -- spikes and verdicts on synthetic series ---------------------------------------------
+
+
+def test_spike_counter_on_synthetic_series() -> None:
+    flat = [1.0] * 100
+    assert metrics.spike_steps(flat) == []
+    one = list(flat)
+    one[60] = 5.5
+    assert metrics.spike_steps(one) == [60]
+    just_below = list(flat)
+    just_below[60] = 4.9  # under 5x the running median: not a spike
+    assert metrics.spike_steps(just_below) == []
+    early = list(flat)
+    early[5] = 100.0  # fewer than SPIKE_MIN_HISTORY previous steps: not judged
+    assert metrics.spike_steps(early) == []
+    growth = [1.05 ** t for t in range(200)]  # steady growth, 100x overall: no spike
+    assert metrics.spike_steps(growth) == []
+    decay_then_jump = [10.0 * 0.97 ** t for t in range(100)] + [6.0]
+    assert metrics.spike_steps(decay_then_jump) == [100]  # the median tracks the recent level
+    pair = list(flat)
+    pair[70] = pair[71] = 20.0  # consecutive spikes count in steps
+    assert metrics.spike_steps(pair) == [70, 71]
+    non_finite = list(flat)
+    non_finite[3] = float("nan")
+    non_finite[80] = float("inf")
+    assert metrics.spike_steps(non_finite) == [3, 80]
+    # a high level more than SPIKE_WINDOW steps ago no longer counts
+    old = [100.0] * 60 + [1.0] * 50 + [6.0]
+    assert metrics.spike_steps(old) == [110]
+    # a sustained 10x level shift spikes until it fills half of the window
+    shift = [1.0] * 30 + [10.0] * 100
+    assert metrics.spike_steps(shift) == list(range(30, 55))
+
+
+def test_norm_summary_statistics() -> None:
+    norms = [float(i) for i in range(1, 101)] + [float("nan")]
+    summary = metrics.summarize_norms(norms)
+    assert summary.median == pytest.approx(50.5)
+    assert summary.p99 == pytest.approx(np.percentile(np.arange(1, 101), 99))
+    assert summary.max == 100.0
+    assert summary.non_finite == 1
+    assert summary.spikes == 1  # the NaN
+
+
+@pytest.mark.parametrize(
+    ("loss", "spikes", "learning", "stable"),
+    [
+        (0.05, 0, metrics.LEARNS_LIKE_BF16, True),
+        (0.3, 2, metrics.LEARNS_LIKE_BF16, True),   # progress 0.93, spikes within the margin
+        (0.3, 4, metrics.LEARNS_LIKE_BF16, False),  # spikes beyond bf16 + margin
+        (1.5, 0, metrics.LEARNS_WORSE, True),       # progress 0.6
+        (2.5, 9, metrics.FAILS_TO_LEARN, False),    # progress 0.3
+        (3.6, 0, metrics.FAILS_TO_LEARN, True),     # worse than chance
+    ],
+)
+def test_verdicts_relative_to_bf16(loss: float, spikes: int, learning: str,
+                                   stable: bool) -> None:
+    result = metrics.verdict(status="ok", final_loss=loss, spikes=spikes, baseline_loss=0.05,
+                             baseline_spikes=1, chance_loss=3.43)
+    assert result.learning == learning
+    assert result.stable is stable
+    assert result.progress == pytest.approx((3.43 - loss) / (3.43 - 0.05))
+    assert ("unstable" in result.text) is (not stable)
+
+
+def test_verdict_special_cases() -> None:
+    common = dict(spikes=0, baseline_spikes=0, chance_loss=3.0)
+    assert metrics.verdict(status="failed", final_loss=None, baseline_loss=0.1,
+                           **common).text == metrics.FAILED
+    assert metrics.verdict(status="diverged", final_loss=None, baseline_loss=0.1,
+                           **common).text == metrics.DIVERGED
+    assert metrics.verdict(status="ok", final_loss=float("nan"), baseline_loss=0.1,
+                           **common).learning == metrics.DIVERGED
+    # bf16 itself barely learned: no comparison is possible
+    assert metrics.verdict(status="ok", final_loss=2.0, baseline_loss=2.9,
+                           **common).learning == metrics.INCONCLUSIVE
+    assert metrics.verdict(status="ok", final_loss=2.0, baseline_loss=None,
+                           **common).learning == metrics.INCONCLUSIVE
+
+
+def test_paper_split_conditions() -> None:
+    like = metrics.Verdict(metrics.LEARNS_LIKE_BF16, stable=True, progress=1.0)
+    bad = metrics.Verdict(metrics.FAILS_TO_LEARN, stable=False, progress=0.1)
+    split = metrics.paper_split({"attn_qat": like, "drop_in": bad, "o_only": bad})
+    assert all(split.values())
+    split = metrics.paper_split({"attn_qat": bad, "drop_in": like, "o_only": bad})
+    assert split["attn_qat learns like bf16"] is False
+    assert split["drop_in learns worse than bf16"] is False
+    assert split["o_only is unstable"] is True
+    assert metrics.paper_split({"attn_qat": like})["drop_in is unstable"] is None
+
+
+# -- the training loop -------------------------------------------------------------------
+
+
+def _batch(config, seed: int = 5) -> DeviceBatch:  # noqa: ANN001
+    task = get_task(config.task)
+    model = config.model
+    return to_device(task.generate(np.random.default_rng(seed), config.training.batch_size,
+                                   model.seq_len, model.vocab_size), "cpu")
+
+
+def test_recorded_gradient_norm_matches_an_independent_computation() -> None:
+    config = tiny_config(batch_size=4)
+    model = build_model(config.model, exact_attention, seed=3)
+    twin = copy.deepcopy(model)
+    batch = _batch(config)
+    before = [p.detach().clone() for p in model.parameters()]
+    clip = 1e-3  # far below the norm, so clipping must act
+    optimizer = torch.optim.SGD(model.parameters(), lr=1.0)
+    stats = training_step(model, optimizer, batch, grad_clip=clip)
+
+    loss = masked_cross_entropy(twin(batch.inputs), batch.targets, batch.scored)
+    grads = torch.autograd.grad(loss, list(twin.parameters()))
+    expected = torch.linalg.vector_norm(torch.cat([g.flatten() for g in grads])).item()
+    assert stats.loss == pytest.approx(loss.item(), rel=1e-6)
+    assert stats.grad_norm == pytest.approx(expected, rel=1e-5)
+    assert stats.grad_norm > 10 * clip
+    named = dict(zip([n for n, _ in twin.named_parameters()], grads, strict=True))
+    for layer, recorded in enumerate(stats.attention_grad_norms):
+        qkv = [named[f"blocks.{layer}.attn.qkv.weight"], named[f"blocks.{layer}.attn.qkv.bias"]]
+        independent = torch.linalg.vector_norm(torch.cat([g.flatten() for g in qkv])).item()
+        assert recorded == pytest.approx(independent, rel=1e-5)
+    # SGD with lr 1 moves the parameters by exactly the clipped gradient
+    step = torch.cat([(p.detach() - b).flatten() for p, b in zip(model.parameters(), before,
+                                                                   strict=True)])
+    assert torch.linalg.vector_norm(step).item() == pytest.approx(clip, rel=1e-3)
+
+
+def test_same_seed_gives_the_same_initialization_and_data() -> None:
+    config = tiny_config()
+    a = build_model(config.model, exact_attention, seed=derive_seeds(7).init)
+    b = build_model(config.model, exact_attention, seed=derive_seeds(7).init)
+    c = build_model(config.model, exact_attention, seed=derive_seeds(8).init)
+    for pa, pb in zip(a.parameters(), b.parameters(), strict=True):
+        assert torch.equal(pa, pb)
+    assert not all(torch.equal(pa, pc) for pa, pc in
+                   zip(a.parameters(), c.parameters(), strict=True))
+    seeds = derive_seeds(7)
+    assert len({seeds.init, seeds.data, seeds.eval}) == 3
+
+
+def test_loop_is_deterministic_for_a_seed() -> None:
+    config = tiny_config(steps=4, seed=11)
+    recipe = resolve_recipe(config.recipe, config.block_n)
+    runs = [train_variant(config, build_variant("attn_qat", config.recipe, config.block_n),
+                          recipe) for _ in range(2)]
+    assert runs[0].status == runs[1].status == "ok", runs[0].error
+    assert runs[0].series == runs[1].series
+    assert runs[0].eval == runs[1].eval
+    assert runs[0].diagnostics == runs[1].diagnostics
+    other = train_variant(with_overrides(config, seed=12),
+                          build_variant("attn_qat", config.recipe, config.block_n), recipe)
+    assert other.series["loss"] != runs[0].series["loss"]
+
+
+@pytest.mark.parametrize("name", VALID_VARIANTS)
+def test_a_short_run_of_every_variant_completes_on_the_cpu(name: str) -> None:
+    config = tiny_config(steps=2)
+    recipe = resolve_recipe(config.recipe, config.block_n)
+    run = train_variant(config, build_variant(name, config.recipe, config.block_n), recipe)
+    assert run.status == "ok", run.error
+    assert run.steps_completed == 2
+    assert set(run.series) == {"loss", "accuracy", "grad_norm", "attention_grad_norm.layer0",
+                               "attention_grad_norm.layer1"}
+    assert all(len(values) == 2 for values in run.series.values())
+    assert all(math.isfinite(v) for values in run.series.values() for v in values)
+    assert [entry["step"] for entry in run.diagnostics] == [0, 1]
+    for entry in run.diagnostics:
+        assert "error" not in entry, entry.get("error")
+        assert 0 <= entry["d_identity_residual"] < 1
+        assert entry["grad_rel_error.attn_qat"] >= 0
+
+
+def test_a_failing_attention_is_reported_with_its_traceback() -> None:
+    def broken(q, k, v, causal, sm_scale):  # noqa: ANN001, ANN202
+        raise FloatingPointError("kernel exploded")
+
+    config = tiny_config()
+    variant = Variant(name="kernel", recipe_name="test", backward=None, description="broken",
+                      attention=broken)
+    run = train_variant(config, variant, resolve_recipe(config.recipe, config.block_n))
+    assert run.status == "failed"
+    assert "FloatingPointError: kernel exploded" in run.error
+    assert "Traceback" in run.error
+
+
+def test_unknown_names_list_the_valid_ones() -> None:
+    with pytest.raises(SimulationSetupError, match="attn_qat.*drop_in"):
+        check_variant_names(["attn_qat", "fancy"], None)
+    with pytest.raises(SimulationSetupError, match="valid recipes: .*attn-qat"):
+        resolve_recipe("no-such-recipe", 32)
+    with pytest.raises(SimulationSetupError, match="MODULE:ATTR"):
+        build_variant("kernel", "attn-qat", 32, kernel_spec="no_colon")
+    with pytest.raises(SimulationSetupError, match="cannot import"):
+        build_variant("kernel", "attn-qat", 32, kernel_spec="no_such_module_xyz:fn")
+
+
+# -- the command line --------------------------------------------------------------------
+
+
+def _cli(*args: str) -> int:
+    from fp4sim.cli import main
+
+    return main(["simulate", "--config", "cpu", "--device", "cpu", "--steps", "2",
+                 "--batch-size", "2", "--seq-len", "32", "--width", "32", "--heads", "1",
+                 *args])
+
+
+def test_cli_writes_the_report_and_refuses_to_overwrite(tmp_path) -> None:  # noqa: ANN001
+    out = tmp_path / "sim"
+    assert _cli("--variants", "bf16", "drop_in", "--out", str(out)) == 0
+    report = json.loads((out / "report.json").read_text())
+    assert [row["variant"] for row in report["summary"]] == ["bf16", "drop_in"]
+    assert len(report["runs"]["drop_in"]["series"]["grad_norm"]) == 2
+    assert report["config"]["training"]["steps"] == 2
+    html = (out / "index.html").read_text()
+    assert "data:image/png;base64," in html and "drop_in" in html
+    assert "drop_in" in (out / "summary.md").read_text()
+    assert _cli("--variants", "bf16", "--out", str(out)) == 2
+    assert _cli("--variants", "bf16", "--out", str(out), "--overwrite") == 0
+    assert _cli("--variants", "nope", "--out", str(tmp_path / "other")) == 2
+
+
+def test_cli_reports_a_failing_kernel(tmp_path, monkeypatch) -> None:  # noqa: ANN001
+    module = tmp_path / "sim_kernel_under_test.py"
+    module.write_text(textwrap.dedent("""
+        def attention(q, k, v, causal, sm_scale):
+            raise RuntimeError("deliberate kernel failure")
+    """))
+    monkeypatch.syspath_prepend(str(tmp_path))
+    out = tmp_path / "sim"
+    code = _cli("--variants", "bf16", "kernel", "--kernel", "sim_kernel_under_test:attention",
+                "--out", str(out))
+    assert code == 1
+    report = json.loads((out / "report.json").read_text())
+    assert report["runs"]["kernel"]["status"] == "failed"
+    assert "deliberate kernel failure" in report["runs"]["kernel"]["error"]
+    assert "deliberate kernel failure" in (out / "index.html").read_text()
+
+
+@pytest.mark.slow  # spawns two interpreters that import torch: ~10 s alone, more on a busy CI
+def test_parallel_jobs_give_the_same_runs_as_sequential() -> None:
+    from fp4sim.simulate.runner import run_simulation
+
+    config = tiny_config(steps=2, variants=("bf16", "o_only"), diagnostic_checkpoints=1)
+    sequential = run_simulation(config)
+    parallel = run_simulation(with_overrides(config, jobs=2))
+    for a, b in zip(sequential.runs, parallel.runs, strict=True):
+        assert (a.variant, a.status) == (b.variant, b.status)
+        assert a.series == b.series
+        assert a.eval == b.eval

@@ -1,0 +1,357 @@
+"""FP4 quantizers written in torch ops, bit-exact with the NumPy emulator ``fp4sim``.
+
+Everything is vectorized (no Python loops over data) and runs on CPU and CUDA.
+Inputs are cast to float32 first: the rules below are float32 rules (FP4_FORMATS.md).
+Independent of ``fp4sim``'s code on purpose; ``property_tests/test_reference_quant.py``
+compares codes and scale bytes with ``fp4sim.quantize`` on every drawn input.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+E2M1_MAX = 6.0  # FP4_FORMATS.md: largest E2M1 magnitude
+E4M3_MAX = 448.0  # FP4_FORMATS.md: E4M3 "fn" max
+E4M3_MIN_NORMAL = 2.0**-6  # FP4_FORMATS.md: E4M3 min normal
+NVFP4_BLOCK = 16  # FP4_FORMATS.md: NVFP4 block size
+MXFP4_BLOCK = 32  # FP4_FORMATS.md: MXFP4 block size (OCP MX v1.0 section 6.3)
+BLOCK_SIZES = {"nvfp4": NVFP4_BLOCK, "mxfp4": MXFP4_BLOCK}
+
+_E2M1_MAGNITUDES = (0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0)  # OCP MX v1.0 section 5.3.3
+
+_NVFP4_SETTINGS = {
+    "rounding": "rne",
+    "nan": "ptx",
+    "tensor_scale": None,
+    "scale_op": "reciprocal",
+    "scale_amax_op": "divide",
+    "scale_lower_clamp": False,
+    "zero_scale_codes": "zeros",
+    "pad": False,
+}
+_MXFP4_SETTINGS = {"rounding": "rne", "nan": "ptx", "scale_rule": "rceil", "pad": False}
+
+
+@dataclass(frozen=True)
+class TorchQuantized:
+    """Result of :func:`quantize_torch_full` (the block axis is the last axis).
+
+    ``codes`` uint8 E2M1 codes, ``scale_bits`` uint8 (E4M3 or E8M0 bytes), ``scales`` float32
+    decoded block scales (without the tensor scale), ``tensor_scale`` float32 scalar tensor or
+    None, ``values`` the dequantized float32 tensor, ``saturated`` bool mask of elements whose
+    scaled magnitude exceeded 6 (clipped by ``satfinite``), ``flushed`` bool mask of blocks with a
+    nonzero amax but a zero scale.
+    """
+
+    codes: torch.Tensor
+    scale_bits: torch.Tensor
+    scales: torch.Tensor
+    tensor_scale: torch.Tensor | None
+    values: torch.Tensor
+    saturated: torch.Tensor
+    flushed: torch.Tensor
+
+
+def block_size(fmt: str) -> int:
+    """Block size of ``fmt`` ('nvfp4' 16, 'mxfp4' 32)."""
+    fmt = _check_fmt(fmt)
+    return BLOCK_SIZES[fmt]
+
+
+def _check_fmt(fmt) -> str:
+    name = getattr(fmt, "name", fmt)
+    if not isinstance(name, str) or name.lower() not in BLOCK_SIZES:
+        raise ValueError(f"unknown FP4 block format {fmt!r}; expected 'nvfp4' or 'mxfp4'")
+    return name.lower()
+
+
+def _sign_bit(x: torch.Tensor) -> torch.Tensor:
+    return x.contiguous().view(torch.int32) < 0
+
+
+def e2m1_encode_torch(x: torch.Tensor, nan: str = "ptx") -> torch.Tensor:
+    """E2M1 codes (uint8, sign in bit 3) of ``x`` by RNE with saturation on the float32 value."""
+    x = x.to(torch.float32)
+    a = x.abs()
+    # OCP MX v1.0 5.3.3 / FP4_FORMATS.md: RNE thresholds; ties go to 0, 1, 2, 4 (even codes).
+    mag = (
+        (a > 0.25).to(torch.uint8)
+        + (a >= 0.75).to(torch.uint8)
+        + (a > 1.25).to(torch.uint8)
+        + (a >= 1.75).to(torch.uint8)
+        + (a > 2.5).to(torch.uint8)
+        + (a >= 3.5).to(torch.uint8)
+        + (a > 5.0).to(torch.uint8)  # FP4_FORMATS.md: satfinite, |x| > 6 and Inf give 6
+    )
+    sign = _sign_bit(x)
+    codes = mag | (sign.to(torch.uint8) << 3)  # FP4_FORMATS.md: negatives rounding to 0 keep sign
+    isnan = torch.isnan(x)
+    if nan == "ptx":
+        nan_codes = torch.full_like(codes, 7)  # FP4_FORMATS.md: PTX cvt gives +6 for NaN
+    elif nan == "ml_dtypes":
+        # FP4_FORMATS.md: ml_dtypes gives zero with the sign flipped
+        nan_codes = torch.where(sign, 0, 8).to(torch.uint8)
+    else:
+        raise ValueError(f"nan must be 'ptx' or 'ml_dtypes', got {nan!r}")
+    return torch.where(isnan, nan_codes, codes)
+
+
+def e2m1_decode_torch(codes: torch.Tensor) -> torch.Tensor:
+    """float32 values of E2M1 codes (bit 3 sign)."""
+    mags = torch.tensor(_E2M1_MAGNITUDES, dtype=torch.float32, device=codes.device)
+    table = torch.cat([mags, -mags])
+    return table[(codes & 0xF).long()]
+
+
+def e4m3_encode_torch(x: torch.Tensor) -> torch.Tensor:
+    """E4M3 "fn" bytes of ``x``: RNE, saturating to 448 (Inf too); NaN gives 0x7F."""
+    x = x.to(torch.float32)
+    sign = _sign_bit(x)
+    a = x.abs().clamp(max=E4M3_MAX)  # FP4_FORMATS.md: clamp to 448 before casting
+    bits = a.contiguous().view(torch.int32)
+    # Normal range: round the 23-bit mantissa to 3 bits, ties to even; a carry bumps the exponent.
+    lsb = (bits >> 20) & 1
+    rounded = (bits + 0x7FFFF + lsb) >> 20
+    normal = rounded - ((127 - 7) << 3)  # FP4_FORMATS.md: E4M3 exponent bias 7
+    # Subnormals: multiples of 2^-9; a * 2^9 is exact, torch.round is half-to-even.
+    sub = torch.round(a * 512.0).to(torch.int32)
+    code = torch.where(a < E4M3_MIN_NORMAL, sub, normal)
+    code = code | (sign.to(torch.int32) << 7)
+    code = torch.where(torch.isnan(x), 0x7F, code)  # FP4_FORMATS.md: 0x7F is NaN
+    return code.to(torch.uint8)
+
+
+def _e4m3_table(device) -> torch.Tensor:
+    c = torch.arange(256, device=device, dtype=torch.int32)
+    e = (c >> 3) & 0xF
+    m = (c & 7).to(torch.float64)
+    sub = m * 2.0**-9
+    normal = (1.0 + m / 8.0) * torch.pow(2.0, (e - 7).to(torch.float64))
+    mag = torch.where(e == 0, sub, normal)
+    val = torch.where((c >> 7) == 1, -mag, mag)
+    val = torch.where((c & 0x7F) == 0x7F, float("nan"), val)
+    return val.to(torch.float32)
+
+
+def e4m3_decode_torch(bits: torch.Tensor) -> torch.Tensor:
+    """float32 values of E4M3 "fn" bytes."""
+    return _e4m3_table(bits.device)[bits.long()]
+
+
+def e8m0_decode_torch(bits: torch.Tensor) -> torch.Tensor:
+    """float32 values 2^(b-127) of E8M0 bytes; 0xFF is NaN (FP4_FORMATS.md)."""
+    return _pow2_float32(bits.to(torch.int32) - 127, nan_mask=bits == 0xFF)
+
+
+def _pow2_float32(e: torch.Tensor, nan_mask: torch.Tensor | None = None) -> torch.Tensor:
+    """Exact float32 2^e for integer e in [-149, 127], built from bits."""
+    normal_bits = (e.clamp(-126, 127) + 127) << 23
+    sub_bits = torch.ones_like(e) << (e.clamp(-149, -127) + 149)
+    out = torch.where(e >= -126, normal_bits, sub_bits).view(torch.float32)
+    if nan_mask is not None:
+        out = torch.where(nan_mask, float("nan"), out)
+    return out
+
+
+def _move_block_axis(x: torch.Tensor, axis: int, block: int, pad: bool) -> tuple[torch.Tensor, int]:
+    """Move ``axis`` last and reshape to (..., nblocks, block); returns blocks and orig length."""
+    if x.dim() == 0:
+        raise ValueError("cannot block-quantize a scalar")
+    axis = axis % x.dim()
+    xm = torch.movedim(x, axis, -1)
+    n = xm.shape[-1]
+    if n % block:
+        if not pad:
+            raise ValueError(
+                f"length {n} of axis {axis} is not a multiple of the block size {block}; "
+                "pass pad=True to pad with zeros"
+            )
+        xm = torch.nn.functional.pad(xm, (0, block - n % block))
+    return xm.reshape(*xm.shape[:-1], xm.shape[-1] // block, block), n
+
+
+def _restore(blocks: torch.Tensor, axis: int, ndim: int, n: int) -> torch.Tensor:
+    flat = blocks.reshape(*blocks.shape[:-2], -1)[..., :n]
+    return torch.movedim(flat, -1, axis % ndim)
+
+
+def _restore_scales(s: torch.Tensor, axis: int, ndim: int) -> torch.Tensor:
+    return torch.movedim(s, -1, axis % ndim)
+
+
+def _check_settings(fmt: str, settings: dict) -> dict:
+    defaults = _NVFP4_SETTINGS if fmt == "nvfp4" else _MXFP4_SETTINGS
+    unknown = set(settings) - set(defaults)
+    if unknown:
+        raise ValueError(
+            f"unsupported settings for {fmt}: {sorted(unknown)}; valid: {sorted(defaults)}"
+        )
+    full = {**defaults, **settings}
+    if full["rounding"] != "rne":
+        raise NotImplementedError("quantize_torch implements rounding='rne' only")
+    if full["nan"] not in ("ptx", "ml_dtypes"):
+        raise ValueError(f"nan must be 'ptx' or 'ml_dtypes', got {full['nan']!r}")
+    return full
+
+
+def nvfp4_blocks(
+    blocks: torch.Tensor,
+    tensor_scale: torch.Tensor | None = None,
+    *,
+    nan: str = "ptx",
+    scale_op: str = "reciprocal",
+    scale_amax_op: str = "divide",
+    scale_lower_clamp: bool = False,
+    zero_scale_codes: str = "zeros",
+) -> TorchQuantized:
+    """NVFP4 on float32 ``blocks`` of shape (..., nblocks, 16).
+
+    ``tensor_scale`` is None (no tensor scale) or a float32 tensor broadcastable to
+    (..., nblocks) (a per-group tensor scale, e.g. one per attention tile).
+    """
+    blocks = blocks.to(torch.float32)
+    amax = blocks.abs().amax(dim=-1)
+    nanblock = torch.isnan(blocks).any(dim=-1)
+    amax = torch.where(nanblock, float("nan"), amax)
+    if scale_amax_op == "divide":
+        s = amax / 6.0  # FP4_FORMATS.md: block scale amax/6 (float32 division)
+    elif scale_amax_op == "reciprocal":
+        s = amax * torch.tensor(1.0 / 6.0, dtype=torch.float32)  # FP4_FORMATS.md: amax*(1/6)
+    else:
+        raise ValueError(f"scale_amax_op must be 'divide' or 'reciprocal', got {scale_amax_op!r}")
+    if tensor_scale is not None:
+        s = s / tensor_scale  # FP4_FORMATS.md: s_block = E4M3(amax/6/s_tensor)
+    if scale_lower_clamp:
+        s = torch.clamp(s, min=E4M3_MIN_NORMAL)  # FP4_FORMATS.md: optional clamp to 2^-6
+    scale_bits = e4m3_encode_torch(s)
+    scales = e4m3_decode_torch(scale_bits)
+    total = scales if tensor_scale is None else scales * tensor_scale
+    total_e = total.unsqueeze(-1)
+    if scale_op == "reciprocal":
+        scaled = blocks * (1.0 / total_e)  # FP4_FORMATS.md: x * (1/s) default
+    elif scale_op == "divide":
+        scaled = blocks / total_e
+    else:
+        raise ValueError(f"scale_op must be 'reciprocal' or 'divide', got {scale_op!r}")
+    codes = e2m1_encode_torch(scaled, nan=nan)
+    zero_scale = (total_e == 0).expand_as(codes)
+    if zero_scale_codes == "zeros":
+        codes = torch.where(zero_scale, torch.zeros_like(codes), codes)
+        saturated = (scaled.abs() > E2M1_MAX) & ~zero_scale
+    elif zero_scale_codes == "reciprocal":
+        saturated = scaled.abs() > E2M1_MAX
+    else:
+        raise ValueError(
+            f"zero_scale_codes must be 'zeros' or 'reciprocal', got {zero_scale_codes!r}"
+        )
+    values = e2m1_decode_torch(codes) * total_e
+    flushed = (scales == 0) & (amax > 0)
+    ts = None if tensor_scale is None else torch.as_tensor(tensor_scale, dtype=torch.float32)
+    return TorchQuantized(codes, scale_bits, scales, ts, values, saturated, flushed)
+
+
+def _mx_exponent(amax: torch.Tensor, rule: str) -> torch.Tensor:
+    """Shared MX scale exponent per block from float32 amax (exact, via frexp)."""
+    mant, ex = torch.frexp(amax)  # amax = mant * 2^ex, mant in [0.5, 1)
+    floor_log2 = ex.to(torch.int32) - 1
+    is_pow2 = mant == 0.5
+    if rule == "floor":
+        e = floor_log2 - 2  # FP4_FORMATS.md (OCP spec): floor(log2 amax) - emax(2)
+    elif rule == "rceil":
+        # FP4_FORMATS.md: ceil(log2(amax/6)); amax/6 <= 2^(E-2) iff mantissa <= 1.5
+        e = torch.where(mant <= 0.75, floor_log2 - 2, floor_log2 - 1)
+    elif rule == "ceil":
+        e = torch.where(is_pow2, floor_log2, floor_log2 + 1) - 2  # ceil(log2 amax) - emax
+    elif rule == "even":
+        # round(log2 amax) with the mantissa compared against sqrt(2) is not exact in float32;
+        # here: round the mantissa to the nearest power of two (1.5 rounds up), minus emax.
+        e = torch.where(mant < 0.75, floor_log2, floor_log2 + 1) - 2
+    else:
+        raise ValueError(f"scale_rule must be 'rceil', 'floor', 'even' or 'ceil', got {rule!r}")
+    return e
+
+
+def mxfp4_blocks(
+    blocks: torch.Tensor, *, nan: str = "ptx", scale_rule: str = "rceil"
+) -> TorchQuantized:
+    """MXFP4 on float32 ``blocks`` of shape (..., nblocks, 32)."""
+    blocks = blocks.to(torch.float32)
+    amax = blocks.abs().amax(dim=-1)
+    nanblock = torch.isnan(blocks).any(dim=-1)
+    e = _mx_exponent(amax, scale_rule)
+    e = torch.where(amax == 0, -127, e)  # FP4_FORMATS.md: amax = 0 -> smallest scale
+    e = torch.where(torch.isinf(amax), 127, e)
+    e = e.clamp(-127, 127)  # E8M0 bytes 0..254
+    scale_bits = torch.where(nanblock, 255, e + 127).to(torch.uint8)  # NaN block -> 0xFF
+    scales = e8m0_decode_torch(scale_bits)
+    scaled = blocks / scales.unsqueeze(-1)  # OCP MX 6.3: code = RNE_sat(x / 2^e)
+    codes = e2m1_encode_torch(scaled, nan=nan)
+    saturated = scaled.abs() > E2M1_MAX
+    values = e2m1_decode_torch(codes) * scales.unsqueeze(-1)
+    flushed = torch.zeros_like(amax, dtype=torch.bool)
+    return TorchQuantized(codes, scale_bits, scales, None, values, saturated, flushed)
+
+
+def tensor_scale_from_amax(amax: torch.Tensor) -> torch.Tensor:
+    """NVFP4 tensor scale amax_tensor / (448 * 6) in float32 (FP4_FORMATS.md)."""
+    return amax.to(torch.float32) / (E4M3_MAX * E2M1_MAX)
+
+
+def quantize_torch_full(x: torch.Tensor, fmt="nvfp4", axis: int = -1, **settings) -> TorchQuantized:
+    """Quantize ``x`` along ``axis``; all outputs in the original layout (blocks along ``axis``)."""
+    fmt = _check_fmt(fmt)
+    full = _check_settings(fmt, settings)
+    blk = BLOCK_SIZES[fmt]
+    x32 = x.to(torch.float32)
+    blocks, n = _move_block_axis(x32, axis, blk, full["pad"])
+    if fmt == "nvfp4":
+        ts_setting = full["tensor_scale"]
+        if ts_setting is None:
+            ts = None
+        elif isinstance(ts_setting, str):
+            if ts_setting != "amax":
+                raise ValueError(f"tensor_scale must be None, 'amax' or a float: {ts_setting!r}")
+            ts = tensor_scale_from_amax(x32.abs().amax())
+        else:
+            ts = torch.tensor(float(ts_setting), dtype=torch.float32, device=x.device)
+        q = nvfp4_blocks(
+            blocks,
+            ts,
+            nan=full["nan"],
+            scale_op=full["scale_op"],
+            scale_amax_op=full["scale_amax_op"],
+            scale_lower_clamp=full["scale_lower_clamp"],
+            zero_scale_codes=full["zero_scale_codes"],
+        )
+    else:
+        q = mxfp4_blocks(blocks, nan=full["nan"], scale_rule=full["scale_rule"])
+    nd = x.dim()
+    return TorchQuantized(
+        codes=_restore(q.codes, axis, nd, n),
+        scale_bits=_restore_scales(q.scale_bits, axis, nd),
+        scales=_restore_scales(q.scales, axis, nd),
+        tensor_scale=q.tensor_scale,
+        values=_restore(q.values, axis, nd, n),
+        saturated=_restore(q.saturated, axis, nd, n),
+        flushed=_restore_scales(q.flushed, axis, nd),
+    )
+
+
+def quantize_torch(x: torch.Tensor, fmt="nvfp4", axis: int = -1, **settings):
+    """Quantize like ``fp4sim.quantize``: returns ``(codes, scale_bits, scales, tensor_scale)``.
+
+    ``codes`` uint8 with the shape of ``x`` (unpadded), ``scale_bits`` uint8 and ``scales``
+    float32 with the block axis divided by the block size, ``tensor_scale`` float32 scalar
+    tensor or None. Supported settings: ``nan``, ``tensor_scale``, ``scale_op``,
+    ``scale_amax_op``, ``scale_lower_clamp``, ``zero_scale_codes``, ``pad`` (NVFP4);
+    ``nan``, ``scale_rule``, ``pad`` (MXFP4); ``rounding='rne'`` only.
+    """
+    q = quantize_torch_full(x, fmt, axis, **settings)
+    return q.codes, q.scale_bits, q.scales, q.tensor_scale
+
+
+def fake_quantize_torch(x: torch.Tensor, fmt="nvfp4", axis: int = -1, **settings) -> torch.Tensor:
+    """Quantize then dequantize; float32 with the shape of ``x``."""
+    return quantize_torch_full(x, fmt, axis, **settings).values

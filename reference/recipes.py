@@ -1,0 +1,177 @@
+"""Recipes: frozen descriptions of an FP4 attention (what is quantized, how, which backward)."""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+
+from reference.quant_torch import BLOCK_SIZES
+
+P_POLICIES = ("none", "block", "tile_global", "two_level", "consistent")
+BACKWARD_VARIANTS = ("exact", "drop_in", "p_only", "o_only", "attn_qat", "ste_autograd")
+V_AXES = ("head_dim", "keys")
+NAN_POLICIES = ("raise", "propagate")
+
+
+@dataclass(frozen=True)
+class QuantSpec:
+    """One tensor's FP4 format and fp4sim settings (names as in ``fp4sim.quantize``)."""
+
+    fmt: str = "nvfp4"
+    tensor_scale: str | float | None = None
+    scale_rule: str = "rceil"
+    scale_op: str = "reciprocal"
+    scale_amax_op: str = "divide"
+    scale_lower_clamp: bool = False
+    zero_scale_codes: str = "zeros"
+    nan: str = "ptx"
+
+    def __post_init__(self):
+        if self.fmt not in BLOCK_SIZES:
+            raise ValueError(f"QuantSpec.fmt must be 'nvfp4' or 'mxfp4', got {self.fmt!r}")
+        if self.fmt == "mxfp4" and self.tensor_scale is not None:
+            raise ValueError("MXFP4 has no tensor scale; tensor_scale must be None")
+        if self.scale_rule not in ("rceil", "floor", "even", "ceil"):
+            raise ValueError(f"unknown scale_rule {self.scale_rule!r}")
+        if self.tensor_scale is not None and not (
+            self.tensor_scale == "amax" or isinstance(self.tensor_scale, float)
+        ):
+            raise ValueError(f"tensor_scale must be None, 'amax' or a float: {self.tensor_scale!r}")
+
+    @property
+    def block(self) -> int:
+        return BLOCK_SIZES[self.fmt]
+
+    def settings(self, **overrides) -> dict:
+        """Keyword settings for ``fp4sim.quantize`` / ``quantize_torch`` (format-relevant only)."""
+        if self.fmt == "nvfp4":
+            out = {
+                "nan": self.nan,
+                "tensor_scale": self.tensor_scale,
+                "scale_op": self.scale_op,
+                "scale_amax_op": self.scale_amax_op,
+                "scale_lower_clamp": self.scale_lower_clamp,
+                "zero_scale_codes": self.zero_scale_codes,
+            }
+        else:
+            out = {"nan": self.nan, "scale_rule": self.scale_rule}
+        out.update(overrides)
+        return out
+
+
+NVFP4 = QuantSpec("nvfp4")
+NVFP4_TENSOR = QuantSpec("nvfp4", tensor_scale="amax")
+MXFP4 = QuantSpec("mxfp4", scale_rule="rceil")
+
+
+@dataclass(frozen=True)
+class Recipe:
+    """A complete FP4 attention recipe.
+
+    ``q``, ``k``, ``v``, ``p``: QuantSpec or None (not quantized). Q, K are blocked along the head
+    dim; V along ``v_axis`` ('head_dim' as the paper's training kernel, 'keys' as an FP4 P.V
+    product needs); P along keys in tiles of ``block_n`` keys (and ``block_m`` query rows for the
+    ``tile_global`` policy). ``backward`` is the default backward variant. ``v_pad_keys``: pad V
+    with zero keys up to a block multiple when blocked along keys (else an error at call time).
+    ``nan_policy``: 'raise' (NaN input raises ValueError) or 'propagate'.
+    """
+
+    name: str = "custom"
+    q: QuantSpec | None = None
+    k: QuantSpec | None = None
+    v: QuantSpec | None = None
+    p: QuantSpec | None = None
+    v_axis: str = "head_dim"
+    p_policy: str = "none"
+    block_n: int = 64
+    block_m: int = 64
+    backward: str = "attn_qat"
+    v_pad_keys: bool = True
+    nan_policy: str = "raise"
+
+    def __post_init__(self):
+        for field in ("q", "k", "v", "p"):
+            spec = getattr(self, field)
+            if spec is not None and not isinstance(spec, QuantSpec):
+                raise TypeError(f"Recipe.{field} must be a QuantSpec or None, got {spec!r}")
+        if self.v_axis not in V_AXES:
+            raise ValueError(f"Recipe.v_axis must be one of {V_AXES}, got {self.v_axis!r}")
+        if self.p_policy not in P_POLICIES:
+            raise ValueError(f"Recipe.p_policy must be one of {P_POLICIES}, got {self.p_policy!r}")
+        if self.backward not in BACKWARD_VARIANTS:
+            raise ValueError(
+                f"Recipe.backward must be one of {BACKWARD_VARIANTS}, got {self.backward!r}"
+            )
+        if self.nan_policy not in NAN_POLICIES:
+            raise ValueError(f"Recipe.nan_policy must be one of {NAN_POLICIES}")
+        if (self.p is None) != (self.p_policy == "none"):
+            raise ValueError(
+                f"contradictory recipe {self.name!r}: p={self.p!r} with p_policy="
+                f"{self.p_policy!r} (P is quantized iff p_policy != 'none')"
+            )
+        if self.p is not None:
+            if self.p.tensor_scale is not None:
+                raise ValueError(
+                    "Recipe.p must not carry a tensor_scale; the P scale is set by p_policy"
+                )
+            if self.p_policy in ("tile_global", "two_level") and self.p.fmt != "nvfp4":
+                raise ValueError(f"p_policy {self.p_policy!r} needs an NVFP4 P format")
+        for field in ("block_n", "block_m"):
+            val = getattr(self, field)
+            if not isinstance(val, int) or val <= 0:
+                raise ValueError(f"Recipe.{field} must be a positive int, got {val!r}")
+        blocks = [s.block for s in (self.p,) if s is not None]
+        if self.v is not None and self.v_axis == "keys":
+            blocks.append(self.v.block)
+        for b in blocks:
+            if self.block_n % b:
+                raise ValueError(
+                    f"Recipe.block_n={self.block_n} must be a multiple of the key-axis block {b}"
+                )
+
+    @property
+    def quantizes_anything(self) -> bool:
+        return any(s is not None for s in (self.q, self.k, self.v, self.p))
+
+
+_ATTN_QAT = Recipe(
+    name="attn-qat", q=NVFP4, k=NVFP4, v=NVFP4, p=NVFP4, v_axis="head_dim", p_policy="block"
+)
+
+PRESETS: dict[str, Recipe] = {
+    "bf16": Recipe(name="bf16", backward="exact"),
+    "attn-qat": _ATTN_QAT,
+    "attn-qat-consistent": dataclasses.replace(
+        _ATTN_QAT, name="attn-qat-consistent", p_policy="consistent"
+    ),
+    "sage3-like": Recipe(
+        name="sage3-like", q=NVFP4, k=NVFP4, v=NVFP4, p=NVFP4, v_axis="keys", p_policy="two_level"
+    ),
+    "nvfp4-tensor-scale": Recipe(
+        name="nvfp4-tensor-scale",
+        q=NVFP4_TENSOR,
+        k=NVFP4_TENSOR,
+        v=NVFP4_TENSOR,
+        p=NVFP4,
+        v_axis="head_dim",
+        p_policy="tile_global",
+    ),
+    "infer-nvfp4": Recipe(
+        name="infer-nvfp4", q=NVFP4, k=NVFP4, v=NVFP4, p=NVFP4, v_axis="keys", p_policy="block"
+    ),
+    "infer-mxfp4": Recipe(
+        name="infer-mxfp4", q=MXFP4, k=MXFP4, v=MXFP4, p=MXFP4, v_axis="keys", p_policy="block"
+    ),
+}
+RECIPE_NAMES: tuple[str, ...] = tuple(PRESETS)
+
+
+def get_recipe(name_or_recipe: str | Recipe) -> Recipe:
+    """The preset called ``name`` (or the recipe itself); unknown names raise ValueError."""
+    if isinstance(name_or_recipe, Recipe):
+        return name_or_recipe
+    if isinstance(name_or_recipe, str) and name_or_recipe in PRESETS:
+        return PRESETS[name_or_recipe]
+    raise ValueError(
+        f"unknown recipe {name_or_recipe!r}; valid names: {', '.join(RECIPE_NAMES)}"
+    )

@@ -1,0 +1,180 @@
+"""Named report scenarios: an input distribution of ``fp4sim.testing.generators`` × a shape.
+
+A :class:`Scenario` fixes everything but the seed: the ``AttentionInputSpec`` (distribution,
+its parameters, batch/heads/lengths/head dim), causality and tags that the findings use
+(``key_bias``, ``long_rows``, ``baseline``). Inputs are regenerated from
+``(scenario, seed)`` alone by :func:`scenario_inputs`, so a test can recompute any
+number of the report.
+
+Two sets: ``QUICK_SCENARIOS`` (the default, sized to finish on a 2-core CPU in well
+under three minutes) and ``FULL_SCENARIOS`` (more strengths, lengths and head dims).
+"""
+
+from __future__ import annotations
+
+import zlib
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from fp4sim.testing.generators import AttentionInputSpec, generate_attention_inputs
+
+
+@dataclass(frozen=True)
+class Scenario:
+    name: str
+    description: str
+    spec: AttentionInputSpec
+    causal: bool = False
+    tags: tuple[str, ...] = field(default_factory=tuple)
+    sm_scale: float | None = None
+
+    def shape_summary(self) -> dict[str, int | bool]:
+        s = self.spec
+        return {
+            "batch": s.batch,
+            "heads": s.heads,
+            "kv_heads": s.kv_heads,
+            "lq": s.lq,
+            "lk": s.lk,
+            "head_dim": s.head_dim,
+            "causal": self.causal,
+        }
+
+    def to_json(self) -> dict[str, object]:
+        params = {
+            name: getattr(self.spec, name)
+            for name in self.spec.__dataclass_fields__
+            if name not in ("batch", "heads", "kv_heads", "lq", "lk", "head_dim")
+        }
+        return {
+            "name": self.name,
+            "description": self.description,
+            "distribution": self.spec.distribution,
+            "spec": params,
+            "shape": self.shape_summary(),
+            "sm_scale": self.sm_scale,
+            "tags": list(self.tags),
+        }
+
+
+def _spec(distribution: str, lq: int, lk: int, d: int = 64, heads: int = 2, kv_heads: int = 2,
+          **params: float) -> AttentionInputSpec:
+    return AttentionInputSpec(batch=1, heads=heads, kv_heads=kv_heads, lq=lq, lk=lk, head_dim=d,
+                              distribution=distribution, **params)
+
+
+def _scenario(name: str, description: str, spec: AttentionInputSpec, *, causal: bool = False,
+              tags: tuple[str, ...] = ()) -> Scenario:
+    return Scenario(name=name, description=description, spec=spec, causal=causal, tags=tags)
+
+
+def _long_rows(lk: int, lq: int = 64, d: int = 64) -> Scenario:
+    return _scenario(
+        f"long-rows-L{lk}",
+        f"nearly flat softmax over {lk} keys (logits scaled by 0.1): P entries are about "
+        f"1/L = {1 / lk:.1e}, below the NVFP4 flush threshold of 6*2^-10 = 5.9e-3 once "
+        "normalized",
+        _spec("flat", lq, lk, d, logit_scale=0.1),
+        tags=("long_rows",),
+    )
+
+
+def _key_bias(strength: float, lq: int = 128, lk: int = 128, d: int = 64) -> Scenario:
+    return _scenario(
+        f"key-bias-{strength:g}",
+        f"Gaussian q, k, v plus a bias vector of {strength:g}x the key norm shared by every "
+        "key of a head (softmax-invariant; breaks D = rowsum(dO*O) with an FP4 forward)",
+        _spec("key_bias", lq, lk, d, key_bias=strength),
+        tags=("key_bias",),
+    )
+
+
+QUICK_SCENARIOS: tuple[Scenario, ...] = (
+    _scenario("gaussian", "i.i.d. N(0, 1) q, k, v; L = 128, d = 64", _spec("gaussian", 128, 128),
+              tags=("baseline",)),
+    _scenario("student-t", "i.i.d. Student-t (3 degrees of freedom) q, k, v: heavy tails",
+              _spec("student_t", 128, 128, df=3.0)),
+    _key_bias(1.0),
+    _key_bias(4.0),
+    _scenario("outlier-channels", "4 of 64 head-dim channels of q and k scaled by 4",
+              _spec("outlier_channels", 128, 128, outlier_channels=4, outlier_channel_scale=4.0)),
+    _scenario("attention-sink", "key 0 is a sink (logit margin about 4)",
+              _spec("attention_sink", 128, 128, sink_strength=2.0)),
+    _scenario("peaky", "logits x3: peaky softmax", _spec("peaky", 128, 128, logit_scale=3.0)),
+    _scenario("flat", "logits x0.2: flat softmax", _spec("flat", 128, 128, logit_scale=0.2)),
+    _long_rows(256),
+    _long_rows(1024),
+    _scenario("causal-d128-Lq64-Lk256",
+              "Gaussian, causal (bottom-right aligned), d = 128, Lq = 64 != Lk = 256, "
+              "grouped-query (2 query heads per kv head)",
+              _spec("gaussian", 64, 256, d=128, heads=2, kv_heads=1), causal=True),
+)
+
+FULL_SCENARIOS: tuple[Scenario, ...] = (
+    *QUICK_SCENARIOS,
+    _scenario("gaussian-d128", "i.i.d. N(0, 1), d = 128", _spec("gaussian", 128, 128, d=128),
+              tags=("baseline",)),
+    _scenario("gaussian-causal-L512", "i.i.d. N(0, 1), causal, L = 512",
+              _spec("gaussian", 512, 512), causal=True),
+    _scenario("student-t-df2", "Student-t with 2 degrees of freedom",
+              _spec("student_t", 128, 128, df=2.0)),
+    _key_bias(0.5),
+    _key_bias(2.0),
+    _key_bias(8.0),
+    _key_bias(4.0, lq=128, lk=1024),
+    _scenario("outlier-channels-x16", "2 of 64 channels of q and k scaled by 16",
+              _spec("outlier_channels", 128, 128, outlier_channels=2, outlier_channel_scale=16.0)),
+    _scenario("attention-sink-strong", "key 0 is a strong sink (logit margin about 9)",
+              _spec("attention_sink", 128, 512, sink_strength=3.0)),
+    _scenario("massive-activations", "4 tokens with q, k, v rows x20",
+              _spec("massive_activations", 128, 128, massive_tokens=4, massive_scale=20.0)),
+    _scenario("peaky-x6", "logits x6: very peaky softmax", _spec("peaky", 128, 128, logit_scale=6.0)),
+    _long_rows(512),
+    _long_rows(2048),
+    _long_rows(1024, d=128),
+    _scenario("causal-L1024", "Gaussian, causal, Lq = Lk = 1024", _spec("gaussian", 256, 1024),
+              causal=True, tags=("long_rows",)),
+)
+
+SMOKE_SCENARIOS: tuple[Scenario, ...] = (
+    _scenario("smoke", "tiny Gaussian case for tests and quick checks (Lq 32, Lk 64, d 32)",
+              _spec("gaussian", 32, 64, d=32, heads=1, kv_heads=1), tags=("baseline",)),
+    _scenario("smoke-key-bias", "tiny key-bias case (strength 4) for tests",
+              _spec("key_bias", 32, 64, d=32, heads=1, kv_heads=1, key_bias=4.0),
+              tags=("key_bias",)),
+    _scenario("smoke-causal", "tiny causal case, Lq 16 != Lk 48", _spec("gaussian", 16, 48, d=32, heads=1,
+              kv_heads=1), causal=True),
+)
+
+ALL_SCENARIOS: dict[str, Scenario] = {s.name: s for s in (*FULL_SCENARIOS, *SMOKE_SCENARIOS)}
+
+
+def scenario_names() -> list[str]:
+    return list(ALL_SCENARIOS)
+
+
+def get_scenario(name: str) -> Scenario:
+    """The named scenario; ``ValueError`` listing the valid names otherwise."""
+    try:
+        return ALL_SCENARIOS[name]
+    except KeyError:
+        raise ValueError(
+            f"unknown scenario {name!r}; valid scenarios: {', '.join(ALL_SCENARIOS)}"
+        ) from None
+
+
+def scenario_seed(seed: int, name: str) -> list[int]:
+    """Entropy of the scenario's NumPy generator: the run seed and a CRC32 of the name."""
+    return [int(seed), zlib.crc32(name.encode("utf-8"))]
+
+
+def scenario_inputs(
+    scenario: Scenario, seed: int
+) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """(q, k, v, do) float32 arrays: q, k, v from the generator, then dO ~ N(0, 1) of q's
+    shape from the same stream."""
+    rng = np.random.default_rng(scenario_seed(seed, scenario.name))
+    q, k, v = generate_attention_inputs(rng, scenario.spec)
+    do = rng.standard_normal(q.shape).astype(np.float32)
+    return q, k, v, do
