@@ -22,8 +22,8 @@ F32_ABS_MASK = 0x7FFFFFFF
 F32_INF_BITS = 0x7F800000
 F32_MAX_BITS = 0x7F7FFFFF
 F32_SIGN_BIT = 0x80000000
-# A float32 shift never needs to exceed this: a 24-bit significand shifted by 40 is 0.
-_MAX_SHIFT = 40
+# Shifts are capped here: (m << 32) >> 62 is 0 for any 24-bit m, and int64 stays exact.
+_MAX_SHIFT = 62
 
 
 def _significand_and_shift(abs_bits: np.ndarray, fmt: ElementFormat) -> tuple[np.ndarray, ...]:

@@ -60,9 +60,8 @@ from fp4sim.e2m1 import (
 from fp4sim.e4m3 import e4m3_decode
 from fp4sim.e8m0 import e8m0_decode
 from fp4sim.float_input import as_float32, normalize_axis
-from fp4sim.formats import E4M3FN, E8M0, BlockFormat, get_block_format
+from fp4sim.formats import E2M1, E4M3FN, E8M0, BlockFormat, get_block_format
 from fp4sim.minifloat import F32_ABS_MASK, F32_INF_BITS, round_magnitude_stochastic
-from fp4sim.packing import pack_fp4
 
 SCALE_OPS = ("reciprocal", "divide")
 ZERO_SCALE_CODES = ("zeros", "reciprocal")
@@ -134,10 +133,9 @@ class QuantizedTensor:
     scale_bits: uint8 raw scale bytes (E4M3 or E8M0)
     scales: float32 decoded block scales (without the tensor scale)
     tensor_scale: float32 tensor scale or None
-    block_amax: float32 max |x| per block (NaN if the block has a NaN)
-    flushed_blocks: bool, blocks with a non-zero finite amax whose values all dequantize to 0
-    saturated_blocks: bool, blocks where some |x| / s_eff exceeds 6 (clipped to 6)
     shape: the input's shape (before padding)
+    block_amax: float32 max |x| per block (NaN if the block has a NaN)
+    Derived on access: flushed_blocks, saturated_blocks, effective_scales.
     """
 
     codes: np.ndarray
@@ -150,8 +148,16 @@ class QuantizedTensor:
     axis: int
     shape: tuple[int, ...]
     block_amax: np.ndarray
-    flushed_blocks: np.ndarray
-    saturated_blocks: np.ndarray
+
+    @property
+    def flushed_blocks(self) -> np.ndarray:
+        """bool, scale-shaped: blocks with a non-zero finite amax that dequantize to all 0."""
+        return _block_flags(self.block_amax, self.effective_scales, self.settings)[0]
+
+    @property
+    def saturated_blocks(self) -> np.ndarray:
+        """bool, scale-shaped: blocks where the largest |x| / s_eff exceeds 6 (clipped)."""
+        return _block_flags(self.block_amax, self.effective_scales, self.settings)[1]
 
     @property
     def effective_scales(self) -> np.ndarray:
@@ -176,25 +182,6 @@ def _row_max_bits(abs_bits: np.ndarray, out: np.ndarray) -> np.ndarray:
     return out
 
 
-def _tensor_scale_value(blocks_bits: np.ndarray, settings: QuantizeSettings) -> np.float32 | None:
-    ts = settings.tensor_scale
-    if ts is None:
-        return None
-    if ts != "amax":
-        return np.float32(ts)
-    if blocks_bits.size == 0:
-        return np.float32(1.0)
-    amax_bits = np.uint32(0)
-    flat = blocks_bits.reshape(-1)
-    for start in range(0, flat.size, _ROWS_ELEMENTS):
-        chunk_max = (flat[start:start + _ROWS_ELEMENTS] & np.uint32(F32_ABS_MASK)).max()
-        amax_bits = max(amax_bits, chunk_max)
-    amax = saturate_inf(np.array([amax_bits], dtype=np.uint32).view(np.float32))[0]
-    if amax == 0:
-        return np.float32(1.0)
-    return np.float32(amax / TENSOR_SCALE_DIVISOR)  # NaN tensor -> NaN scale -> NaN blocks
-
-
 def _zero_scale_codes(x_rows: np.ndarray, policy: str, nan: str) -> np.ndarray:
     """Codes of blocks whose multiplier is infinite (scale 0 or 1/s_eff overflow)."""
     if policy == "zeros":
@@ -206,81 +193,128 @@ def _zero_scale_codes(x_rows: np.ndarray, policy: str, nan: str) -> np.ndarray:
     return np.where(is_zero, np.uint8(e2m1_nan_code(nan)), sign | np.uint8(MAX_MAGNITUDE_CODE))
 
 
-def _quantize_blocks(blocks: np.ndarray, fmt: BlockFormat, settings: QuantizeSettings,
-                     tensor_scale: np.float32 | None, rbits: np.ndarray | None):
-    """Quantize (nblocks, block) float32 rows. Returns codes, scale_bits, amax, s_eff."""
-    nblocks, width = blocks.shape
-    bits = blocks.view(np.uint32)
-    codes = np.empty((nblocks, width), dtype=np.uint8)
-    scale_bits = np.empty(nblocks, dtype=np.uint8)
-    amax_all = np.empty(nblocks, dtype=np.float32)
-    s_eff_all = np.empty(nblocks, dtype=np.float32)
+def _block_amax_bits(bits: np.ndarray) -> np.ndarray:
+    """Pass 1: per-block max of |x| as uint32 patterns (NaN patterns exceed Inf's, so a NaN
+    anywhere makes the block's max a NaN pattern)."""
+    nblocks, width = bits.shape
+    amax_bits = np.empty(nblocks, dtype=np.uint32)
     rows = max(1, _ROWS_ELEMENTS // width)
     abs_buf = np.empty((min(rows, nblocks), width), dtype=np.uint32)
-    y_buf = np.empty((min(rows, nblocks), width), dtype=np.float32)
-    is_nvfp4 = fmt.scale == E4M3FN
-    nan_code = np.uint8(e2m1_nan_code(settings.nan))
     for r0 in range(0, nblocks, rows):
         r1 = min(r0 + rows, nblocks)
-        x_rows = blocks[r0:r1]
         abs_rows = abs_buf[: r1 - r0]
         np.bitwise_and(bits[r0:r1], np.uint32(F32_ABS_MASK), out=abs_rows)
-        amax_bits = _row_max_bits(abs_rows, np.empty(r1 - r0, dtype=np.uint32))
-        amax = amax_bits.view(np.float32)
-        amax_all[r0:r1] = amax
-        y = y_buf[: r1 - r0]
-        with np.errstate(divide="ignore", over="ignore", invalid="ignore"):
-            if is_nvfp4:
-                sbits = nvfp4_block_scale_bits(amax, tensor_scale, settings.scale_amax_op,
-                                               settings.scale_lower_clamp)
-                s_eff = e4m3_decode(sbits)
-                if tensor_scale is not None:
-                    s_eff = s_eff * tensor_scale
-                if settings.scale_op == "reciprocal":
-                    multiplier = np.float32(1.0) / s_eff
-                    np.multiply(x_rows, multiplier[:, None], out=y)
-                else:
-                    multiplier = None
-                    np.divide(x_rows, s_eff[:, None], out=y)
-            else:
-                sbits = mx_scale_bits(amax, settings.scale_rule)
-                s_eff = e8m0_decode(sbits)
-                multiplier = mx_data_multiplier(sbits)
-                np.multiply(x_rows, multiplier[:, None], out=y)
-        scale_bits[r0:r1] = sbits
-        s_eff_all[r0:r1] = s_eff
-        out = codes[r0:r1]
-        if rbits is None:
-            e2m1_encode_bits_into(y.view(np.uint32).reshape(-1), out.reshape(-1), settings.nan)
+        _row_max_bits(abs_rows, amax_bits[r0:r1])
+    return amax_bits
+
+
+def _tensor_scale_value(amax_bits: np.ndarray, settings: QuantizeSettings) -> np.float32 | None:
+    """None, the given float32 value, or float32(amax_tensor / 2688) for 'amax'."""
+    ts = settings.tensor_scale
+    if ts is None:
+        return None
+    if ts != "amax":
+        return np.float32(ts)
+    tensor_amax_bits = amax_bits.max(initial=np.uint32(0))
+    amax = saturate_inf(np.array([tensor_amax_bits], dtype=np.uint32).view(np.float32))[0]
+    if amax == 0:
+        return np.float32(1.0)
+    return np.float32(amax / TENSOR_SCALE_DIVISOR)  # NaN tensor -> NaN scale -> NaN blocks
+
+
+def _block_scales(amax: np.ndarray, fmt: BlockFormat, settings: QuantizeSettings,
+                  tensor_scale: np.float32 | None):
+    """Scale bytes, s_eff and the data multiplier (None for scale_op='divide') per block."""
+    with np.errstate(divide="ignore", over="ignore", invalid="ignore"):
+        if fmt.scale == E4M3FN:
+            scale_bits = nvfp4_block_scale_bits(amax, tensor_scale, settings.scale_amax_op,
+                                                settings.scale_lower_clamp)
+            s_eff = e4m3_decode(scale_bits)
+            if tensor_scale is not None:
+                s_eff = s_eff * tensor_scale
+            multiplier = np.float32(1.0) / s_eff if settings.scale_op == "reciprocal" else None
         else:
-            y_bits = y.view(np.uint32).reshape(-1)
-            abs_y = y_bits & np.uint32(F32_ABS_MASK)
-            mag = round_magnitude_stochastic(
-                np.where(abs_y > F32_INF_BITS, np.uint32(0), abs_y),
-                rbits[r0 * width:r1 * width], fmt.element)
-            encoded = np.minimum(mag, MAX_MAGNITUDE_CODE).astype(np.uint8)
-            encoded |= ((y_bits >> 28) & SIGN_CODE_BIT).astype(np.uint8)
-            nan_y = abs_y > F32_INF_BITS
-            encoded[nan_y] = e2m1_encode_bits_exact(y_bits[nan_y], settings.nan)
-            out.reshape(-1)[:] = encoded
-        # Fix-ups on whole blocks (rare): results must not depend on the sign of a NaN.
-        nan_blocks = amax_bits > F32_INF_BITS
-        if is_nvfp4 and tensor_scale is not None and np.isnan(tensor_scale):
-            nan_blocks = np.ones_like(nan_blocks)
-        if nan_blocks.any():
-            out[nan_blocks] = nan_code
+            scale_bits = mx_scale_bits(amax, settings.scale_rule)
+            s_eff = e8m0_decode(scale_bits)
+            multiplier = mx_data_multiplier(scale_bits)
+    return scale_bits, s_eff, multiplier
+
+
+def _encode_stochastic_into(y: np.ndarray, words: np.ndarray, out: np.ndarray, nan: str) -> None:
+    y_bits = y.view(np.uint32).reshape(-1)
+    abs_y = y_bits & np.uint32(F32_ABS_MASK)
+    is_nan = abs_y > F32_INF_BITS
+    mag = round_magnitude_stochastic(np.where(is_nan, np.uint32(0), abs_y), words, E2M1)
+    encoded = np.minimum(mag, MAX_MAGNITUDE_CODE).astype(np.uint8)
+    encoded |= ((y_bits >> 28) & SIGN_CODE_BIT).astype(np.uint8)
+    encoded[is_nan] = e2m1_encode_bits_exact(y_bits[is_nan], nan)
+    out.reshape(-1)[:] = encoded
+
+
+def _encode_blocks(blocks: np.ndarray, s_eff: np.ndarray, multiplier: np.ndarray | None,
+                   settings: QuantizeSettings, rbits: np.ndarray | None):
+    """Pass 2: codes = E2M1(x * multiplier) (or x / s_eff), and their packed bytes."""
+    nblocks, width = blocks.shape
+    codes = np.empty((nblocks, width), dtype=np.uint8)
+    packed = np.empty((nblocks, width // 2), dtype=np.uint8)
+    rows = max(1, _ROWS_ELEMENTS // width)
+    y_buf = np.empty((min(rows, nblocks), width), dtype=np.float32)
+    pair_buf = np.empty((min(rows, nblocks), width // 2), dtype=np.uint16)
+    with np.errstate(divide="ignore", over="ignore", invalid="ignore"):
+        for r0 in range(0, nblocks, rows):
+            r1 = min(r0 + rows, nblocks)
+            y = y_buf[: r1 - r0]
+            if multiplier is not None:
+                np.multiply(blocks[r0:r1], multiplier[r0:r1, None], out=y)
+            else:
+                np.divide(blocks[r0:r1], s_eff[r0:r1, None], out=y)
+            out = codes[r0:r1]
+            if rbits is None:
+                e2m1_encode_bits_into(y.view(np.uint32).reshape(-1), out.reshape(-1),
+                                      settings.nan)
+            else:
+                _encode_stochastic_into(y, rbits[r0 * width:r1 * width], out, settings.nan)
+            # FP4_FORMATS.md packing: little-endian byte pairs, element 2i in the low nibble.
+            pairs = out.view("<u2")
+            pair = pair_buf[: r1 - r0]
+            np.right_shift(pairs, 4, out=pair)
+            np.bitwise_or(pair, pairs, out=pair)
+            np.copyto(packed[r0:r1], pair, casting="unsafe")
+    return codes, packed
+
+
+def _fix_special_blocks(blocks: np.ndarray, codes: np.ndarray, packed: np.ndarray,
+                        amax_bits: np.ndarray, s_eff: np.ndarray,
+                        multiplier: np.ndarray | None, fmt: BlockFormat,
+                        settings: QuantizeSettings, tensor_scale: np.float32 | None) -> None:
+    """Whole-block rules (rare blocks only), so results never depend on a NaN's sign:
+    NaN blocks, zero-scale blocks, overflowing reciprocals, MX blocks with amax 0."""
+    nan_blocks = amax_bits > F32_INF_BITS
+    if tensor_scale is not None and np.isnan(tensor_scale):
+        nan_blocks = np.ones_like(nan_blocks)
+    fixes = []
+    if nan_blocks.any():
+        fixes.append((nan_blocks, lambda rows: np.full(rows.shape, e2m1_nan_code(settings.nan),
+                                                       dtype=np.uint8)))
+    if fmt.scale == E4M3FN:
         zero_scale = (s_eff == 0) & ~nan_blocks
         if zero_scale.any():
-            out[zero_scale] = _zero_scale_codes(x_rows[zero_scale], settings.zero_scale_codes,
-                                                settings.nan)
-        # 1/s_eff can overflow for a tiny non-zero s_eff (tensor scale): x * Inf semantics.
-        if is_nvfp4 and multiplier is not None:
+            fixes.append((zero_scale, lambda rows: _zero_scale_codes(
+                rows, settings.zero_scale_codes, settings.nan)))
+        if multiplier is not None:
+            # 1/s_eff overflows for a tiny non-zero s_eff (tensor scale): x * Inf semantics.
             overflow = np.isinf(multiplier) & (s_eff > 0) & ~nan_blocks
             if overflow.any():
-                out[overflow] = _zero_scale_codes(x_rows[overflow], "reciprocal", settings.nan)
-        if (not is_nvfp4) and (amax_bits == 0).any():
-            out[amax_bits == 0] = 0
-    return codes, scale_bits, amax_all, s_eff_all
+                fixes.append((overflow, lambda rows: _zero_scale_codes(
+                    rows, "reciprocal", settings.nan)))
+    else:
+        zero_amax = amax_bits == 0
+        if zero_amax.any():
+            fixes.append((zero_amax, lambda rows: np.zeros(rows.shape, dtype=np.uint8)))
+    for mask, make_codes in fixes:
+        new_codes = make_codes(blocks[mask])
+        codes[mask] = new_codes
+        packed[mask] = new_codes[:, 0::2] | (new_codes[:, 1::2] << 4)
 
 
 def _block_flags(amax: np.ndarray, s_eff: np.ndarray, settings: QuantizeSettings):
@@ -345,12 +379,16 @@ def quantize(x: object, fmt: str | BlockFormat = "nvfp4", axis: int = -1, *,
         words = _as_random_words(np.ascontiguousarray(rb), padded_shape).reshape(-1)
     elif rbits is not None:
         raise ValueError("rbits is only used with rounding='stochastic'")
-    ts = _tensor_scale_value(blocks.view(np.uint32), settings)
-    codes, scale_bits, amax, s_eff = _quantize_blocks(blocks, block_format, settings, ts, words)
-    flushed, saturated = _block_flags(amax, s_eff, settings)
+    amax_bits = _block_amax_bits(blocks.view(np.uint32))
+    ts = _tensor_scale_value(amax_bits, settings)
+    amax = amax_bits.view(np.float32)
+    scale_bits, s_eff, multiplier = _block_scales(amax, block_format, settings, ts)
+    codes, packed = _encode_blocks(blocks, s_eff, multiplier, settings, words)
+    _fix_special_blocks(blocks, codes, packed, amax_bits, s_eff, multiplier, block_format,
+                        settings, ts)
 
-    codes_last = codes.reshape(padded_shape)
     scale_shape = padded_shape[:-1] + (padded_shape[-1] // bs,)
+    packed_shape = padded_shape[:-1] + (padded_shape[-1] // 2,)
     scale_bits = scale_bits.reshape(scale_shape)
     decode = e4m3_decode if block_format.scale == E4M3FN else e8m0_decode
 
@@ -358,8 +396,8 @@ def quantize(x: object, fmt: str | BlockFormat = "nvfp4", axis: int = -1, *,
         return np.ascontiguousarray(np.moveaxis(a, -1, ax))
 
     return QuantizedTensor(
-        codes=back(codes_last),
-        packed=back(pack_fp4(codes_last, axis=-1)),
+        codes=back(codes.reshape(padded_shape)),
+        packed=back(packed.reshape(packed_shape)),
         scale_bits=back(scale_bits),
         scales=back(decode(scale_bits)),
         tensor_scale=ts,
@@ -368,8 +406,6 @@ def quantize(x: object, fmt: str | BlockFormat = "nvfp4", axis: int = -1, *,
         axis=ax,
         shape=tuple(x32.shape),
         block_amax=back(amax.reshape(scale_shape)),
-        flushed_blocks=back(flushed.reshape(scale_shape)),
-        saturated_blocks=back(saturated.reshape(scale_shape)),
     )
 
 

@@ -66,7 +66,7 @@ import torch
 import triton
 import triton.language as tl
 
-from kernels.fp4_jit import nvfp4_fake_quantize_rows
+from kernels.fp4_jit import e4m3_rne_sat, nvfp4_fake_quantize_rows
 
 RECIPES = ("bf16", "attn-qat", "attn-qat-consistent")
 SUPPORTED_HEAD_DIMS = (64, 128)
@@ -101,6 +101,33 @@ def _fake_quant_rows_kernel(X, Y, n_rows, HEAD_DIM: tl.constexpr, BLOCK_R: tl.co
     x = tl.load(X + offs, mask=mask, other=0.0).to(tl.float32)
     y = nvfp4_fake_quantize_rows(x, 16)
     tl.store(Y + offs, y.to(Y.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def _fake_quantize_probs(p):
+    """NVFP4 fake quantization (blocks of 16 along the last axis, no tensor scale) of a tile of
+    probabilities ``p >= 0`` (finite), bit-identical to ``fp4_jit.nvfp4_fake_quantize_rows``.
+
+    Same block scale (``e4m3_rne_sat(div_rn(amax, 6))``, ``r = div_rn(1, s)``, fp4sim
+    defaults) and the same ``y = p * r``; only the per-element E2M1 rounding is done with fewer
+    instructions: on [0, 2), [2, 4), [4, inf) the E2M1 grid is the multiples of h = 0.5, 1, 2
+    (OCP MX v1.0 5.3.3), and ``(y + 2^23 h) - 2^23 h`` rounds y to a multiple of h with IEEE
+    round-half-even (at 2^23 h the float32 ulp is h), which is E2M1's ties-to-even (the even
+    code is the even multiple of h: 0.25->0, 0.75->1, 1.25->1, 1.75->2, 2.5->2, 3.5->4, 5->4);
+    values above 6 saturate to 6 (satfinite). A block with scale 0 gives zeros.
+    Not valid for negative or non-finite inputs (P = exp(S - m) is in [0, 1]).
+    """
+    ROWS: tl.constexpr = p.shape[0]
+    COLS: tl.constexpr = p.shape[1]
+    pb = tl.reshape(p, (ROWS, COLS // 16, 16))
+    amax = tl.max(pb, axis=2)
+    scale = e4m3_rne_sat(tl.math.div_rn(amax, tl.full(amax.shape, 6.0, tl.float32)))
+    recip = tl.math.div_rn(tl.full(scale.shape, 1.0, tl.float32), scale)
+    y = pb * recip[:, :, None]
+    magic = tl.where(y < 2.0, 4194304.0, tl.where(y < 4.0, 8388608.0, 16777216.0))
+    v = tl.minimum((y + magic) - magic, 6.0)
+    v = tl.where(scale[:, :, None] > 0, v * scale[:, :, None], 0.0)
+    return tl.reshape(v, (ROWS, COLS))
 
 
 @triton.jit
@@ -230,7 +257,7 @@ def _attn_fwd_kernel(
             m_i = m_new
         if QUANT_P:
             # P~ = FQ(P), blocks of 16 along keys, E4M3 scale, no tensor scale (ATTN_QAT_MATH.md).
-            pq = nvfp4_fake_quantize_rows(p, 16)
+            pq = _fake_quantize_probs(p)
         else:
             pq = p
         if DIAG:
@@ -288,7 +315,7 @@ def _bwd_probabilities(s, m_row, l_row, lse_row, QUANT_P: tl.constexpr, CONSISTE
         inv_l = tl.where(l_row > 0, 1.0 / l_row, 0.0)
         e = tl.exp(s - m_safe[:, None])
         p = e * inv_l[:, None]
-        pq = nvfp4_fake_quantize_rows(e, 16) * inv_l[:, None]
+        pq = _fake_quantize_probs(e) * inv_l[:, None]
     else:
         # P = exp(S - LSE), normalized (FlashAttention-2 backward); fully masked rows have
         # LSE = -inf: use +inf so that P = 0.
@@ -296,7 +323,7 @@ def _bwd_probabilities(s, m_row, l_row, lse_row, QUANT_P: tl.constexpr, CONSISTE
         p = tl.exp(s - lse_safe[:, None])
         if QUANT_P:
             # Attn-QAT principle 1: P~ = FQ(P) of the normalized P, blocks of 16 along keys.
-            pq = nvfp4_fake_quantize_rows(p, 16)
+            pq = _fake_quantize_probs(p)
         else:
             pq = p
     return p, pq
@@ -480,11 +507,9 @@ def _default_configs(head_dim: int, on_cuda: bool) -> dict[str, _Config]:
     if not on_cuda:
         return {"fwd": _Config(32, FORWARD_BLOCK_N, 4, 1), "dkdv": _Config(32, 32, 4, 1),
                 "dq": _Config(32, 32, 4, 1)}
-    if head_dim <= 64:
-        return {"fwd": _Config(128, FORWARD_BLOCK_N, 4, 3), "dkdv": _Config(64, 64, 4, 2),
-                "dq": _Config(64, 64, 4, 2)}
-    return {"fwd": _Config(128, FORWARD_BLOCK_N, 8, 2), "dkdv": _Config(64, 64, 4, 2),
-            "dq": _Config(64, 64, 4, 2)}
+    # From the GPU sweep on an H100 (docs/bench/kernels-training.md).
+    return {"fwd": _Config(64, FORWARD_BLOCK_N, 4, 3), "dkdv": _Config(64, 64, 4, 2),
+            "dq": _Config(128, 64, 8, 2)}
 
 
 def _check_inputs(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, recipe: str):
@@ -567,10 +592,11 @@ def _forward_impl(q, k, v, causal, sm_scale, recipe, quant_inputs_in_kernel, dia
     )
     diag = None
     if diagnostics:
-        kept = torch.where(l_sum > 0, lq_sum / l_sum.clamp_min(1e-38), torch.zeros_like(l_sum))
-        total = l_sum.sum()
+        has_keys = l_sum > 0
+        kept = torch.where(has_keys, lq_sum / l_sum.clamp_min(1e-38), torch.ones_like(l_sum))
         diag = {"p_mass_kept": kept,
-                "p_mass_kept_mean": float((lq_sum.sum() / total).item()) if total > 0 else 1.0}
+                "p_mass_kept_mean": float(kept[has_keys].mean()) if has_keys.any() else 1.0,
+                "p_mass_kept_row_min": float(kept.min()) if kept.numel() else 1.0}
         if store_p:
             diag["p"] = p_dbg
             diag["p_tilde"] = pq_dbg

@@ -9,7 +9,8 @@ op order). Layout: element 2i of a row goes to the low nibble of byte i (FP4_FOR
 
 Tensor scale (NVFP4 only, ``tensor_scale="amax"``): ``t = float32(max |x|) / 2688.0`` over the
 whole tensor, one IEEE float32 division (448 * 6 = 2688 exactly; FP4_FORMATS.md, NVFP4),
-computed with torch (``amax`` propagates NaN, so a NaN anywhere gives t = NaN). A float
+computed with torch, as fp4sim: an Inf counts as the largest finite float32, a NaN anywhere gives
+t = NaN (every code 7, every scale byte 0x7F), and an all-zero tensor gives t = 1. A float
 ``tensor_scale`` is rounded to float32 and used as given.
 
 Inputs: float32, float16 or bfloat16 (cast to float32 exactly in the kernel), on a CUDA device
@@ -111,8 +112,10 @@ def _tensor_scale_value(x: torch.Tensor, tensor_scale: object) -> torch.Tensor |
             raise ValueError(f"tensor_scale must be None, 'amax' or a float, got {tensor_scale!r}")
         if x.numel() == 0:
             raise ValueError("tensor_scale='amax' needs a non-empty tensor")
-        amax = x.abs().amax().to(torch.float32)
-        return amax / torch.tensor(NVFP4_TENSOR_SCALE_DIVISOR, dtype=torch.float32, device=x.device)
+        amax = x.abs().amax().to(torch.float32)  # NaN propagates (torch.amax)
+        amax = torch.clamp(amax, max=torch.finfo(torch.float32).max)  # Inf counts as FLT_MAX
+        t = amax / torch.tensor(NVFP4_TENSOR_SCALE_DIVISOR, dtype=torch.float32, device=x.device)
+        return torch.where(amax == 0, torch.ones_like(t), t)  # all-zero tensor: t = 1 (fp4sim)
     if isinstance(tensor_scale, (int, float)) and not isinstance(tensor_scale, bool):
         return torch.tensor(float(tensor_scale), dtype=torch.float32, device=x.device)
     if isinstance(tensor_scale, torch.Tensor) and tensor_scale.numel() == 1:

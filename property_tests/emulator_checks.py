@@ -81,6 +81,8 @@ def _mx_exponent(amax: float, rule: str) -> int:
         return -127
     if rule == "rceil":
         amax = float(np.float32(amax) / np.float32(6.0))
+        if amax == 0:  # the float32 quotient underflowed: ceil(log2 0) = -inf
+            return -127
     floor_log2 = math.frexp(amax)[1] - 1
     is_power = amax == 2.0**floor_log2
     if rule == "floor":  # OCP MX spec v1.0 section 6.3
@@ -112,7 +114,8 @@ def reference_quantize(x: np.ndarray, fmt: str = "nvfp4", axis: int = -1, nan: s
             t = None
             if tensor_scale == "amax":
                 tensor_amax = np.max(amax) if blocks.size else np.float32(0)
-                t = np.float32(1) if tensor_amax == 0 else np.float32(tensor_amax / np.float32(2688))
+                t = (np.float32(1) if tensor_amax == 0
+                     else np.float32(tensor_amax / np.float32(2688)))
             elif tensor_scale is not None:
                 t = np.float32(tensor_scale)
             if scale_amax_op == "divide":
@@ -256,9 +259,23 @@ def check_quantize_matches_reference(impl, x: np.ndarray, fmt: str = "nvfp4", ax
 
 
 def check_fake_quantize_idempotent(impl, x: np.ndarray, fmt: str = "nvfp4", **settings) -> None:
-    once = impl.fake_quantize(x, fmt, **settings)
+    """fake_quantize(fake_quantize(x)) == fake_quantize(x), bit for bit.
+
+    For NVFP4 this holds for blocks with a zero or normal E4M3 scale (amax >= 6 * 2^-6):
+    there the scale is within 1/16 of amax/6, the block maximum lands on 6 and the second
+    pass finds the same scale. With a subnormal scale the maximum may land on 4 and the
+    second pass picks a smaller scale (a real NVFP4 property), so those blocks are skipped.
+    """
+    q = impl.quantize(x, fmt, **settings)
+    once = impl.dequantize(q)
     twice = impl.fake_quantize(once, fmt, **settings)
-    np.testing.assert_array_equal(twice.view(np.uint32), once.view(np.uint32))
+    bs = BLOCK[fmt]
+    if fmt == "nvfp4":
+        stable = (q.scale_bits == 0) | ((q.scale_bits.astype(np.int64) >> 3) >= 1)
+    else:
+        stable = np.ones(q.scale_bits.shape, dtype=bool)
+    stable = np.repeat(stable, bs, axis=-1)
+    np.testing.assert_array_equal(twice.view(np.uint32)[stable], once.view(np.uint32)[stable])
 
 
 def check_power_of_two_invariance(impl, x: np.ndarray, fmt: str, k: int) -> bool:

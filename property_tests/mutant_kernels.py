@@ -91,18 +91,18 @@ def _finish(x: np.ndarray, codes: np.ndarray, scale_bits: np.ndarray) -> tuple:
 
 
 def mutant_ties_away(x: Any) -> tuple:
-    """Bug: E2M1 rounding ties go away from zero (round-half-up on magnitudes)."""
+    """Bug: E2M1 rounding ties go away from zero (the emulator's codes, except that a
+    scaled value exactly on a tie takes the larger magnitude)."""
     x = _as_float32(x)
-    xb, scales, scale_bits = _nvfp4_parts(x)
-    y = _scaled(xb, scales)
-    mag = np.minimum(np.abs(y), 6.0)
-    # nearest magnitude, ties to the larger one
-    dist = np.abs(mag[..., None] - _E2M1)
-    best = np.argmin(dist[..., ::-1], axis=-1)
-    idx = (len(_E2M1) - 1 - best).astype(np.uint8)
-    codes = np.where(np.signbit(y), idx | 8, idx).astype(np.uint8)
-    codes = np.where(np.isnan(y), 7, codes).astype(np.uint8)  # PTX: NaN -> +6
-    return _finish(x, codes, scale_bits)
+    q = fp4sim.quantize(x, "nvfp4", axis=-1)
+    xb, scales, _ = _nvfp4_parts(x)
+    y = np.abs(_scaled(xb, scales)).reshape(x.shape)
+    codes = np.asarray(q.codes, dtype=np.uint8).copy()
+    # midpoints 0.25, 0.75, ..., 5 between magnitude codes i and i+1 (OCP MX v1.0 5.3.3)
+    for i, tie in enumerate((_E2M1[:-1] + _E2M1[1:]) / 2):
+        on_tie = y == tie
+        codes = np.where(on_tie, (codes & 8) | (i + 1), codes).astype(np.uint8)
+    return _pack(codes), np.asarray(q.scale_bits), None
 
 
 def mutant_swapped_nibbles(x: Any) -> tuple:
@@ -135,7 +135,10 @@ def mutant_block32(x: Any) -> tuple:
     """Bug: NVFP4 scales taken over 32-element blocks (written once per 16-element block)."""
     x = _as_float32(x)
     xb, _, _ = _nvfp4_parts(x)
-    amax = np.abs(xb).max(axis=-1).reshape(-1, 2).max(axis=-1).repeat(2)
+    amax16 = np.abs(xb).max(axis=-1)
+    if amax16.size % 2:  # a last, unpaired 16-element block keeps its own amax
+        amax16 = np.append(amax16, 0.0)
+    amax = amax16.reshape(-1, 2).max(axis=-1).repeat(2)[: xb.shape[0]]
     scale_bits = np.asarray(fp4sim.e4m3_encode(np.minimum(amax / np.float32(6.0), 448.0)))
     scale_bits = scale_bits.astype(np.uint8)
     scales = np.asarray(fp4sim.e4m3_decode(scale_bits), dtype=np.float32).reshape(-1, 1)
@@ -211,8 +214,13 @@ def _drop_diagonal_forward(q, k, v, causal, sm_scale):  # noqa: ANN001, ANN202
     q_ext = torch.cat([q, torch.zeros_like(q[..., :1, :])], dim=-2)
     fwd = reference.fp4_attention_forward(q_ext, k, v, RECIPE, causal=causal, sm_scale=sm_scale)
     return dataclasses.replace(
-        fwd, o=fwd.o[..., :lq, :], o_hp=fwd.o_hp[..., :lq, :], lse=fwd.lse[..., :lq],
-        m=fwd.m[..., :lq], l=fwd.l[..., :lq], q_hat=fwd.q_hat[..., :lq, :],
+        fwd,
+        o=fwd.o[..., :lq, :],
+        o_hp=fwd.o_hp[..., :lq, :],
+        lse=fwd.lse[..., :lq],
+        m=fwd.m[..., :lq],
+        l=fwd.l[..., :lq],
+        q_hat=fwd.q_hat[..., :lq, :],
     )
 
 
@@ -271,28 +279,83 @@ mutant_padded_keys_leak.__doc__ = "Bug: padded key slots leak into the P block s
 # name -> (kind, kernel path, format or recipe, extra CLI args, description)
 _MOD = "property_tests.mutant_kernels"
 MUTANTS: dict[str, tuple[str, str, str, tuple[str, ...], str]] = {
-    "ties_away_from_zero": ("quantizer", f"{_MOD}:mutant_ties_away", "nvfp4", (),
-                            "E2M1 ties rounded away from zero"),
-    "swapped_nibbles": ("quantizer", f"{_MOD}:mutant_swapped_nibbles", "nvfp4", (),
-                        "element 2i in the high nibble"),
-    "scale_rounded_up": ("quantizer", f"{_MOD}:mutant_scale_rounded_up", "nvfp4", (),
-                         "E4M3 block scale rounded up"),
-    "bf16_double_rounding": ("quantizer", f"{_MOD}:mutant_bf16_double_rounding", "nvfp4", (),
-                             "x/s rounded to bf16 before E2M1"),
-    "block_32_not_16": ("quantizer", f"{_MOD}:mutant_block32", "nvfp4", (),
-                        "NVFP4 scale over 32 elements"),
-    "v_wrong_axis": ("attention", f"{_MOD}:mutant_v_wrong_axis", "attn-qat", (),
-                     "V blocked along keys, not d"),
-    "p_wrong_max": ("attention", f"{_MOD}:mutant_p_wrong_max", "attn-qat", (),
-                    "P against the final max, not the running max"),
-    "d_from_quantized_o": ("attention", f"{_MOD}:mutant_d_from_quantized_o", "attn-qat", (),
-                           "D = rowsum(dO*O), not O_hp"),
-    "s_high_precision_bwd": ("attention", f"{_MOD}:mutant_s_high_precision", "attn-qat", (),
-                             "backward S from Q, K"),
-    "causal_off_by_one": ("attention", f"{_MOD}:mutant_causal_off_by_one", "attn-qat",
-                          ("--causal",), "diagonal key masked"),
-    "padded_keys_leak": ("attention", f"{_MOD}:mutant_padded_keys_leak", "attn-qat", (),
-                         "padded keys in the P block scale"),
+    "ties_away_from_zero": (
+        "quantizer",
+        f"{_MOD}:mutant_ties_away",
+        "nvfp4",
+        (),
+        "E2M1 ties rounded away from zero",
+    ),
+    "swapped_nibbles": (
+        "quantizer",
+        f"{_MOD}:mutant_swapped_nibbles",
+        "nvfp4",
+        (),
+        "element 2i in the high nibble",
+    ),
+    "scale_rounded_up": (
+        "quantizer",
+        f"{_MOD}:mutant_scale_rounded_up",
+        "nvfp4",
+        (),
+        "E4M3 block scale rounded up",
+    ),
+    "bf16_double_rounding": (
+        "quantizer",
+        f"{_MOD}:mutant_bf16_double_rounding",
+        "nvfp4",
+        (),
+        "x/s rounded to bf16 before E2M1",
+    ),
+    "block_32_not_16": (
+        "quantizer",
+        f"{_MOD}:mutant_block32",
+        "nvfp4",
+        (),
+        "NVFP4 scale over 32 elements",
+    ),
+    "v_wrong_axis": (
+        "attention",
+        f"{_MOD}:mutant_v_wrong_axis",
+        "attn-qat",
+        (),
+        "V blocked along keys, not d",
+    ),
+    "p_wrong_max": (
+        "attention",
+        f"{_MOD}:mutant_p_wrong_max",
+        "attn-qat",
+        (),
+        "P against the final max, not the running max",
+    ),
+    "d_from_quantized_o": (
+        "attention",
+        f"{_MOD}:mutant_d_from_quantized_o",
+        "attn-qat",
+        (),
+        "D = rowsum(dO*O), not O_hp",
+    ),
+    "s_high_precision_bwd": (
+        "attention",
+        f"{_MOD}:mutant_s_high_precision",
+        "attn-qat",
+        (),
+        "backward S from Q, K",
+    ),
+    "causal_off_by_one": (
+        "attention",
+        f"{_MOD}:mutant_causal_off_by_one",
+        "attn-qat",
+        ("--causal",),
+        "diagonal key masked",
+    ),
+    "padded_keys_leak": (
+        "attention",
+        f"{_MOD}:mutant_padded_keys_leak",
+        "attn-qat",
+        (),
+        "padded keys in the P block scale",
+    ),
 }
 
 # name -> (kind, kernel path, format or recipe, extra CLI args)
@@ -301,6 +364,17 @@ CORRECT: dict[str, tuple[str, str, str, tuple[str, ...]]] = {
     "emulator_mxfp4": ("quantizer", f"{_MOD}:emulator_mxfp4", "mxfp4", ()),
     "torch_reference_nvfp4": ("quantizer", f"{_MOD}:torch_reference_nvfp4", "nvfp4", ()),
     "reference_attention": ("attention", f"{_MOD}:reference_attention", "attn-qat", ()),
-    "reference_attention_causal": ("attention", f"{_MOD}:reference_attention", "attn-qat",
-                                   ("--causal",)),
+    "reference_attention_causal": (
+        "attention",
+        f"{_MOD}:reference_attention",
+        "attn-qat",
+        ("--causal",),
+    ),
 }
+
+
+def triton_mxfp4(x: Any) -> Any:
+    """Correct (expected): kernels.quantize_fp4 MXFP4 (CPU needs TRITON_INTERPRET=1)."""
+    import kernels
+
+    return kernels.quantize_fp4(torch.as_tensor(_as_float32(x)), "mxfp4")

@@ -90,11 +90,23 @@ def attn_cases(
     )
 
 
+def e4m3_ties(rng: np.random.Generator, n: int) -> np.ndarray:
+    """float32 values exactly halfway between neighbouring E4M3 values (normal and subnormal)."""
+    m = rng.integers(0, 8, size=n)
+    e = rng.integers(-6, 9, size=n)
+    normal = np.ldexp(2.0 * (8 + m) + 1.0, e - 4)  # (8 + m + 1/2) * 2^(e - 3)
+    sub = np.ldexp(2.0 * m + 1.0, -10)  # (m + 1/2) * 2^-9
+    return np.where(rng.random(n) < 0.2, sub, normal).astype(np.float32)
+
+
 def heavy_tailed_floats(rng: np.random.Generator, n: int) -> np.ndarray:
-    """float32 values mixing E2M1/E4M3 ties, their float32 neighbours, Student-t, tiny values."""
+    """float32 values mixing E2M1/E4M3 ties, their float32 neighbours, Student-t, tiny values,
+    and block maxima 6 * t whose NVFP4 scale amax / 6 lands on an E4M3 tie t."""
     ties = np.array([0.25, 0.75, 1.25, 1.75, 2.5, 3.5, 5.0, 6.0, 448.0, 464.0], np.float32)
     scale = np.float32(2.0) ** rng.integers(-12, 12, size=n).astype(np.float32)
     base = ties[rng.integers(0, len(ties), size=n)] * scale
+    base = np.where(rng.random(n) < 0.3, e4m3_ties(rng, n) * np.float32(6.0), base)
+    base = np.where(rng.random(n) < 0.15, e4m3_ties(rng, n), base).astype(np.float32)
     nudge = rng.integers(-1, 2, size=n)
     near = np.nextafter(base, np.where(nudge > 0, np.inf, -np.inf).astype(np.float32))
     near = np.where(nudge == 0, base, near).astype(np.float32)

@@ -184,6 +184,25 @@ def test_nvfp4_tensor_scale_op_order(mode: str) -> None:
     _check_against_oracles(torch.from_numpy(x), "nvfp4", tensor_scale)
 
 
+@pytest.mark.parametrize("fmt,tensor_scale", [("nvfp4", None), ("nvfp4", "amax"), ("mxfp4", None)])
+def test_special_tensors_bit_exact(fmt: str, tensor_scale: str | None) -> None:
+    """All-zero (with -0), Inf-holding, NaN-holding and tiny tensors, as fp4sim documents."""
+    inf_row = np.linspace(-3, 3, 64, dtype=np.float32)
+    inf_row[5] = np.inf
+    nan_row = np.linspace(-3, 3, 64, dtype=np.float32)
+    nan_row[40] = np.nan
+    cases = [
+        np.where(np.arange(64) % 3 == 0, -0.0, 0.0).astype(np.float32)[None],
+        inf_row[None],
+        np.stack([inf_row, -inf_row]),
+        nan_row[None],
+        (np.linspace(-1, 1, 64) * 1e-40).astype(np.float32)[None],
+        (np.linspace(-1, 1, 64) * 3e-38).astype(np.float32)[None],
+    ]
+    for x in cases:
+        _check_against_oracles(torch.from_numpy(np.ascontiguousarray(x)), fmt, tensor_scale)
+
+
 def test_non_contiguous_input_is_copied() -> None:
     x = torch.randn(32, 6)
     xt = x.t()  # (6, 32), non-contiguous

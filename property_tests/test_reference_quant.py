@@ -109,6 +109,10 @@ SETTINGS = [
     ("nvfp4", {"scale_op": "divide"}),
     ("nvfp4", {"scale_amax_op": "reciprocal"}),
     ("nvfp4", {"scale_lower_clamp": True}),
+    ("nvfp4", {"zero_scale_codes": "reciprocal", "nan": "ml_dtypes"}),
+    ("nvfp4", {"tensor_scale": 0.001}),
+    ("nvfp4", {"tensor_scale": "amax", "nan": "ml_dtypes"}),
+    ("mxfp4", {"nan": "ml_dtypes"}),
     ("mxfp4", {}),
     ("mxfp4", {"scale_rule": "floor"}),
     ("mxfp4", {"scale_rule": "ceil"}),
@@ -122,7 +126,7 @@ def quant_arrays(draw):
     rng = np.random.default_rng(seed)
     rows = draw(st.integers(1, 6))
     blocks = draw(st.integers(1, 4))
-    kind = draw(st.sampled_from(("heavy", "probs", "tiny", "zeros_mixed")))
+    kind = draw(st.sampled_from(("heavy", "probs", "tiny", "zeros_mixed", "specials")))
     n = rows * blocks * 32
     if kind == "heavy":
         x = heavy_tailed_floats(rng, n)
@@ -131,9 +135,15 @@ def quant_arrays(draw):
         x = np.exp(-rng.exponential(draw(st.sampled_from((1.0, 4.0, 8.0))), n)).astype(np.float32)
     elif kind == "tiny":
         x = (rng.standard_normal(n) * 2.0 ** rng.integers(-20, -5, n)).astype(np.float32)
-    else:
+    elif kind == "zeros_mixed":
         x = heavy_tailed_floats(rng, n)
         x[rng.random(n) < 0.7] = 0.0
+    else:
+        # NaN, +-Inf, -0, float32 extremes sprinkled into heavy-tailed data
+        x = heavy_tailed_floats(rng, n)
+        where = rng.random(n) < 0.03
+        x[where] = SPECIALS[rng.integers(0, len(SPECIALS), size=int(where.sum()))]
+        x[rng.random(n) < 0.2] = -0.0
     x = x.reshape(rows, blocks * 32)
     axis = draw(st.sampled_from((-1, 0)))
     if axis == 0:
@@ -190,3 +200,35 @@ def test_quantize_torch_rejects_bad_input():
         quantize_torch(torch.ones(16), "fp8")
     with pytest.raises(ValueError, match="unsupported settings"):
         quantize_torch(torch.ones(32), "mxfp4", tensor_scale="amax")
+
+
+@given(data=quant_arrays(), block_n=st.sampled_from((16, 32, 64)))
+def test_p_policies_match_fp4sim_tile_by_tile(data, block_n):
+    """P quantizers of reference.p_quant against fp4sim on each (rows x block_n) tile."""
+    from reference.p_quant import quantize_p_tiles
+    from reference.recipes import NVFP4
+
+    x, _ = data
+    x = np.abs(np.nan_to_num(x, nan=0.0, posinf=1.0, neginf=1.0)).astype(np.float32)
+    x = x.reshape(-1)[: (x.size // block_n) * block_n].reshape(-1, block_n)
+    if x.size == 0:
+        return
+    rows = x.shape[0]
+    tiles = torch.from_numpy(x).reshape(1, 1, rows, 1, block_n)
+    # two-level: per row segment of a tile (fp4sim.quantize_two_level, row axis = keys)
+    pq = quantize_p_tiles(tiles, NVFP4, "two_level")
+    tl = _fp4sim("quantize_two_level")(x, axis=-1, row_axis=-1)
+    _assert_same_bytes(pq.codes.reshape(rows, block_n), tl.inner.codes, "two-level codes")
+    _assert_same_bytes(pq.scale_bits.reshape(rows, -1), tl.inner.scale_bits, "two-level scales")
+    _assert_same_floats(pq.values.reshape(rows, block_n),
+                        _fp4sim("dequantize_two_level")(tl), "two-level values")
+    # tile_global: one tensor scale per (block_m rows x block_n keys) tile
+    block_m = 2
+    pq = quantize_p_tiles(tiles, NVFP4, "tile_global", block_m=block_m)
+    for r0 in range(0, rows, block_m):
+        tile = x[r0:r0 + block_m]
+        qt = _fp4sim("quantize")(tile, "nvfp4", axis=-1, tensor_scale="amax")
+        ours_codes = pq.codes.reshape(rows, block_n)[r0:r0 + block_m]
+        _assert_same_bytes(ours_codes, qt.codes, "tile_global codes")
+        _assert_same_bytes(pq.scale_bits.reshape(rows, -1)[r0:r0 + block_m], qt.scale_bits,
+                           "tile_global scale bytes")

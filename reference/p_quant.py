@@ -11,7 +11,10 @@ Scale groups (ATTN_QAT_MATH.md "Forward" step 3, FP4_FORMATS.md):
 * ``tile_global``: one NVFP4 tensor scale per (``block_m`` query rows x ``block_n`` keys) tile,
   ``s_t = amax_tile / (448 * 6)``, then NVFP4 blocks with that tensor scale (FP4_FORMATS.md NVFP4).
 
-A scale group whose amax is 0 (all masked or padded) quantizes to codes 0 and value 0.
+A scale group whose amax is 0 (all masked or padded) quantizes to codes 0 and value 0. One
+deliberate divergence from ``fp4sim.quantize_two_level``: a nonzero row max whose
+``s1 = rowmax / 2688`` underflows to 0 in float32 (rowmax < ~1.9e-42) gets ``s1 = 1`` here
+(fp4sim divides by 0 and returns Inf/NaN); the row's P is then plain NVFP4 and flushes to 0.
 """
 
 from __future__ import annotations
@@ -99,10 +102,10 @@ def quantize_p_tiles(
         rt = padded.shape[2] // block_m
         tiles = padded.reshape(b, h, rt, block_m, t, bn)
         amax = tiles.abs().amax(dim=(3, 5), keepdim=True)  # (b, h, rt, 1, t, 1)
-        ts = tensor_scale_from_amax(amax)  # FP4_FORMATS.md: s_t = amax / (448 * 6) per tile
-        ts_safe = torch.where(ts > 0, ts, torch.ones_like(ts))
+        # FP4_FORMATS.md: s_t = amax / (448 * 6) per tile (1 for an all-zero tile, as fp4sim)
+        ts = tensor_scale_from_amax(amax)
         blocks = _blocked(padded, blk)  # (b, h, rows, t, bn/blk, blk)
-        ts_blocks = ts_safe.reshape(b, h, rt, 1, t, 1).expand(b, h, rt, block_m, t, 1)
+        ts_blocks = ts.reshape(b, h, rt, 1, t, 1).expand(b, h, rt, block_m, t, 1)
         ts_blocks = ts_blocks.reshape(b, h, rt * block_m, t, 1)
         q = nvfp4_blocks(blocks, ts_blocks, **_nvfp4_kwargs(spec))
         q = TorchQuantized(

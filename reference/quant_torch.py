@@ -214,7 +214,7 @@ def nvfp4_blocks(
     blocks = blocks.to(torch.float32)
     amax = blocks.abs().amax(dim=-1)
     nanblock = torch.isnan(blocks).any(dim=-1)
-    amax = torch.where(nanblock, float("nan"), amax)
+    amax = torch.where(nanblock, float("nan"), _saturate_inf(amax))
     if scale_amax_op == "divide":
         s = amax / 6.0  # FP4_FORMATS.md: block scale amax/6 (float32 division)
     elif scale_amax_op == "reciprocal":
@@ -235,7 +235,7 @@ def nvfp4_blocks(
         scaled = blocks / total_e
     else:
         raise ValueError(f"scale_op must be 'reciprocal' or 'divide', got {scale_op!r}")
-    codes = e2m1_encode_torch(scaled, nan=nan)
+    codes = e2m1_encode_torch(_positive_nan(scaled), nan=nan)
     zero_scale = (total_e == 0).expand_as(codes)
     if zero_scale_codes == "zeros":
         codes = torch.where(zero_scale, torch.zeros_like(codes), codes)
@@ -247,30 +247,58 @@ def nvfp4_blocks(
             f"zero_scale_codes must be 'zeros' or 'reciprocal', got {zero_scale_codes!r}"
         )
     values = e2m1_decode_torch(codes) * total_e
-    flushed = (scales == 0) & (amax > 0)
+    if scale_op == "reciprocal":
+        scaled_max = amax * (1.0 / total)
+    else:
+        scaled_max = amax / total
+    flushed = _flushed(amax, total, scaled_max)
     ts = None if tensor_scale is None else torch.as_tensor(tensor_scale, dtype=torch.float32)
     return TorchQuantized(codes, scale_bits, scales, ts, values, saturated, flushed)
 
 
-def _mx_exponent(amax: torch.Tensor, rule: str) -> torch.Tensor:
-    """Shared MX scale exponent per block from float32 amax (exact, via frexp)."""
-    mant, ex = torch.frexp(amax)  # amax = mant * 2^ex, mant in [0.5, 1)
-    floor_log2 = ex.to(torch.int32) - 1
-    is_pow2 = mant == 0.5
-    if rule == "floor":
-        e = floor_log2 - 2  # FP4_FORMATS.md (OCP spec): floor(log2 amax) - emax(2)
-    elif rule == "rceil":
-        # FP4_FORMATS.md: ceil(log2(amax/6)); amax/6 <= 2^(E-2) iff mantissa <= 1.5
-        e = torch.where(mant <= 0.75, floor_log2 - 2, floor_log2 - 1)
-    elif rule == "ceil":
-        e = torch.where(is_pow2, floor_log2, floor_log2 + 1) - 2  # ceil(log2 amax) - emax
+def _biased_log2(bits: torch.Tensor, ceil: bool) -> torch.Tensor:
+    """floor/ceil(log2 x) + 127 from nonnegative float32 patterns (int64), subnormals exact;
+    zero gives -1000 (clamped to byte 0 later)."""
+    b = bits.to(torch.int64)
+    exp_field = b >> 23
+    mant = b & 0x7FFFFF
+    # subnormal m * 2^-149: floor(log2) = floor(log2 m) - 149; frexp of m (exact in float64)
+    _, ex = torch.frexp(torch.where(mant > 0, mant, 1).to(torch.float64))
+    sub_floor = ex.to(torch.int64) - 1 - 149 + 127
+    if ceil:
+        sub_pow2 = (mant & (mant - 1)) == 0
+        normal = exp_field + (mant != 0).long()
+        out = torch.where(exp_field > 0, normal, sub_floor + (~sub_pow2).long())
+    else:
+        out = torch.where(exp_field > 0, exp_field, sub_floor)
+    return torch.where(b == 0, -1000, out)
+
+
+def _f32_bits(x: torch.Tensor) -> torch.Tensor:
+    return x.contiguous().view(torch.int32)
+
+
+def _saturate_inf(amax: torch.Tensor) -> torch.Tensor:
+    """+Inf amax counts as the largest finite float32 (FP4_FORMATS.md: Inf saturates)."""
+    return torch.where(torch.isinf(amax), torch.finfo(torch.float32).max, amax)
+
+
+def mx_scale_bytes(amax: torch.Tensor, rule: str) -> torch.Tensor:
+    """E8M0 scale bytes (int64, NaN not handled) of float32 block amax under an MX rule."""
+    a = _saturate_inf(amax)
+    if rule == "rceil":
+        # FP4_FORMATS.md: ceil(log2(amax / 6)) on the float32 quotient (PTX cvt.rp ue8m0)
+        byte = _biased_log2(_f32_bits(a / 6.0), ceil=True)
+    elif rule == "floor":
+        byte = _biased_log2(_f32_bits(a), ceil=False) - 2  # OCP MX 6.3: floor(log2 amax) - 2
     elif rule == "even":
-        # round(log2 amax) with the mantissa compared against sqrt(2) is not exact in float32;
-        # here: round the mantissa to the nearest power of two (1.5 rounds up), minus emax.
-        e = torch.where(mant < 0.75, floor_log2, floor_log2 + 1) - 2
+        # FP4_FORMATS.md "even": round amax to one mantissa bit (add 2^21 to the pattern)
+        byte = _biased_log2(_f32_bits(a).to(torch.int64) + (1 << 21), ceil=False) - 2
+    elif rule == "ceil":
+        byte = _biased_log2(_f32_bits(a), ceil=True) - 2  # FP4_FORMATS.md: ceil(log2 amax) - 2
     else:
         raise ValueError(f"scale_rule must be 'rceil', 'floor', 'even' or 'ceil', got {rule!r}")
-    return e
+    return byte.clamp(0, 254)
 
 
 def mxfp4_blocks(
@@ -280,23 +308,34 @@ def mxfp4_blocks(
     blocks = blocks.to(torch.float32)
     amax = blocks.abs().amax(dim=-1)
     nanblock = torch.isnan(blocks).any(dim=-1)
-    e = _mx_exponent(amax, scale_rule)
-    e = torch.where(amax == 0, -127, e)  # FP4_FORMATS.md: amax = 0 -> smallest scale
-    e = torch.where(torch.isinf(amax), 127, e)
-    e = e.clamp(-127, 127)  # E8M0 bytes 0..254
-    scale_bits = torch.where(nanblock, 255, e + 127).to(torch.uint8)  # NaN block -> 0xFF
+    byte = mx_scale_bytes(torch.where(nanblock, 0.0, amax), scale_rule)
+    scale_bits = torch.where(nanblock, 255, byte).to(torch.uint8)  # NaN block -> 0xFF
     scales = e8m0_decode_torch(scale_bits)
     scaled = blocks / scales.unsqueeze(-1)  # OCP MX 6.3: code = RNE_sat(x / 2^e)
-    codes = e2m1_encode_torch(scaled, nan=nan)
+    codes = e2m1_encode_torch(_positive_nan(scaled), nan=nan)
+    codes = torch.where((amax == 0).unsqueeze(-1), 0, codes).to(torch.uint8)  # amax 0: codes 0
     saturated = scaled.abs() > E2M1_MAX
     values = e2m1_decode_torch(codes) * scales.unsqueeze(-1)
-    flushed = torch.zeros_like(amax, dtype=torch.bool)
+    flushed = _flushed(amax, scales, blocks.abs().amax(dim=-1) / scales)
     return TorchQuantized(codes, scale_bits, scales, None, values, saturated, flushed)
 
 
+def _positive_nan(x: torch.Tensor) -> torch.Tensor:
+    """NaN of either sign -> +NaN: NaN blocks and 0 * Inf get the positive-NaN code (fp4sim)."""
+    return torch.where(torch.isnan(x), float("nan"), x)
+
+
+def _flushed(amax: torch.Tensor, s_eff: torch.Tensor, scaled_max: torch.Tensor) -> torch.Tensor:
+    """Blocks with a nonzero finite amax whose values all dequantize to 0 (FP4_FORMATS.md)."""
+    usable = ~torch.isnan(amax) & torch.isfinite(s_eff) & (s_eff > 0)
+    return (amax > 0) & torch.isfinite(amax) & ((s_eff == 0) | (usable & (scaled_max <= 0.25)))
+
+
 def tensor_scale_from_amax(amax: torch.Tensor) -> torch.Tensor:
-    """NVFP4 tensor scale amax_tensor / (448 * 6) in float32 (FP4_FORMATS.md)."""
-    return amax.to(torch.float32) / (E4M3_MAX * E2M1_MAX)
+    """NVFP4 tensor scale float32(amax_tensor / (448 * 6)) (FP4_FORMATS.md); an all-zero
+    tensor gets 1, Inf counts as the largest float32, NaN gives NaN (every block NaN)."""
+    a = _saturate_inf(amax.to(torch.float32))
+    return torch.where(a == 0, 1.0, a / (E4M3_MAX * E2M1_MAX))
 
 
 def quantize_torch_full(x: torch.Tensor, fmt="nvfp4", axis: int = -1, **settings) -> TorchQuantized:

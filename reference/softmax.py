@@ -101,14 +101,16 @@ def softmax_forward(s: torch.Tensor, recipe: Recipe, mode: str) -> SoftmaxForwar
 
 
 def safe_divide_rows(x: torch.Tensor, l: torch.Tensor) -> torch.Tensor:
-    """x / l per row; rows with l == 0 (no visible key) give 0."""
+    """x / l per row; rows with l == 0 (no visible key) give 0 (NaN propagates)."""
     l_e = l.unsqueeze(-1)
-    return torch.where(l_e > 0, x / torch.where(l_e > 0, l_e, torch.ones_like(l_e)), 0.0)
+    empty = l_e == 0
+    return torch.where(empty, 0.0, x / torch.where(empty, torch.ones_like(l_e), l_e))
 
 
 def log_sum_exp(m: torch.Tensor, l: torch.Tensor) -> torch.Tensor:
     """LSE = m + log l (ATTN_QAT_MATH.md step 4); -inf for rows without keys."""
-    return torch.where(l > 0, m + torch.log(torch.where(l > 0, l, torch.ones_like(l))), NEG_INF)
+    empty = l == 0
+    return torch.where(empty, NEG_INF, m + torch.log(torch.where(empty, torch.ones_like(l), l)))
 
 
 @dataclass(frozen=True)

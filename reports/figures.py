@@ -11,6 +11,13 @@ from typing import Any
 
 import numpy as np
 from matplotlib.figure import Figure
+from matplotlib.ticker import (
+    FixedFormatter,
+    FixedLocator,
+    FuncFormatter,
+    NullFormatter,
+    NullLocator,
+)
 
 from reports.metrics import LOG10_EDGES, histogram_cdf
 
@@ -24,8 +31,32 @@ VARIANT_COLORS: dict[str, str] = {
     "kernel": "#e16f24",
 }
 RECIPE_COLORS = ["#0969da", "#1a7f37", "#cf222e", "#8250df", "#bf8700", "#6e7781", "#e16f24"]
-E2M1_LABELS = ["0", ".5", "1", "1.5", "2", "3", "4", "6",
-               "-0", "-.5", "-1", "-1.5", "-2", "-3", "-4", "-6"]
+E2M1_LABELS = [
+    "0",
+    ".5",
+    "1",
+    "1.5",
+    "2",
+    "3",
+    "4",
+    "6",
+    "-0",
+    "-.5",
+    "-1",
+    "-1.5",
+    "-2",
+    "-3",
+    "-4",
+    "-6",
+]
+
+
+def _log_ticks(axis: Any, lo: int, hi: int, step: int = 2) -> None:
+    """Fixed decade ticks with plain-text labels (mathtext labels are slow to render)."""
+    ticks = [10.0**e for e in range(lo, hi + 1, step)]
+    axis.set_major_locator(FixedLocator(ticks))
+    axis.set_minor_locator(NullLocator())
+    axis.set_major_formatter(FixedFormatter([f"1e{e}" for e in range(lo, hi + 1, step)]))
 
 
 def _style(ax: Any) -> None:
@@ -48,36 +79,62 @@ def grouped_bars(
     width = 0.8 / n
     x = np.arange(len(groups))
     for i, (name, values) in enumerate(series.items()):
-        vals = np.array([np.nan if v is None else max(v, 1e-12) if log else v for v in values],
-                        dtype=float)
-        ax.bar(x - 0.4 + width * (i + 0.5), vals, width, label=name, color=colors.get(name),
-               hatch=(hatches or {}).get(name), edgecolor="white", linewidth=0.3)
+        vals = np.array(
+            [np.nan if v is None else max(v, 1e-12) if log else v for v in values], dtype=float
+        )
+        ax.bar(
+            x - 0.4 + width * (i + 0.5),
+            vals,
+            width,
+            label=name,
+            color=colors.get(name),
+            hatch=(hatches or {}).get(name),
+            edgecolor="white",
+            linewidth=0.3,
+        )
     ax.set_xticks(x)
     ax.set_xticklabels(groups, rotation=35, ha="right", fontsize=8)
     if log:
         ax.set_yscale("log")
+        ax.yaxis.set_major_formatter(FuncFormatter(lambda value, _pos: f"{value:g}"))
+        ax.yaxis.set_minor_formatter(NullFormatter())
     _style(ax)
 
 
-def principle_figure(principle_rows: Sequence[dict[str, Any]], cases: Sequence[dict[str, Any]],
-                     variants: Sequence[str]) -> Figure:
-    """Gradient error vs STE of every backward variant, per scenario, one panel per recipe."""
+def principle_figure(cases: Sequence[dict[str, Any]], variants: Sequence[str]) -> Figure:
+    """Gradient error vs STE of every backward variant, per scenario: one column per recipe,
+    top row max(dQ, dK) (through dS), bottom row dV (through P~)."""
     from reports.summary import grad_metric, ok_cases
 
-    refs = [c for c in ok_cases(cases) if c["implementation_kind"] == "reference" and c["recipe"] != "bf16"]
+    refs = [
+        c
+        for c in ok_cases(cases)
+        if c["implementation_kind"] == "reference" and c["recipe"] != "bf16"
+    ]
     recipes = list(dict.fromkeys(c["recipe"] for c in refs))
     shown = [v for v in variants if v != "ste_autograd"]
-    fig = Figure(figsize=(6.6 * max(len(recipes), 1), 3.9), layout="constrained")
-    axes = fig.subplots(1, max(len(recipes), 1), squeeze=False)[0]
-    for ax, recipe in zip(axes, recipes, strict=False):
+    columns = max(len(recipes), 1)
+    fig = Figure(figsize=(6.6 * columns, 6.6), layout="constrained")
+    axes = fig.subplots(2, columns, squeeze=False)
+
+    def ds_grads(case: dict[str, Any], variant: str) -> float | None:
+        values = [grad_metric(case, variant, "vs_ste", t) for t in ("dq", "dk")]
+        return None if None in values else max(values)
+
+    for col, recipe in enumerate(recipes):
         rcases = [c for c in refs if c["recipe"] == recipe]
         groups = [c["scenario"] for c in rcases]
-        series = {v: [grad_metric(c, v, "vs_ste") for c in rcases] for v in shown}
-        grouped_bars(ax, groups, series, VARIANT_COLORS)
-        ax.set_title(f"recipe {recipe}: gradient error vs STE ground truth", fontsize=10)
-        ax.set_ylabel("max rel. L2 of dQ, dK, dV")
+        top = {v: [ds_grads(c, v) for c in rcases] for v in shown}
+        bottom = {v: [grad_metric(c, v, "vs_ste", "dv") for c in rcases] for v in shown}
+        grouped_bars(axes[0][col], groups, top, VARIANT_COLORS)
+        grouped_bars(axes[1][col], groups, bottom, VARIANT_COLORS)
+        axes[0][col].set_title(f"recipe {recipe}: dQ, dK vs STE ground truth", fontsize=10)
+        axes[1][col].set_title(f"recipe {recipe}: dV vs STE ground truth", fontsize=10)
+        axes[0][col].set_ylabel("max rel. L2 of dQ, dK")
+        axes[1][col].set_ylabel("rel. L2 of dV")
+        axes[0][col].tick_params(axis="x", labelbottom=False)
     if recipes:
-        axes[0].legend(fontsize=7, ncol=3, loc="upper left")
+        axes[0][0].legend(fontsize=7, ncol=3, loc="upper left")
     return fig
 
 
@@ -104,8 +161,16 @@ def p_mass_figure(p_rows: Sequence[dict[str, Any]]) -> Figure:
     for i, values in enumerate(series.values()):
         for j, value in enumerate(values):
             if value is not None and value < 0.5:  # a bar too short to see: print its value
-                ax.text(j - 0.4 + width * (i + 0.5), value + 0.02, f"{100 * value:.0f}%",
-                        ha="center", va="bottom", fontsize=7, color="#cf222e", rotation=90)
+                ax.text(
+                    j - 0.4 + width * (i + 0.5),
+                    value + 0.02,
+                    f"{100 * value:.0f}%",
+                    ha="center",
+                    va="bottom",
+                    fontsize=7,
+                    color="#cf222e",
+                    rotation=90,
+                )
     ax.set_ylim(0, 1.08)
     ax.set_ylabel("fraction of P mass kept")
     ax.set_title("P mass kept: forward (plain) vs backward (hatched) quantizer", fontsize=10)
@@ -124,8 +189,11 @@ def forward_figure(cases: Sequence[dict[str, Any]]) -> Figure:
     colors: dict[str, str] = {}
     for i, (recipe, impl) in enumerate(keys):
         name = recipe if impl == "reference" else f"{recipe} [{impl}]"
-        lookup = {c["scenario"]: forward_metric(c) for c in good
-                  if (c["recipe"], c["implementation"]) == (recipe, impl)}
+        lookup = {
+            c["scenario"]: forward_metric(c)
+            for c in good
+            if (c["recipe"], c["implementation"]) == (recipe, impl)
+        }
         series[name] = [lookup.get(s) for s in scenarios]
         colors[name] = RECIPE_COLORS[i % len(RECIPE_COLORS)]
     fig = Figure(figsize=(max(6.0, 0.75 * len(scenarios) + 3), 3.9), layout="constrained")
@@ -139,15 +207,17 @@ def forward_figure(cases: Sequence[dict[str, Any]]) -> Figure:
     return fig
 
 
-def _cdf_line(ax: Any, distribution: dict[str, Any], label: str, color: str | None,
-              style: str = "-") -> None:
+def _cdf_line(
+    ax: Any, distribution: dict[str, Any], label: str, color: str | None, style: str = "-"
+) -> None:
     xs, fs = histogram_cdf(distribution["histogram"])
     if xs:
         ax.step(xs, fs, where="post", label=label, color=color, linestyle=style, linewidth=1.3)
 
 
-def _hist_line(ax: Any, distribution: dict[str, Any], label: str, color: str | None,
-               style: str = "-") -> None:
+def _hist_line(
+    ax: Any, distribution: dict[str, Any], label: str, color: str | None, style: str = "-"
+) -> None:
     h = distribution["histogram"]
     total = max(h["total"], 1)
     edges = np.power(10.0, np.asarray(LOG10_EDGES))
@@ -167,10 +237,12 @@ def case_error_figure(case: dict[str, Any]) -> Figure:
         ("o_hp_vs_exact", "O_hp vs exact", "#6e7781", "--"),
         ("o_vs_recipe_reference", "O vs recipe ref.", "#e16f24", ":"),
     ]
-    rows = (("element_relative_error", _cdf_line, "CDF"),
-            ("element_relative_error", _hist_line, "fraction"),
-            ("row_relative_error", _cdf_line, "CDF"))
-    for r, (dist_key, draw, ylabel) in enumerate(rows):
+    rows = (
+        ("element_relative_error", _cdf_line, "CDF"),
+        ("element_relative_error", _hist_line, "fraction"),
+        ("row_relative_error", _cdf_line, "CDF"),
+    )
+    for r, (dist_key, draw, _ylabel) in enumerate(rows):
         ax = axes[r][0]
         for key, label, color, style in o_lines:
             if forward.get(key):
@@ -194,9 +266,11 @@ def case_error_figure(case: dict[str, Any]) -> Figure:
             ax = axes[r][c]
             ax.set_xscale("log")
             ax.set_xlim(1e-8, 1e2)
+            _log_ticks(ax.xaxis, -8, 2)
             if r == 1:
                 ax.set_yscale("log")
                 ax.set_ylim(1e-5, 1.2)
+                _log_ticks(ax.yaxis, -5, 0, 1)
             else:
                 ax.set_ylim(0, 1.02)
             ax.set_title(f"{titles[c]}: {row_titles[r]}", fontsize=8.5)
@@ -220,7 +294,9 @@ def case_diagnostics_figure(diagnostics: dict[str, Any]) -> Figure:
         counts = p_counts if name == "p" else (tensors.get(name) or {}).get("code_counts")
         if counts:
             total = max(sum(counts), 1)
-            ax.bar(range(16), np.asarray(counts) / total, color="#0969da" if name != "p" else "#1a7f37")
+            ax.bar(
+                range(16), np.asarray(counts) / total, color="#0969da" if name != "p" else "#1a7f37"
+            )
         ax.set_xticks(range(16))
         ax.set_xticklabels(E2M1_LABELS, fontsize=6, rotation=90)
         ax.set_title(f"{name.upper()} E2M1 code use", fontsize=8.5)
@@ -235,8 +311,14 @@ def case_diagnostics_figure(diagnostics: dict[str, Any]) -> Figure:
         counts = np.asarray(stats["scale_byte_counts"], dtype=float)
         used = np.nonzero(counts)[0]
         if used.size:
-            ax.step(np.arange(256), counts / max(counts.sum(), 1), where="mid", label=name.upper(),
-                    color=color, linewidth=1.1)
+            ax.step(
+                np.arange(256),
+                counts / max(counts.sum(), 1),
+                where="mid",
+                label=name.upper(),
+                color=color,
+                linewidth=1.1,
+            )
             lo, hi = min(lo, int(used.min())), max(hi, int(used.max()))
     if hi >= lo:
         ax.set_xlim(max(lo - 4, 0), min(hi + 4, 255))

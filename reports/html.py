@@ -130,7 +130,6 @@ class HtmlReport:
         self._parts: list[str] = []
         self._toc: list[tuple[str, str]] = []
         self._slugs: set[str] = set()
-        self._open: list[str] = []
 
     # -- text -----------------------------------------------------------------------------
     def heading(self, text: str, level: int = 2, *, anchor: str | None = None) -> str:
@@ -162,9 +161,8 @@ class HtmlReport:
 
     def traceback_block(self, title: str, traceback_text: str) -> None:
         """A red, preformatted block for an exception's traceback, under a heading line."""
-        self._parts.append(
-            f"<h4>{html.escape(title)}</h4><pre class=\"traceback\">{html.escape(traceback_text)}</pre>"
-        )
+        body = html.escape(traceback_text)
+        self._parts.append(f'<h4>{html.escape(title)}</h4><pre class="traceback">{body}</pre>')
 
     def raw(self, markup: str) -> None:
         """Insert trusted markup verbatim."""
@@ -188,7 +186,9 @@ class HtmlReport:
         if caption:
             out.append(f"<caption>{html.escape(caption)}</caption>")
         head = "".join(
-            f'<th class="text">{html.escape(h)}</th>' if i < text_columns else f"<th>{html.escape(h)}</th>"
+            f'<th class="text">{html.escape(h)}</th>'
+            if i < text_columns
+            else f"<th>{html.escape(h)}</th>"
             for i, h in enumerate(headers)
         )
         out.append(f"<thead><tr>{head}</tr></thead><tbody>")
@@ -219,9 +219,13 @@ class HtmlReport:
             f'<figure><img alt="{html.escape(alt)}" src="{png_data_uri(png)}">{cap}</figure>'
         )
 
-    def figure(self, figure: Any, *, alt: str | None = None, caption: str | None = None, dpi: int = 90) -> None:
+    def figure(
+        self, figure: Any, *, alt: str | None = None, caption: str | None = None, dpi: int = 90
+    ) -> None:
         """Embed a matplotlib Figure as a PNG."""
-        self.image_png(figure_to_png(figure, dpi=dpi), alt=alt or caption or "figure", caption=caption)
+        self.image_png(
+            figure_to_png(figure, dpi=dpi), alt=alt or caption or "figure", caption=caption
+        )
 
     # -- structure ------------------------------------------------------------------------
     @contextmanager
@@ -255,8 +259,8 @@ class HtmlReport:
     # -- output ---------------------------------------------------------------------------
     def render(self) -> str:
         head = (
-            "<!DOCTYPE html>\n<html lang=\"en\"><head><meta charset=\"utf-8\">"
-            "<meta name=\"viewport\" content=\"width=device-width, initial-scale=1\">"
+            '<!DOCTYPE html>\n<html lang="en"><head><meta charset="utf-8">'
+            '<meta name="viewport" content="width=device-width, initial-scale=1">'
             f"<title>{html.escape(self.title)}</title><style>{_CSS}</style></head><body><main>"
         )
         top = [f"<h1>{html.escape(self.title)}</h1>"]

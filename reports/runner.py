@@ -68,7 +68,9 @@ def load_external_kernel(target: str) -> Implementation:
     """``MODULE:ATTR`` -> an external Implementation; ``ValueError`` with the reason otherwise."""
     module_name, sep, attr = target.partition(":")
     if not sep or not module_name or not attr:
-        raise ValueError(f"--kernel expects MODULE:ATTR (e.g. mypkg.attn:flash_fp4), got {target!r}")
+        raise ValueError(
+            f"--kernel expects MODULE:ATTR (e.g. mypkg.attn:flash_fp4), got {target!r}"
+        )
     try:
         module = importlib.import_module(module_name)
     except Exception as exc:  # noqa: BLE001 - any import failure is a usage error here
@@ -91,9 +93,19 @@ def triton_implementation() -> Implementation:
     """The project's fused Triton kernel (``kernels.attn_qat``), for CUDA devices."""
     import kernels
 
-    def call(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool,
-             sm_scale: float | None, recipe: str) -> torch.Tensor:
-        return kernels.attn_qat(q, k, v, causal=causal, sm_scale=sm_scale, recipe=recipe)
+    def call(
+        q: torch.Tensor,
+        k: torch.Tensor,
+        v: torch.Tensor,
+        causal: bool,
+        sm_scale: float | None,
+        recipe: str,
+    ) -> torch.Tensor:
+        # the kernel takes bf16/fp16; the scenario inputs are bf16-exact, so the cast is exact
+        bf16 = torch.bfloat16
+        return kernels.attn_qat(
+            q.to(bf16), k.to(bf16), v.to(bf16), causal=causal, sm_scale=sm_scale, recipe=recipe
+        )
 
     return Implementation("triton", "triton", call)
 
@@ -125,7 +137,11 @@ def causal_mask(lq: int, lk: int, device: torch.device | str = "cpu") -> torch.T
 
 
 def resolved_sm_scale(scenario: Scenario) -> float:
-    return scenario.sm_scale if scenario.sm_scale is not None else 1.0 / math.sqrt(scenario.spec.head_dim)
+    return (
+        scenario.sm_scale
+        if scenario.sm_scale is not None
+        else 1.0 / math.sqrt(scenario.spec.head_dim)
+    )
 
 
 def reduce_kv_grad(grad: torch.Tensor, kv_heads: int) -> torch.Tensor:
@@ -180,7 +196,9 @@ def rowsum_ds(
         s = sm_scale * qs @ ks.transpose(-1, -2)
         if causal:
             s = s.masked_fill(~causal_mask(s.shape[-2], s.shape[-1], s.device), -math.inf)
-        p = torch.exp(s - fwd.lse.to(f64).unsqueeze(-1))
+        lse = fwd.lse.to(f64).unsqueeze(-1)
+        # rows that see no key (lse = -inf) have P = 0
+        p = torch.where(torch.isfinite(lse), torch.exp(s - lse.clamp_min(-1e300)), 0.0)
         o_used = fwd.o_hp if d_from_hp else fwd.o
         d_row = (do.to(f64) * o_used.to(f64)).sum(-1, keepdim=True)
     dp = do.to(f64) @ vs.transpose(-1, -2)
@@ -247,8 +265,10 @@ def _scalar_items(diag: dict[str, Any] | None) -> dict[str, Any]:
                 out[key] = [float(x) for x in value]
         elif isinstance(value, bool | int | float | str) or value is None:
             out[key] = value
-        elif isinstance(value, list | tuple) and len(value) <= 256 and all(
-            isinstance(x, int | float) for x in value
+        elif (
+            isinstance(value, list | tuple)
+            and len(value) <= 256
+            and all(isinstance(x, int | float) for x in value)
         ):
             out[key] = list(value)
         elif isinstance(value, dict):
@@ -292,7 +312,9 @@ def p_diagnostics(fwd: Any, raw: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
-def diagnostics_for(fwd: Any, recipe: Any, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> dict[str, Any]:
+def diagnostics_for(
+    fwd: Any, recipe: Any, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor
+) -> dict[str, Any]:
     raw = _scalar_items(getattr(fwd, "diagnostics", None))
     tensors: dict[str, Any] = {}
     for name, x, spec, axis in (
@@ -300,8 +322,12 @@ def diagnostics_for(fwd: Any, recipe: Any, q: torch.Tensor, k: torch.Tensor, v: 
         ("k", k, recipe.k, -1),
         ("v", v, recipe.v, -1 if recipe.v_axis == "head_dim" else -2),
     ):
-        tensors[name] = None if spec is None else quantizer_stats(
-            x, spec, axis, pad=(name == "v" and axis == -2 and recipe.v_pad_keys)
+        tensors[name] = (
+            None
+            if spec is None
+            else quantizer_stats(
+                x, spec, axis, pad=(name == "v" and axis == -2 and recipe.v_pad_keys)
+            )
         )
     return {"tensors": tensors, "p": p_diagnostics(fwd, raw), "reference_diagnostics": raw}
 
@@ -328,8 +354,9 @@ def prepare_scenario(scenario: Scenario, seed: int, device: str) -> ScenarioTens
 
     q, k, v, do = (torch.from_numpy(a).to(device) for a in scenario_inputs(scenario, seed))
     q64, k64, v64 = (t.to(torch.float64).requires_grad_(True) for t in (q, k, v))
-    o64 = reference.attention_exact(q64, k64, v64, causal=scenario.causal,
-                                    sm_scale=resolved_sm_scale(scenario))
+    o64 = reference.attention_exact(
+        q64, k64, v64, causal=scenario.causal, sm_scale=resolved_sm_scale(scenario)
+    )
     dq, dk, dv = torch.autograd.grad(o64, (q64, k64, v64), do.to(torch.float64))
     d_exact = (do.to(torch.float64) * o64.detach()).sum(-1)
     return ScenarioTensors(q, k, v, do, o64.detach(), (dq, dk, dv), d_exact)
@@ -339,7 +366,9 @@ def _compare(a: torch.Tensor, r: torch.Tensor) -> dict[str, Any]:
     return metrics.compare(to_numpy(a), to_numpy(r))
 
 
-def _grad_block(grads: Sequence[torch.Tensor], refs: dict[str, Sequence[torch.Tensor]]) -> dict[str, Any]:
+def _grad_block(
+    grads: Sequence[torch.Tensor], refs: dict[str, Sequence[torch.Tensor]]
+) -> dict[str, Any]:
     block: dict[str, Any] = {}
     for i, name in enumerate(GRAD_NAMES):
         block[name] = {ref_name: _compare(grads[i], ref[i]) for ref_name, ref in refs.items()}
@@ -358,8 +387,15 @@ def reference_case(
     sm_scale = resolved_sm_scale(scenario)
     t = tensors
     fwd = reference.fp4_attention_forward(
-        t.q, t.k, t.v, recipe, causal=scenario.causal, sm_scale=sm_scale, mode="tiled",
-        accum_dtype=torch.float32, diagnostics=True,
+        t.q,
+        t.k,
+        t.v,
+        recipe,
+        causal=scenario.causal,
+        sm_scale=sm_scale,
+        mode="tiled",
+        accum_dtype=torch.float32,
+        diagnostics=True,
     )
     forward = {
         "o_vs_exact": _compare(fwd.o, t.o_exact),
@@ -372,8 +408,16 @@ def reference_case(
     for variant in ordered:
         try:
             grads[variant] = tuple(
-                g.detach() for g in reference.attention_backward(
-                    variant, fwd, t.q, t.k, t.v, t.do, recipe, causal=scenario.causal,
+                g.detach()
+                for g in reference.attention_backward(
+                    variant,
+                    fwd,
+                    t.q,
+                    t.k,
+                    t.v,
+                    t.do,
+                    recipe,
+                    causal=scenario.causal,
                     sm_scale=sm_scale,
                 )
             )
@@ -499,13 +543,18 @@ def run_scenario(
                     body, ref_fwd, ref_grads = reference_case(scenario, recipe, tensors, variants)
                     recipe_backward = body["recipe_backward"]
                 elif impl.kind == "triton" and recipe not in TRITON_RECIPES:
-                    body = {"status": "skipped",
-                            "error": f"kernels.attn_qat supports recipes {', '.join(TRITON_RECIPES)}"}
+                    body = {
+                        "status": "skipped",
+                        "error": f"kernels.attn_qat supports recipes {', '.join(TRITON_RECIPES)}",
+                    }
                 else:
                     if ref_fwd is None:
-                        raise RuntimeError("the reference case of this recipe failed; nothing to compare to")
-                    body = kernel_case(scenario, recipe, impl, tensors, ref_fwd, ref_grads,
-                                       recipe_backward)
+                        raise RuntimeError(
+                            "the reference case of this recipe failed; nothing to compare to"
+                        )
+                    body = kernel_case(
+                        scenario, recipe, impl, tensors, ref_fwd, ref_grads, recipe_backward
+                    )
                 case.update(body)
             except Exception:  # noqa: BLE001 - recorded in the report
                 case["status"] = "error"
@@ -565,28 +614,59 @@ class ReportConfig:
 
 def run_report(config: ReportConfig, progress: Callable[[str], None] = log) -> dict[str, Any]:
     """Run every case and assemble the report dict (``reports.schema`` layout)."""
+
+
+    start = time.perf_counter()
+    torch.manual_seed(config.seed)
+    # The tensors are small: one thread is as fast on an idle CPU and many times faster on
+    # a loaded one (OpenMP workers spin-waiting for preempted peers).
+    threads = torch.get_num_threads()
+    if config.device == "cpu":
+        torch.set_num_threads(1)
+    try:
+        return _run_report(config, progress, start)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _run_report(
+    config: ReportConfig, progress: Callable[[str], None], start: float
+) -> dict[str, Any]:
     from datetime import datetime, timezone
 
     from reports import summary
 
-    start = time.perf_counter()
-    torch.manual_seed(config.seed)
     total = len(config.scenarios) * len(config.recipes) * len(config.implementations)
     counter = [0]
     cases: list[dict[str, Any]] = []
     scenario_seconds: dict[str, float] = {}
     for scenario in config.scenarios:
         t0 = time.perf_counter()
-        cases += run_scenario(scenario, config.recipes, config.implementations, seed=config.seed,
-                              device=config.device, variants=config.variants, progress=progress,
-                              counter=counter, total=total)
+        cases += run_scenario(
+            scenario,
+            config.recipes,
+            config.implementations,
+            seed=config.seed,
+            device=config.device,
+            variants=config.variants,
+            progress=progress,
+            counter=counter,
+            total=total,
+        )
         scenario_seconds[scenario.name] = round(time.perf_counter() - t0, 3)
-    scenarios = {s.name: {**s.to_json(), "seed": case_seed_info(s, config.seed)} for s in config.scenarios}
+    scenarios = {
+        s.name: {**s.to_json(), "seed": case_seed_info(s, config.seed)} for s in config.scenarios
+    }
     thresholds = [summary.evaluate_threshold(t, cases) for t in config.thresholds]
     errors = [
-        {"scenario": c["scenario"], "recipe": c["recipe"], "implementation": c["implementation"],
-         "error": c["error"]}
-        for c in cases if c["status"] == "error"
+        {
+            "scenario": c["scenario"],
+            "recipe": c["recipe"],
+            "implementation": c["implementation"],
+            "error": c["error"],
+        }
+        for c in cases
+        if c["status"] == "error"
     ]
     exit_code = 1 if errors or any(not t["passed"] for t in thresholds) else 0
     return {
@@ -612,6 +692,7 @@ def run_report(config: ReportConfig, progress: Callable[[str], None] = log) -> d
             "do_distribution": "N(0, 1), drawn after q, k, v from the scenario generator",
             "forward_mode": "tiled",
             "accum_dtype": "float32",
+            "torch_threads": torch.get_num_threads(),
         },
         "scenarios": scenarios,
         "cases": cases,

@@ -17,7 +17,11 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from fp4sim.testing.generators import AttentionInputSpec, generate_attention_inputs
+from fp4sim.testing.generators import (
+    AttentionInputSpec,
+    generate_attention_inputs,
+    round_to_dtype,
+)
 
 
 @dataclass(frozen=True)
@@ -58,20 +62,43 @@ class Scenario:
         }
 
 
-def _spec(distribution: str, lq: int, lk: int, d: int = 64, heads: int = 2, kv_heads: int = 2,
-          **params: float) -> AttentionInputSpec:
-    return AttentionInputSpec(batch=1, heads=heads, kv_heads=kv_heads, lq=lq, lk=lk, head_dim=d,
-                              distribution=distribution, **params)
+def _spec(
+    distribution: str,
+    lq: int,
+    lk: int,
+    d: int = 64,
+    heads: int = 2,
+    kv_heads: int = 2,
+    **params: float,
+) -> AttentionInputSpec:
+    return AttentionInputSpec(
+        batch=1,
+        heads=heads,
+        kv_heads=kv_heads,
+        lq=lq,
+        lk=lk,
+        head_dim=d,
+        distribution=distribution,
+        dtype="bfloat16",
+        **params,
+    )
 
 
-def _scenario(name: str, description: str, spec: AttentionInputSpec, *, causal: bool = False,
-              tags: tuple[str, ...] = ()) -> Scenario:
+def _scenario(
+    name: str,
+    description: str,
+    spec: AttentionInputSpec,
+    *,
+    causal: bool = False,
+    tags: tuple[str, ...] = (),
+) -> Scenario:
     return Scenario(name=name, description=description, spec=spec, causal=causal, tags=tags)
 
 
 def _long_rows(lk: int, lq: int = 64, d: int = 64) -> Scenario:
+    suffix = "" if d == 64 else f"-d{d}"
     return _scenario(
-        f"long-rows-L{lk}",
+        f"long-rows-L{lk}{suffix}",
         f"nearly flat softmax over {lk} keys (logits scaled by 0.1): P entries are about "
         f"1/L = {1 / lk:.1e}, below the NVFP4 flush threshold of 6*2^-10 = 5.9e-3 once "
         "normalized",
@@ -81,70 +108,124 @@ def _long_rows(lk: int, lq: int = 64, d: int = 64) -> Scenario:
 
 
 def _key_bias(strength: float, lq: int = 128, lk: int = 128, d: int = 64) -> Scenario:
+    suffix = "" if (lq, lk, d) == (128, 128, 64) else f"-Lq{lq}-Lk{lk}-d{d}"
     return _scenario(
-        f"key-bias-{strength:g}",
-        f"Gaussian q, k, v plus a bias vector of {strength:g}x the key norm shared by every "
-        "key of a head (softmax-invariant; breaks D = rowsum(dO*O) with an FP4 forward)",
+        f"key-bias-{strength:g}{suffix}",
+        f"Gaussian q, k, v plus a bias vector of about {strength:g}x the key norm shared by "
+        f"every key of a head (Lq {lq}, Lk {lk}, d {d}; a bias the softmax ignores, which "
+        "breaks D = rowsum(dO*O) with an FP4 forward)", (softmax-invariant; breaks D = rowsum(dO*O) with an FP4 forward)",
         _spec("key_bias", lq, lk, d, key_bias=strength),
         tags=("key_bias",),
     )
 
 
 QUICK_SCENARIOS: tuple[Scenario, ...] = (
-    _scenario("gaussian", "i.i.d. N(0, 1) q, k, v; L = 128, d = 64", _spec("gaussian", 128, 128),
-              tags=("baseline",)),
-    _scenario("student-t", "i.i.d. Student-t (3 degrees of freedom) q, k, v: heavy tails",
-              _spec("student_t", 128, 128, df=3.0)),
+    _scenario(
+        "gaussian",
+        "i.i.d. N(0, 1) q, k, v; L = 128, d = 64",
+        _spec("gaussian", 128, 128),
+        tags=("baseline",),
+    ),
+    _scenario(
+        "student-t",
+        "i.i.d. Student-t (3 degrees of freedom) q, k, v: heavy tails",
+        _spec("student_t", 128, 128, df=3.0),
+    ),
     _key_bias(1.0),
+    _key_bias(2.0),
     _key_bias(4.0),
-    _scenario("outlier-channels", "4 of 64 head-dim channels of q and k scaled by 4",
-              _spec("outlier_channels", 128, 128, outlier_channels=4, outlier_channel_scale=4.0)),
-    _scenario("attention-sink", "key 0 is a sink (logit margin about 4)",
-              _spec("attention_sink", 128, 128, sink_strength=2.0)),
+    _scenario(
+        "outlier-channels",
+        "4 of 64 head-dim channels of q and k scaled by 4",
+        _spec("outlier_channels", 128, 128, outlier_channels=4, outlier_channel_scale=4.0),
+    ),
+    _scenario(
+        "attention-sink",
+        "key 0 is a sink (logit margin about 4)",
+        _spec("attention_sink", 128, 128, sink_strength=2.0),
+    ),
     _scenario("peaky", "logits x3: peaky softmax", _spec("peaky", 128, 128, logit_scale=3.0)),
     _scenario("flat", "logits x0.2: flat softmax", _spec("flat", 128, 128, logit_scale=0.2)),
     _long_rows(256),
+    _long_rows(512),
     _long_rows(1024),
-    _scenario("causal-d128-Lq64-Lk256",
-              "Gaussian, causal (bottom-right aligned), d = 128, Lq = 64 != Lk = 256, "
-              "grouped-query (2 query heads per kv head)",
-              _spec("gaussian", 64, 256, d=128, heads=2, kv_heads=1), causal=True),
+    _scenario(
+        "causal-d128-Lq64-Lk256",
+        "Gaussian, causal (bottom-right aligned), d = 128, Lq = 64 != Lk = 256, "
+        "grouped-query (2 query heads per kv head)",
+        _spec("gaussian", 64, 256, d=128, heads=2, kv_heads=1),
+        causal=True,
+    ),
 )
 
 FULL_SCENARIOS: tuple[Scenario, ...] = (
     *QUICK_SCENARIOS,
-    _scenario("gaussian-d128", "i.i.d. N(0, 1), d = 128", _spec("gaussian", 128, 128, d=128),
-              tags=("baseline",)),
-    _scenario("gaussian-causal-L512", "i.i.d. N(0, 1), causal, L = 512",
-              _spec("gaussian", 512, 512), causal=True),
-    _scenario("student-t-df2", "Student-t with 2 degrees of freedom",
-              _spec("student_t", 128, 128, df=2.0)),
+    _scenario(
+        "gaussian-d128",
+        "i.i.d. N(0, 1), d = 128",
+        _spec("gaussian", 128, 128, d=128),
+        tags=("baseline",),
+    ),
+    _scenario(
+        "gaussian-causal-L512",
+        "i.i.d. N(0, 1), causal, L = 512",
+        _spec("gaussian", 512, 512),
+        causal=True,
+    ),
+    _scenario(
+        "student-t-df2", "Student-t with 2 degrees of freedom", _spec("student_t", 128, 128, df=2.0)
+    ),
     _key_bias(0.5),
-    _key_bias(2.0),
     _key_bias(8.0),
     _key_bias(4.0, lq=128, lk=1024),
-    _scenario("outlier-channels-x16", "2 of 64 channels of q and k scaled by 16",
-              _spec("outlier_channels", 128, 128, outlier_channels=2, outlier_channel_scale=16.0)),
-    _scenario("attention-sink-strong", "key 0 is a strong sink (logit margin about 9)",
-              _spec("attention_sink", 128, 512, sink_strength=3.0)),
-    _scenario("massive-activations", "4 tokens with q, k, v rows x20",
-              _spec("massive_activations", 128, 128, massive_tokens=4, massive_scale=20.0)),
-    _scenario("peaky-x6", "logits x6: very peaky softmax", _spec("peaky", 128, 128, logit_scale=6.0)),
-    _long_rows(512),
+    _scenario(
+        "outlier-channels-x16",
+        "2 of 64 channels of q and k scaled by 16",
+        _spec("outlier_channels", 128, 128, outlier_channels=2, outlier_channel_scale=16.0),
+    ),
+    _scenario(
+        "attention-sink-strong",
+        "key 0 is a strong sink (logit margin about 9)",
+        _spec("attention_sink", 128, 512, sink_strength=3.0),
+    ),
+    _scenario(
+        "massive-activations",
+        "4 tokens with q, k, v rows x20",
+        _spec("massive_activations", 128, 128, massive_tokens=4, massive_scale=20.0),
+    ),
+    _scenario(
+        "peaky-x6", "logits x6: very peaky softmax", _spec("peaky", 128, 128, logit_scale=6.0)
+    ),
     _long_rows(2048),
     _long_rows(1024, d=128),
-    _scenario("causal-L1024", "Gaussian, causal, Lq = Lk = 1024", _spec("gaussian", 256, 1024),
-              causal=True, tags=("long_rows",)),
+    _scenario(
+        "causal-L1024",
+        "Gaussian, causal, Lq = Lk = 1024",
+        _spec("gaussian", 256, 1024),
+        causal=True,
+        tags=("long_rows",),
+    ),
 )
 
 SMOKE_SCENARIOS: tuple[Scenario, ...] = (
-    _scenario("smoke", "tiny Gaussian case for tests and quick checks (Lq 32, Lk 64, d 32)",
-              _spec("gaussian", 32, 64, d=32, heads=1, kv_heads=1), tags=("baseline",)),
-    _scenario("smoke-key-bias", "tiny key-bias case (strength 4) for tests",
-              _spec("key_bias", 32, 64, d=32, heads=1, kv_heads=1, key_bias=4.0),
-              tags=("key_bias",)),
-    _scenario("smoke-causal", "tiny causal case, Lq 16 != Lk 48", _spec("gaussian", 16, 48, d=32, heads=1,
-              kv_heads=1), causal=True),
+    _scenario(
+        "smoke",
+        "tiny Gaussian case for tests and quick checks (Lq 32, Lk 64, d 32)",
+        _spec("gaussian", 32, 64, d=32, heads=1, kv_heads=1),
+        tags=("baseline",),
+    ),
+    _scenario(
+        "smoke-key-bias",
+        "tiny key-bias case (strength 4) for tests",
+        _spec("key_bias", 32, 64, d=32, heads=1, kv_heads=1, key_bias=4.0),
+        tags=("key_bias",),
+    ),
+    _scenario(
+        "smoke-causal",
+        "tiny causal case, Lq 16 != Lk 48",
+        _spec("gaussian", 16, 48, d=32, heads=1, kv_heads=1),
+        causal=True,
+    ),
 )
 
 ALL_SCENARIOS: dict[str, Scenario] = {s.name: s for s in (*FULL_SCENARIOS, *SMOKE_SCENARIOS)}
@@ -173,8 +254,9 @@ def scenario_inputs(
     scenario: Scenario, seed: int
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
     """(q, k, v, do) float32 arrays: q, k, v from the generator, then dO ~ N(0, 1) of q's
-    shape from the same stream."""
+    shape from the same stream; all four exactly representable in ``spec.dtype`` (bfloat16
+    for the built-in scenarios, so a bf16 kernel sees exactly the reference's inputs)."""
     rng = np.random.default_rng(scenario_seed(seed, scenario.name))
     q, k, v = generate_attention_inputs(rng, scenario.spec)
-    do = rng.standard_normal(q.shape).astype(np.float32)
+    do = round_to_dtype(rng.standard_normal(q.shape).astype(np.float32), scenario.spec.dtype)
     return q, k, v, do

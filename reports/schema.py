@@ -60,10 +60,14 @@ class _Checker:
             return False
         return True
 
-    def typed(self, value: Any, path: str, types: tuple[type, ...] | type, nullable: bool = False) -> bool:
+    def typed(
+        self, value: Any, path: str, types: tuple[type, ...] | type, nullable: bool = False
+    ) -> bool:
         if value is None and nullable:
             return True
-        if isinstance(value, bool) and bool not in (types if isinstance(types, tuple) else (types,)):
+        if isinstance(value, bool) and bool not in (
+            types if isinstance(types, tuple) else (types,)
+        ):
             self.fail(path, f"expected {types}, got bool")
             return False
         if not isinstance(value, types):
@@ -114,8 +118,18 @@ class _Checker:
         self.distribution(c["element_relative_error"], path + ".element_relative_error")
         self.distribution(c["row_relative_error"], path + ".row_relative_error")
 
-    def case(self, case: Any, path: str, scenarios: dict[str, Any], settings: dict[str, Any]) -> None:
-        base = ("scenario", "recipe", "implementation", "implementation_kind", "status", "error", "seconds")
+    def case(
+        self, case: Any, path: str, scenarios: dict[str, Any], settings: dict[str, Any]
+    ) -> None:
+        base = (
+            "scenario",
+            "recipe",
+            "implementation",
+            "implementation_kind",
+            "status",
+            "error",
+            "seconds",
+        )
         if not self.dict_keys(case, path, base):
             return
         if case["scenario"] not in scenarios:
@@ -123,7 +137,9 @@ class _Checker:
         if case["recipe"] not in settings.get("recipes", []):
             self.fail(path, f"recipe {case['recipe']!r} not in settings.recipes")
         if case["implementation"] not in settings.get("implementations", []):
-            self.fail(path, f"implementation {case['implementation']!r} not in settings.implementations")
+            self.fail(
+                path, f"implementation {case['implementation']!r} not in settings.implementations"
+            )
         if case["status"] not in CASE_STATUSES:
             self.fail(path, f"status must be one of {CASE_STATUSES}")
         self.typed(case["error"], path + ".error", str, nullable=True)
@@ -132,11 +148,14 @@ class _Checker:
         self.typed(case["seconds"], path + ".seconds", NUMBER)
         if case["status"] != "ok":
             return
-        if not self.dict_keys(case, path, ("forward", "gradients", "d_identity", "diagnostics",
-                                           "recipe_backward")):
+        if not self.dict_keys(
+            case, path, ("forward", "gradients", "d_identity", "diagnostics", "recipe_backward")
+        ):
             return
         fwd = case["forward"]
-        if self.dict_keys(fwd, path + ".forward", ("o_vs_exact", "o_hp_vs_exact", "o_vs_recipe_reference")):
+        if self.dict_keys(
+            fwd, path + ".forward", ("o_vs_exact", "o_hp_vs_exact", "o_vs_recipe_reference")
+        ):
             self.comparison(fwd["o_vs_exact"], path + ".forward.o_vs_exact")
             for key in ("o_hp_vs_exact", "o_vs_recipe_reference"):
                 if fwd[key] is not None:
@@ -159,45 +178,115 @@ class _Checker:
                             self.comparison(cmp, f"{vpath}.{g}.{ref}")
         if self.typed(case["d_identity"], path + ".d_identity", dict):
             for variant, stats in case["d_identity"].items():
-                if self.dict_keys(stats, f"{path}.d_identity.{variant}", ("max_abs", "rms", "relative_to_d")):
+                if self.dict_keys(
+                    stats, f"{path}.d_identity.{variant}", ("max_abs", "rms", "relative_to_d")
+                ):
                     for k in ("max_abs", "rms", "relative_to_d"):
-                        self.typed(stats[k], f"{path}.d_identity.{variant}.{k}", NUMBER, nullable=True)
+                        self.typed(
+                            stats[k], f"{path}.d_identity.{variant}.{k}", NUMBER, nullable=True
+                        )
         diag = case["diagnostics"]
         if case["implementation_kind"] == "reference":
-            if self.dict_keys(diag, path + ".diagnostics", ("tensors", "p", "reference_diagnostics")):
+            if self.dict_keys(
+                diag, path + ".diagnostics", ("tensors", "p", "reference_diagnostics")
+            ):
                 for name, stats in diag["tensors"].items():
                     if stats is None:
                         continue
                     tpath = f"{path}.diagnostics.tensors.{name}"
-                    keys = ("code_counts", "scale_byte_counts", "saturated_elements",
-                            "flushed_blocks", "elements", "blocks")
+                    keys = (
+                        "code_counts",
+                        "scale_byte_counts",
+                        "saturated_elements",
+                        "flushed_blocks",
+                        "elements",
+                        "blocks",
+                    )
                     if self.dict_keys(stats, tpath, keys):
-                        if len(stats["code_counts"]) != 16 or sum(stats["code_counts"]) != stats["elements"]:
-                            self.fail(tpath, "code_counts must have 16 entries adding up to elements")
-                        if len(stats["scale_byte_counts"]) != 256 or sum(stats["scale_byte_counts"]) != stats["blocks"]:
-                            self.fail(tpath, "scale_byte_counts must have 256 entries adding up to blocks")
-                self.dict_keys(diag["p"], path + ".diagnostics.p",
-                               ("mass_kept_forward", "mass_kept_backward", "code_mismatch_rate",
-                                "code_counts"))
+                        if (
+                            len(stats["code_counts"]) != 16
+                            or sum(stats["code_counts"]) != stats["elements"]
+                        ):
+                            self.fail(
+                                tpath, "code_counts must have 16 entries adding up to elements"
+                            )
+                        if (
+                            len(stats["scale_byte_counts"]) != 256
+                            or sum(stats["scale_byte_counts"]) != stats["blocks"]
+                        ):
+                            self.fail(
+                                tpath, "scale_byte_counts must have 256 entries adding up to blocks"
+                            )
+                self.dict_keys(
+                    diag["p"],
+                    path + ".diagnostics.p",
+                    (
+                        "mass_kept_forward",
+                        "mass_kept_backward",
+                        "code_mismatch_rate",
+                        "code_counts",
+                    ),
+                )
 
 
 def validate_report(report: Any) -> list[str]:
     """Problems found in ``report`` (a parsed report.json); empty when it is valid."""
     ck = _Checker()
-    top = ("schema_version", "tool", "created_utc", "exit_code", "versions", "settings", "scenarios",
-           "cases", "summary", "thresholds", "errors", "timing")
-    if not ck.dict_keys(report, "report", top):
+    top = (
+        "schema_version",
+        "tool",
+        "created_utc",
+        "exit_code",
+        "versions",
+        "settings",
+        "scenarios",
+        "cases",
+        "summary",
+        "thresholds",
+        "errors",
+        "timing",
+    )
+    if not isinstance(report, dict):
+        ck.fail("report", f"expected an object, got {type(report).__name__}")
         return ck.problems
+    ck.dict_keys(report, "report", top)  # a missing part is reported; the rest is still checked
+    _empty: dict[str, Any] = {}
+    report = {
+        "versions": _empty,
+        "settings": _empty,
+        "scenarios": _empty,
+        "cases": [],
+        "summary": {"ranking": [], "findings": []},
+        "thresholds": [],
+        "errors": [],
+        "schema_version": SCHEMA_VERSION,
+        "exit_code": 0,
+        **report,
+    }
     if report["schema_version"] != SCHEMA_VERSION:
         ck.fail("report.schema_version", f"expected {SCHEMA_VERSION}")
     ck.typed(report["exit_code"], "report.exit_code", int)
-    if ck.dict_keys(report["versions"], "report.versions",
-                    ("python", "numpy", "torch", "matplotlib", "fp4sim", "platform")):
+    if ck.dict_keys(
+        report["versions"],
+        "report.versions",
+        ("python", "numpy", "torch", "matplotlib", "fp4sim", "platform"),
+    ):
         for k, v in report["versions"].items():
             ck.typed(v, f"report.versions.{k}", str, nullable=True)
     settings = report["settings"]
-    skeys = ("seed", "device", "preset", "recipes", "scenarios", "implementations", "variants",
-             "fail_on", "element_guard_eps", "log10_edges", "quantiles")
+    skeys = (
+        "seed",
+        "device",
+        "preset",
+        "recipes",
+        "scenarios",
+        "implementations",
+        "variants",
+        "fail_on",
+        "element_guard_eps",
+        "log10_edges",
+        "quantiles",
+    )
     if not ck.dict_keys(settings, "report.settings", skeys):
         return ck.problems
     ck.typed(settings["seed"], "report.settings.seed", int)
@@ -206,32 +295,57 @@ def validate_report(report: Any) -> list[str]:
     scenarios = report["scenarios"]
     if ck.typed(scenarios, "report.scenarios", dict):
         for name, sc in scenarios.items():
-            if ck.dict_keys(sc, f"report.scenarios.{name}",
-                            ("name", "description", "distribution", "spec", "shape", "tags", "seed")):
+            if ck.dict_keys(
+                sc,
+                f"report.scenarios.{name}",
+                ("name", "description", "distribution", "spec", "shape", "tags", "seed"),
+            ):
                 if sc["name"] != name:
                     ck.fail(f"report.scenarios.{name}", "name does not match its key")
         if list(scenarios) != list(settings["scenarios"]):
             ck.fail("report.scenarios", "keys differ from settings.scenarios")
     if ck.typed(report["cases"], "report.cases", list):
         for i, case in enumerate(report["cases"]):
-            ck.case(case, f"report.cases[{i}]", scenarios if isinstance(scenarios, dict) else {},
-                    settings)
-        expected = len(settings["scenarios"]) * len(settings["recipes"]) * len(settings["implementations"])
+            ck.case(
+                case,
+                f"report.cases[{i}]",
+                scenarios if isinstance(scenarios, dict) else {},
+                settings,
+            )
+        expected = (
+            len(settings["scenarios"]) * len(settings["recipes"]) * len(settings["implementations"])
+        )
         if len(report["cases"]) != expected:
-            ck.fail("report.cases", f"{len(report['cases'])} cases, expected scenarios x recipes x "
-                                    f"implementations = {expected}")
+            ck.fail(
+                "report.cases",
+                f"{len(report['cases'])} cases, expected scenarios x recipes x "
+                f"implementations = {expected}",
+            )
     if ck.dict_keys(report["summary"], "report.summary", ("ranking", "findings")):
         for i, row in enumerate(report["summary"]["ranking"]):
-            ck.dict_keys(row, f"report.summary.ranking[{i}]",
-                         ("rank", "recipe", "implementation", "variant", "grad_vs_ste_geomean",
-                          "grad_vs_exact_geomean", "fwd_rel_l2_median"))
+            ck.dict_keys(
+                row,
+                f"report.summary.ranking[{i}]",
+                (
+                    "rank",
+                    "recipe",
+                    "implementation",
+                    "variant",
+                    "grad_vs_ste_geomean",
+                    "grad_vs_exact_geomean",
+                    "fwd_rel_l2_median",
+                ),
+            )
         for i, f in enumerate(report["summary"]["findings"]):
             if ck.dict_keys(f, f"report.summary.findings[{i}]", ("id", "text")):
                 ck.typed(f["text"], f"report.summary.findings[{i}].text", str)
     if ck.typed(report["thresholds"], "report.thresholds", list):
         for i, t in enumerate(report["thresholds"]):
-            ck.dict_keys(t, f"report.thresholds[{i}]",
-                         ("threshold", "metric", "op", "bound", "worst_value", "worst_case", "passed"))
+            ck.dict_keys(
+                t,
+                f"report.thresholds[{i}]",
+                ("threshold", "metric", "op", "bound", "worst_value", "worst_case", "passed"),
+            )
     ck.typed(report["errors"], "report.errors", list)
     return ck.problems
 

@@ -18,7 +18,6 @@ DEFAULT_OUT = "fp4sim-simulate"
 
 
 def configure_parser(parser: argparse.ArgumentParser) -> None:
-    parser.formatter_class = argparse.ArgumentDefaultsHelpFormatter
     parser.add_argument("--config", choices=sorted(PRESETS), default=None,
                         help="preset: 'gpu' (the paper-scale ablation) or 'cpu' (reduced); "
                              "default gpu when CUDA is available, else cpu")
@@ -36,20 +35,23 @@ def configure_parser(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--device", default=None, help="cpu or cuda (default: the preset's)")
     parser.add_argument("--task", choices=sorted(TASKS), default=None,
                         help="synthetic task (default copy)")
-    parser.add_argument("--steps", type=int, default=None, help="training steps per variant")
-    parser.add_argument("--batch-size", type=int, default=None)
-    parser.add_argument("--seq-len", type=int, default=None)
-    parser.add_argument("--width", type=int, default=None)
-    parser.add_argument("--layers", type=int, default=None, dest="n_layers")
-    parser.add_argument("--heads", type=int, default=None, dest="n_heads")
-    parser.add_argument("--lr", type=float, default=None)
+    size = "(default: the config's)"
+    parser.add_argument("--steps", type=int, default=None,
+                        help="training steps per variant " + size)
+    parser.add_argument("--batch-size", type=int, default=None, help=size)
+    parser.add_argument("--seq-len", type=int, default=None, help=size)
+    parser.add_argument("--width", type=int, default=None, help=size)
+    parser.add_argument("--layers", type=int, default=None, dest="n_layers", help=size)
+    parser.add_argument("--heads", type=int, default=None, dest="n_heads", help=size)
+    parser.add_argument("--lr", type=float, default=None, help="AdamW learning rate " + size)
     parser.add_argument("--seed", type=int, default=None, help="seed (default 0)")
     parser.add_argument("--jobs", type=int, default=None,
                         help="train this many variants at once, each in its own process on "
                              "the same device (same numbers, less wall time; default 1)")
     parser.add_argument("--log-every", type=int, default=None,
                         help="progress line every N steps (default: about 20 per variant)")
-    parser.add_argument("--out", default=DEFAULT_OUT, help="output folder")
+    parser.add_argument("--out", default=DEFAULT_OUT,
+                        help=f"output folder (default {DEFAULT_OUT})")
     parser.add_argument("--overwrite", action="store_true",
                         help="replace an existing report folder")
 

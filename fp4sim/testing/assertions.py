@@ -264,7 +264,7 @@ def compare_quantized(
         lines.append(f"first differing block: #{i} (index {tuple(int(j) for j in index)})")
         vals = xb[i][:max_values]
         lines.append("  input     : " + np.array2string(vals, precision=8, max_line_width=200))
-        decoded = f" (decoded {es_dec[i]!r})" if es_dec is not None else ""
+        decoded = f" (decoded {float(es_dec[i])!r})" if es_dec is not None else ""
         lines.append(f"  scale byte: expected {int(es[i]):02x}{decoded}, {name} {int(as_[i]):02x}")
         lines.append(f"  codes     : expected {_fmt_codes(ec[i][:max_values])}")
         lines.append(f"              {name:8s} {_fmt_codes(ac[i][:max_values])}")

@@ -1,0 +1,160 @@
+"""`fp4sim check` exit codes, messages and reproduction scripts."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from fp4sim.cli import main
+
+ROOT = Path(__file__).resolve().parents[1]
+MUTANTS = "property_tests.mutant_kernels"
+
+
+@pytest.fixture(autouse=True)
+def _repo_root(monkeypatch: pytest.MonkeyPatch) -> None:
+    # the CLI resolves MODULE:ATTR from the current directory, as `python -m` does
+    monkeypatch.chdir(ROOT)
+
+
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        (["quantizer", "--format", "nvfp4", "--kernel", "no_such_module:f"], "cannot import"),
+        (["quantizer", "--format", "nvfp4", "--kernel", "fp4sim.testing:nothing"], "no attribute"),
+        (
+            ["quantizer", "--format", "nvfp4", "--kernel", "fp4sim.testing.generators:DTYPES"],
+            "not callable",
+        ),
+        (
+            ["quantizer", "--format", "nvfp4", "--kernel", "fp4sim.testing.generators"],
+            "MODULE:ATTR",
+        ),
+        (
+            ["quantizer", "--format", "nvfp4", "--kernel", f"{MUTANTS}:reference_attention"],
+            "positional argument",
+        ),
+        (
+            [
+                "quantizer",
+                "--format",
+                "mxfp4",
+                "--tensor-scale",
+                "amax",
+                "--kernel",
+                f"{MUTANTS}:emulator_mxfp4",
+            ],
+            "nvfp4 only",
+        ),
+        (
+            [
+                "attention",
+                "--recipe",
+                "no-such-recipe",
+                "--kernel",
+                f"{MUTANTS}:reference_attention",
+            ],
+            "unknown recipe",
+        ),
+        (["attention", "--kernel", f"{MUTANTS}:emulator_nvfp4"], "positional argument"),
+    ],
+)
+def test_usage_errors_exit_2(
+    argv: list[str], message: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    assert main(["check", *argv]) == 2
+    err = capsys.readouterr().err
+    assert "usage error" in err and message in err, err
+
+
+def test_no_target_exits_2(capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["check"]) == 2
+
+
+def test_correct_quantizer_exits_0(capsys: pytest.CaptureFixture[str]) -> None:
+    argv = [
+        "check",
+        "quantizer",
+        "--format",
+        "nvfp4",
+        "--kernel",
+        f"{MUTANTS}:emulator_nvfp4",
+        "--examples",
+        "30",
+    ]
+    assert main(argv) == 0
+    assert "OK: 30 examples agree" in capsys.readouterr().out
+
+
+def test_numpy_only_kernel_is_probed(capsys: pytest.CaptureFixture[str]) -> None:
+    # emulator_mxfp4 accepts torch and numpy; --input numpy forces the NumPy path
+    argv = [
+        "check",
+        "quantizer",
+        "--format",
+        "mxfp4",
+        "--kernel",
+        f"{MUTANTS}:emulator_mxfp4",
+        "--examples",
+        "10",
+        "--input",
+        "numpy",
+    ]
+    assert main(argv) == 0
+
+
+def test_failure_exits_1_and_the_repro_reruns_it(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    repro = tmp_path / "repro.py"
+    argv = [
+        "check",
+        "quantizer",
+        "--format",
+        "nvfp4",
+        "--kernel",
+        f"{MUTANTS}:mutant_swapped_nibbles",
+        "--repro-out",
+        str(repro),
+        "--seed",
+        "3",
+    ]
+    assert main(argv) == 1
+    out = capsys.readouterr().out
+    assert "FAIL after" in out and "nibble order swapped" in out and "@reproduce_failure" in out
+    # the script runs standalone from another directory and reproduces the failure
+    done = subprocess.run(
+        [sys.executable, str(repro)], cwd=tmp_path, capture_output=True, text=True, timeout=300
+    )
+    assert done.returncode == 1, done.stdout + done.stderr
+    assert "failure reproduced" in done.stderr and "nibble order swapped" in done.stderr
+
+
+def test_attention_failure_repro(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    repro = tmp_path / "repro_attn.py"
+    argv = [
+        "check",
+        "attention",
+        "--kernel",
+        f"{MUTANTS}:mutant_causal_off_by_one",
+        "--causal",
+        "--max-len",
+        "24",
+        "--head-dims",
+        "64",
+        "--repro-out",
+        str(repro),
+        "--shrink-seconds",
+        "5",
+    ]
+    assert main(argv) == 1
+    assert "causal mask off by one" in capsys.readouterr().out
+    import runpy
+
+    from fp4sim.testing.repro import rerun
+
+    script = runpy.run_path(str(repro), run_name="not_main")  # loads CONFIG and CASE
+    assert rerun("attention", script["CONFIG"], script["CASE"]) == 1

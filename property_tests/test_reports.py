@@ -1,0 +1,530 @@
+"""`fp4sim report`: numbers against direct computations, schema, thresholds, HTML, output folder.
+
+One small report (three tiny scenarios × two recipes) is computed once per module; the
+tests recompute its numbers directly from the scenario's regenerated inputs with torch
+and the reference (not with reports.metrics), so a wrong metric, a mixed-up reference
+or a stale input shows up as a mismatch.
+"""
+
+from __future__ import annotations
+
+import base64
+import io
+import json
+import math
+import os
+import textwrap
+from html.parser import HTMLParser
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+import reference
+from fp4sim.cli import main as fp4sim_main
+from reports import metrics, output, schema, summary
+from reports.scenarios import (
+    ALL_SCENARIOS,
+    FULL_SCENARIOS,
+    QUICK_SCENARIOS,
+    get_scenario,
+    scenario_inputs,
+)
+
+SEED = 3
+SCENARIOS = ("smoke", "smoke-key-bias", "smoke-causal")
+RECIPES = ("attn-qat", "attn-qat-consistent")
+
+
+def run_cli(*args: str) -> int:
+    return fp4sim_main(["report", *args])
+
+
+@pytest.fixture(scope="module")
+def small_report(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict, int]:
+    out = tmp_path_factory.mktemp("reports") / "small"
+    code = run_cli(
+        "--out",
+        str(out),
+        "--seed",
+        str(SEED),
+        "--scenarios",
+        *SCENARIOS,
+        "--recipes",
+        *RECIPES,
+        "--fail-on",
+        "fwd_rel_l2<=10",
+        "--fail-on",
+        "fwd_cosine>=0.5",
+    )
+    report = json.loads((out / "report.json").read_text())
+    return out, report, code
+
+
+def case_of(report: dict, scenario: str, recipe: str, implementation: str = "reference") -> dict:
+    matches = [
+        c
+        for c in report["cases"]
+        if (c["scenario"], c["recipe"], c["implementation"]) == (scenario, recipe, implementation)
+    ]
+    assert len(matches) == 1, (scenario, recipe, implementation)
+    return matches[0]
+
+
+def direct_run(scenario_name: str, recipe: str, seed: int = SEED):
+    """Inputs, FP4 forward, exact output and gradient, recomputed outside the report."""
+    scenario = get_scenario(scenario_name)
+    q, k, v, do = (torch.from_numpy(a) for a in scenario_inputs(scenario, seed))
+    sm = 1.0 / math.sqrt(scenario.spec.head_dim)
+    fwd = reference.fp4_attention_forward(
+        q, k, v, recipe, causal=scenario.causal, sm_scale=sm, mode="tiled", diagnostics=True
+    )
+    q64, k64, v64 = (t.double().requires_grad_(True) for t in (q, k, v))
+    o64 = reference.attention_exact(q64, k64, v64, causal=scenario.causal, sm_scale=sm)
+    exact_grads = torch.autograd.grad(o64, (q64, k64, v64), do.double())
+    return scenario, (q, k, v, do), sm, fwd, o64.detach(), exact_grads
+
+
+def rel_l2(a: torch.Tensor, r: torch.Tensor) -> float:
+    a, r = a.double(), r.double()
+    return float(torch.linalg.vector_norm(a - r) / torch.linalg.vector_norm(r))
+
+
+def close(actual: float, expected: float, rtol: float = 1e-9, atol: float = 1e-15) -> bool:
+    return abs(actual - expected) <= atol + rtol * abs(expected)
+
+
+# ---------------------------------------------------------------------------------------
+# metrics on hand-made cases
+# ---------------------------------------------------------------------------------------
+
+
+def test_scalar_metrics_by_hand():
+    a = np.array([1.0, 2.0, 2.0])
+    r = np.array([1.0, 2.0, 4.0])
+    m = metrics.error_metrics(a, r)
+    assert m["relative_l2"] == pytest.approx(2.0 / math.sqrt(21.0), rel=1e-15)
+    assert m["relative_l1"] == pytest.approx(2.0 / 7.0, rel=1e-15)
+    assert m["rmse"] == pytest.approx(math.sqrt(4.0 / 3.0), rel=1e-15)
+    assert m["max_abs"] == 2.0
+    assert m["cosine"] == pytest.approx(13.0 / (3.0 * math.sqrt(21.0)), rel=1e-15)
+    assert m["norm_ratio"] == pytest.approx(3.0 / math.sqrt(21.0), rel=1e-15)
+    assert metrics.relative_l2([0.0, 0.0], [0.0, 0.0]) == 0.0
+    assert metrics.relative_l2([1.0, 0.0], [0.0, 0.0]) == math.inf
+    assert metrics.cosine_similarity([0.0], [0.0]) == 1.0
+
+
+def test_elementwise_guard_and_histogram():
+    r = np.array([2.0, 0.0, -2.0, 2.0])  # rms 1.7320508...
+    a = np.array([2.0, 1e-3, -1.0, 2.2])
+    e = metrics.elementwise_relative_error(a, r)
+    guard = metrics.ELEMENT_GUARD_EPS * math.sqrt(3.0)
+    np.testing.assert_allclose(
+        e, [0.0, 1e-3 / guard, 1.0 / (2 + guard), 0.2 / (2 + guard)], rtol=1e-12
+    )
+    h = metrics.log_histogram(e)
+    assert h["underflow"] == 1 and h["total"] == 4 and sum(h["counts"]) == 3
+    edges = np.asarray(metrics.LOG10_EDGES)
+    for value in e[1:]:
+        bin_index = int(np.searchsorted(edges, math.log10(value), side="right")) - 1
+        assert h["counts"][bin_index] >= 1
+    rows = metrics.row_relative_error(
+        np.array([[1.0, 0.0], [3.0, 4.0]]), np.array([[1.0, 0.0], [0.0, 5.0]])
+    )
+    norms = np.array([1.0, 5.0])
+    guard_rows = metrics.ELEMENT_GUARD_EPS * math.sqrt(np.mean(norms**2))
+    np.testing.assert_allclose(rows, [0.0, math.sqrt(10.0) / (5.0 + guard_rows)], rtol=1e-12)
+
+
+# ---------------------------------------------------------------------------------------
+# the small report
+# ---------------------------------------------------------------------------------------
+
+
+def test_small_report_exit_code_and_files(small_report):
+    out, report, code = small_report
+    assert code == 0
+    assert sorted(p.name for p in out.iterdir()) == ["index.html", "report.json", "summary.md"]
+    assert report["exit_code"] == 0
+    assert all(c["status"] == "ok" for c in report["cases"])
+    assert [t["passed"] for t in report["thresholds"]] == [True, True]
+    assert not list(out.parent.glob(".small.*")), "temporary folders left behind"
+
+
+def test_json_is_schema_valid_and_complete(small_report):
+    _, report, _ = small_report
+    assert schema.validate_report(report) == []
+    assert report["settings"]["seed"] == SEED
+    assert report["settings"]["scenarios"] == list(SCENARIOS)
+    assert report["settings"]["recipes"] == list(RECIPES)
+    assert report["versions"]["torch"] == torch.__version__
+    assert len(report["cases"]) == len(SCENARIOS) * len(RECIPES)
+    for case in report["cases"]:
+        assert set(case["gradients"]) == set(report["settings"]["variants"])
+        for block in case["gradients"].values():
+            for g in ("dq", "dk", "dv"):
+                assert set(block[g]) == {"vs_exact", "vs_ste"}
+    # strict JSON: no NaN/Infinity literals
+    json.loads(
+        (small_report[0] / "report.json").read_text(),
+        parse_constant=lambda c: pytest.fail(f"non-strict JSON constant {c}"),
+    )
+
+
+def test_schema_rejects_broken_reports(small_report):
+    _, report, _ = small_report
+    broken = json.loads(json.dumps(report))
+    del broken["cases"][0]["forward"]["o_vs_exact"]["metrics"]["cosine"]
+    broken["cases"][1]["forward"]["o_vs_exact"]["row_relative_error"]["histogram"]["total"] += 1
+    broken["cases"][2]["scenario"] = "nope"
+    del broken["versions"]
+    problems = schema.validate_report(broken)
+    assert any("cosine" in p for p in problems)
+    assert any("add up" in p for p in problems)
+    assert any("unknown scenario" in p for p in problems)
+    assert any("missing keys ['versions']" in p for p in problems)
+    with pytest.raises(schema.ReportSchemaError):
+        schema.assert_valid_report(broken)
+
+
+@pytest.mark.parametrize("scenario_name", ["smoke", "smoke-causal"])
+def test_forward_numbers_match_direct_computation(small_report, scenario_name):
+    _, report, _ = small_report
+    _, _, _, fwd, o_exact, _ = direct_run(scenario_name, "attn-qat")
+    got = case_of(report, scenario_name, "attn-qat")["forward"]["o_vs_exact"]
+    o, r = fwd.o.double(), o_exact
+    assert close(got["metrics"]["relative_l2"], rel_l2(o, r))
+    assert close(got["metrics"]["max_abs"], float((o - r).abs().max()))
+    assert close(got["metrics"]["rmse"], float((o - r).pow(2).mean().sqrt()))
+    cosine = float((o * r).sum() / (torch.linalg.vector_norm(o) * torch.linalg.vector_norm(r)))
+    assert close(got["metrics"]["cosine"], cosine)
+    # the per-element distribution: guard eps * rms(ref), fixed log10 bins
+    err = ((o - r).abs() / (r.abs() + 1e-3 * r.pow(2).mean().sqrt())).flatten().numpy()
+    counts, _ = np.histogram(np.log10(err[err > 0]), bins=np.linspace(-8, 2, 41))
+    hist = got["element_relative_error"]["histogram"]
+    assert hist["counts"] == counts.tolist()
+    assert hist["underflow"] == int((err == 0).sum() + (np.log10(err[err > 0]) < -8).sum())
+    assert close(got["element_relative_error"]["quantiles"]["p99"], float(np.quantile(err, 0.99)))
+    assert close(got["element_relative_error"]["max"], float(err.max()))
+
+
+@pytest.mark.parametrize("recipe", RECIPES)
+def test_gradient_numbers_match_direct_computation(small_report, recipe):
+    _, report, _ = small_report
+    scenario, (q, k, v, do), sm, fwd, _, exact_grads = direct_run("smoke-key-bias", recipe)
+    ste = reference.attention_backward(
+        "ste_autograd", fwd, q, k, v, do, recipe, causal=scenario.causal, sm_scale=sm
+    )
+    case = case_of(report, "smoke-key-bias", recipe)
+    for variant in ("drop_in", "attn_qat", "o_only"):
+        grads = reference.attention_backward(
+            variant, fwd, q, k, v, do, recipe, causal=scenario.causal, sm_scale=sm
+        )
+        for i, name in enumerate(("dq", "dk", "dv")):
+            block = case["gradients"][variant][name]
+            assert close(
+                block["vs_ste"]["metrics"]["relative_l2"],
+                rel_l2(grads[i], ste[i]),
+                rtol=1e-7,
+                atol=1e-12,
+            ), (variant, name)
+            assert close(
+                block["vs_exact"]["metrics"]["relative_l2"],
+                rel_l2(grads[i], exact_grads[i]),
+                rtol=1e-7,
+            ), (variant, name)
+
+
+def test_d_identity_matches_reference_backward_parts(small_report):
+    """rowsum(dS) recomputed by the report vs the reference's own dS (another implementation)."""
+    _, report, _ = small_report
+    scenario, (q, k, v, do), sm, fwd, o_exact, _ = direct_run("smoke-key-bias", "attn-qat")
+    d_rms = float((do.double() * o_exact).sum(-1).pow(2).mean().sqrt())
+    case = case_of(report, "smoke-key-bias", "attn-qat")
+    for variant in ("drop_in", "o_only", "attn_qat"):
+        parts = reference.backward_parts(variant, fwd, q, k, v, do, "attn-qat", scenario.causal, sm)
+        residual = parts.ds.double().sum(-1)
+        rms = float(residual.pow(2).mean().sqrt())
+        got = case["d_identity"][variant]
+        assert got["rms"] == pytest.approx(rms, rel=1e-4, abs=1e-6), variant
+        assert got["relative_to_d"] == pytest.approx(rms / d_rms, rel=1e-4, abs=1e-6), variant
+    # the identity: D from O_hp makes the row sums vanish, D from O does not
+    assert case["d_identity"]["attn_qat"]["relative_to_d"] < 1e-5
+    assert case["d_identity"]["drop_in"]["relative_to_d"] > 1e-2
+
+
+def test_diagnostics_match_the_reference_forward(small_report):
+    _, report, _ = small_report
+    _, (q, _, _, _), _, fwd, _, _ = direct_run("smoke", "attn-qat")
+    diag = case_of(report, "smoke", "attn-qat")["diagnostics"]
+    raw = fwd.diagnostics
+    assert diag["p"]["mass_kept_forward"] == raw["p_mass_kept_fwd"]
+    assert diag["p"]["mass_kept_backward"] == raw["p_mass_kept_bwd"]
+    assert diag["p"]["code_mismatch_rate"] == raw["p_code_mismatch_rate"]
+    assert diag["p"]["code_counts"] == raw["p_code_histogram"]
+    for name in ("q", "k", "v"):
+        assert diag["tensors"][name]["code_counts"] == raw[f"{name}_code_histogram"], name
+        assert diag["tensors"][name]["saturated_elements"] == raw[f"{name}_saturated"]
+        assert diag["tensors"][name]["flushed_blocks"] == raw[f"{name}_flushed_blocks"]
+    assert diag["tensors"]["q"]["elements"] == q.numel()
+    assert diag["tensors"]["q"]["blocks"] == q.numel() // 16
+
+
+def test_thresholds_ranking_and_findings_follow_the_cases(small_report):
+    _, report, _ = small_report
+    ok = report["cases"]
+    worst_fwd = max(c["forward"]["o_vs_exact"]["metrics"]["relative_l2"] for c in ok)
+    assert report["thresholds"][0]["worst_value"] == worst_fwd
+    worst_cos = min(c["forward"]["o_vs_exact"]["metrics"]["cosine"] for c in ok)
+    assert report["thresholds"][1]["worst_value"] == worst_cos
+    for row in report["summary"]["ranking"]:
+        cases = [c for c in ok if c["recipe"] == row["recipe"]]
+        if row["is_ground_truth"]:
+            assert row["rank"] is None
+            continue
+        errs = [
+            max(
+                c["gradients"][row["variant"]][g]["vs_ste"]["metrics"]["relative_l2"]
+                for g in ("dq", "dk", "dv")
+            )
+            for c in cases
+        ]
+        geo = math.exp(sum(math.log(max(e, 1e-12)) for e in errs) / len(errs))
+        assert row["grad_vs_ste_geomean"] == pytest.approx(geo, rel=1e-12)
+        assert row["grad_vs_ste_worst"] == max(errs)
+    ranked = [r for r in report["summary"]["ranking"] if r["rank"] is not None]
+    assert [r["rank"] for r in ranked] == list(range(1, len(ranked) + 1))
+    keys = [r["grad_vs_ste_geomean"] for r in ranked]
+    assert keys == sorted(keys)
+    principle = next(f for f in report["summary"]["findings"] if f["id"] == "principles")
+    for row in principle["rows"]:
+        case = case_of(report, row["scenario"], row["recipe"])
+        drop = max(
+            case["gradients"]["drop_in"][g]["vs_ste"]["metrics"]["relative_l2"]
+            for g in ("dq", "dk", "dv")
+        )
+        assert row["drop_in"] == drop
+        assert f"{row['drop_in']:.3g}" in principle["text"] or row["ratio"] >= 0
+    md = (small_report[0] / "summary.md").read_text()
+    assert "| rank |" in md and principle["text"] in md
+
+
+class _Images(HTMLParser):
+    def __init__(self) -> None:
+        super().__init__()
+        self.images: list[str] = []
+        self.external: list[str] = []
+        self.stack: list[str] = []
+
+    def handle_starttag(self, tag, attrs):
+        attrs = dict(attrs)
+        if tag == "img":
+            self.images.append(attrs.get("src") or "")
+        for key in ("src", "href"):
+            value = attrs.get(key) or ""
+            if value and not value.startswith(("data:", "#")):
+                self.external.append(value)
+        if tag not in ("meta", "img", "br", "hr", "link", "input"):
+            self.stack.append(tag)
+
+    def handle_endtag(self, tag):
+        assert self.stack and self.stack[-1] == tag, f"unbalanced </{tag}> after {self.stack[-3:]}"
+        self.stack.pop()
+
+
+def test_html_parses_and_every_image_is_an_embedded_png(small_report):
+    from PIL import Image
+
+    out, report, _ = small_report
+    parser = _Images()
+    parser.feed((out / "index.html").read_text())
+    parser.close()
+    assert parser.stack == []
+    assert parser.external == []
+    # overview figures + an error figure per case + a diagnostics figure per reference case
+    assert len(parser.images) >= 3 + 2 * len(report["cases"])
+    for src in parser.images:
+        assert src.startswith("data:image/png;base64,")
+        png = base64.b64decode(src.split(",", 1)[1], validate=True)
+        with Image.open(io.BytesIO(png)) as image:
+            image.verify()
+            assert image.format == "PNG" and image.size[0] > 100 and image.size[1] > 100
+
+
+# ---------------------------------------------------------------------------------------
+# exit codes, thresholds, folders, names, crashing kernels
+# ---------------------------------------------------------------------------------------
+
+
+def test_fail_on_broken_exits_1_and_is_deterministic(small_report, tmp_path):
+    _, report, _ = small_report
+    out = tmp_path / "strict"
+    code = run_cli(
+        "--out",
+        str(out),
+        "--seed",
+        str(SEED),
+        "--scenarios",
+        "smoke",
+        "--recipes",
+        "attn-qat",
+        "--fail-on",
+        "fwd_rel_l2<=1e-6",
+    )
+    assert code == 1
+    strict = json.loads((out / "report.json").read_text())
+    assert strict["exit_code"] == 1
+    assert strict["thresholds"][0]["passed"] is False
+    assert "FAIL" in (out / "summary.md").read_text()
+    # the same seed gives the same numbers as the module's report
+    mine = dict(case_of(strict, "smoke", "attn-qat"), seconds=None)
+    theirs = dict(case_of(report, "smoke", "attn-qat"), seconds=None)
+    assert mine == theirs
+
+
+def test_no_overwrite_without_flag(small_report, capsys):
+    out, _, _ = small_report
+    before = {p.name: p.read_bytes() for p in out.iterdir()}
+    assert run_cli("--out", str(out), "--scenarios", "smoke") == 2
+    assert "--overwrite" in capsys.readouterr().err
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == before
+
+
+def test_output_folder_rules(tmp_path):
+    target = tmp_path / "r"
+    files = {
+        "index_html": "<html></html>",
+        "report_json": {"a": 1.5, "b": float("inf")},
+        "summary_md": "# s",
+    }
+    output.write_report_folder(target, **files)
+    assert json.loads((target / "report.json").read_text()) == {"a": 1.5, "b": None}
+    with pytest.raises(output.ReportFolderError, match="--overwrite"):
+        output.write_report_folder(target, **files)
+    output.write_report_folder(target, **{**files, "summary_md": "# new"}, overwrite=True)
+    assert (target / "summary.md").read_text() == "# new"
+    precious = tmp_path / "work"
+    precious.mkdir()
+    (precious / "notes.txt").write_text("keep me")
+    with pytest.raises(output.ReportFolderError, match="does not look like"):
+        output.write_report_folder(precious, **files, overwrite=True)
+    assert (precious / "notes.txt").read_text() == "keep me"
+    assert sorted(os.listdir(tmp_path)) == ["r", "work"]
+
+
+@pytest.mark.parametrize(
+    ("args", "expected"),
+    [
+        (["--scenarios", "no-such-scenario"], ["unknown scenario", "gaussian", "key-bias-4"]),
+        (["--recipes", "fp3"], ["unknown recipe", "attn-qat-consistent"]),
+        (["--kernel", "no_such_module_xyz:attn"], ["cannot import module", "no_such_module_xyz"]),
+        (["--kernel", "reports.metrics:nope"], ["has no attribute", "relative_l2"]),
+        (["--kernel", "nocolon"], ["MODULE:ATTR"]),
+        (["--fail-on", "speed<=1"], ["unknown --fail-on metric", "grad_rel_l2_vs_ste"]),
+        (["--fail-on", "fwd_rel_l2<1"], ["METRIC<=BOUND"]),
+    ],
+)
+def test_unknown_names_exit_2_with_valid_names(tmp_path, capsys, args, expected):
+    code = run_cli("--out", str(tmp_path / "x"), *args)
+    err = capsys.readouterr().err
+    assert code == 2
+    for text in expected:
+        assert text in err
+    assert not (tmp_path / "x").exists()
+
+
+KERNEL_MODULE = """
+import torch
+import reference
+
+def good(q, k, v, causal, sm_scale):
+    return reference.fp4_attention(q, k, v, causal=causal, sm_scale=sm_scale, recipe="attn-qat")
+
+def crashing(q, k, v, causal, sm_scale):
+    raise RuntimeError("kernel exploded on purpose")
+"""
+
+
+def test_external_kernels_good_and_crashing(tmp_path, monkeypatch):
+    (tmp_path / "my_fp4_kernels.py").write_text(textwrap.dedent(KERNEL_MODULE))
+    monkeypatch.syspath_prepend(str(tmp_path))
+    out = tmp_path / "k"
+    code = run_cli(
+        "--out",
+        str(out),
+        "--scenarios",
+        "smoke",
+        "--recipes",
+        "attn-qat",
+        "--kernel",
+        "my_fp4_kernels:good",
+        "--kernel",
+        "my_fp4_kernels:crashing",
+    )
+    assert code == 1
+    report = json.loads((out / "report.json").read_text())
+    assert schema.validate_report(report) == []
+    good = case_of(report, "smoke", "attn-qat", "kernel:my_fp4_kernels:good")
+    bad = case_of(report, "smoke", "attn-qat", "kernel:my_fp4_kernels:crashing")
+    assert case_of(report, "smoke", "attn-qat")["status"] == "ok"
+    assert good["status"] == "ok"
+    # the reference's own autograd wrapper must match the reference forward and its backward
+    assert good["forward"]["o_vs_recipe_reference"]["metrics"]["relative_l2"] <= 1e-6
+    for g in ("dq", "dk", "dv"):
+        assert good["gradients"]["kernel"][g]["vs_recipe_variant"]["metrics"]["relative_l2"] <= 1e-5
+    assert bad["status"] == "error" and "kernel exploded on purpose" in bad["error"]
+    assert "Traceback" in bad["error"]
+    page = (out / "index.html").read_text()
+    assert "kernel exploded on purpose" in page and "crashed" in page
+    assert report["errors"][0]["implementation"] == "kernel:my_fp4_kernels:crashing"
+
+
+def test_scenario_sets():
+    names = [s.name for s in QUICK_SCENARIOS]
+    assert len(set(names)) == len(names)
+    tags = {t for s in QUICK_SCENARIOS for t in s.tags}
+    assert {"key_bias", "long_rows", "baseline"} <= tags
+    assert any(s.causal and s.spec.lq != s.spec.lk for s in QUICK_SCENARIOS)
+    assert {s.spec.head_dim for s in QUICK_SCENARIOS} >= {64, 128}
+    assert {s.name for s in FULL_SCENARIOS} <= set(ALL_SCENARIOS)
+    long_rows = [s for s in QUICK_SCENARIOS if "long_rows" in s.tags]
+    assert max(s.spec.lk for s in long_rows) >= 1024
+    a = scenario_inputs(get_scenario("smoke"), 1)
+    b = scenario_inputs(get_scenario("smoke"), 1)
+    c = scenario_inputs(get_scenario("smoke"), 2)
+    assert all(np.array_equal(x, y) for x, y in zip(a, b, strict=True))
+    assert not np.array_equal(a[0], c[0])
+
+
+def test_threshold_parsing():
+    t = summary.parse_threshold("grad_rel_l2_vs_ste@attn-qat<=0.25")
+    assert (t.metric, t.op, t.bound, t.recipe) == ("grad_rel_l2_vs_ste", "<=", 0.25, "attn-qat")
+    assert summary.parse_threshold("p_mass_kept_backward>=0.9").op == ">="
+    cases = [
+        {
+            "status": "ok",
+            "scenario": "s",
+            "recipe": "r",
+            "implementation": "reference",
+            "implementation_kind": "reference",
+            "diagnostics": {"p": {"mass_kept_backward": v}},
+        }
+        for v in (0.95, 0.2)
+    ]
+    result = summary.evaluate_threshold(summary.parse_threshold("p_mass_kept_backward>=0.9"), cases)
+    assert result["passed"] is False and result["worst_value"] == 0.2
+    result = summary.evaluate_threshold(summary.parse_threshold("p_mass_kept_backward>=0.1"), cases)
+    assert result["passed"] is True
+
+
+@pytest.mark.slow
+def test_default_quick_report_shows_the_findings(tmp_path):
+    """The embedded default (what `tox -e report` runs): both principles in numbers."""
+    out = tmp_path / "default"
+    assert run_cli("--out", str(out)) == 0
+    report = json.loads((out / "report.json").read_text())
+    assert schema.validate_report(report) == []
+    findings = {f["id"]: f for f in report["summary"]["findings"]}
+    assert findings["principles"]["holds"] is True
+    assert findings["p_mass"]["holds"] is True
