@@ -7,8 +7,9 @@ Fast path (round to nearest even): a 65536-entry table indexed by the top 16 bit
 float32 pattern (sign, exponent, 7 mantissa bits). Every E2M1 rounding boundary (the ties
 0.25, 0.75, 1.25, 1.75, 2.5, 3.5, 5 and the saturation point 6) has at most two mantissa
 bits, so the top 16 bits decide the code except when the input sits within 2^16 ulp above
-a tie, or is Inf/NaN with a zero top mantissa. Those table entries are marked undecided and
-the affected elements are recomputed exactly from all 32 bits (fp4sim.minifloat).
+a tie, or is Inf/NaN with a zero top mantissa. Those entries are marked undecided and resolved
+from whether the low 16 bits are zero (fp4sim.minifloat.HighHalfTable). The tables are built
+at import from the exact integer rounding in fp4sim.minifloat, which is also the slow path.
 """
 
 from __future__ import annotations
@@ -89,7 +90,7 @@ def e2m1_encode_bits_into(bits: np.ndarray, out: np.ndarray, nan: str = "ptx") -
     return encode_with_high_half_table(bits, out, _HIGH_HALF_TABLES[nan])
 
 
-def _as_random_words(rbits: object, shape: tuple[int, ...]) -> np.ndarray:
+def as_random_words(rbits: object, shape: tuple[int, ...]) -> np.ndarray:
     words = np.asarray(rbits)
     if words.dtype == np.uint32:
         pass
@@ -99,7 +100,7 @@ def _as_random_words(rbits: object, shape: tuple[int, ...]) -> np.ndarray:
     else:
         raise TypeError(f"rbits must be a uint32 or uint8 array, got dtype {words.dtype}")
     if words.shape != shape:
-        raise ValueError(f"rbits must have the shape of x {shape}, got {words.shape}")
+        raise ValueError(f"rbits must have shape {shape} (one word per element), got {words.shape}")
     return words
 
 
@@ -126,7 +127,7 @@ def e2m1_encode(x: object, rounding: str = "rne", nan: str = "ptx",
     if rbits is None:
         raise ValueError("rounding='stochastic' needs explicit random bits: pass rbits "
                          "(uint32 or uint8 array of x's shape) so results are reproducible")
-    words = _as_random_words(rbits, x32.shape).reshape(-1)
+    words = as_random_words(rbits, x32.shape).reshape(-1)
     abs_bits = bits & np.uint32(F32_ABS_MASK)
     finite_or_inf = np.where(abs_bits > F32_INF_BITS, np.uint32(0), abs_bits)
     magnitude = round_magnitude_stochastic(finite_or_inf, words, E2M1)

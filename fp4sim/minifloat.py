@@ -8,6 +8,7 @@ so the result does not depend on the FPU's rounding or flush-to-zero mode.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
@@ -100,7 +101,8 @@ class HighHalfTable:
         return UNDECIDED_WIDE if self.code.dtype == np.uint16 else UNDECIDED
 
 
-def build_high_half_table(encode_exact, wide: bool = False) -> HighHalfTable:
+def build_high_half_table(encode_exact: Callable[[np.ndarray], np.ndarray],
+                          wide: bool = False) -> HighHalfTable:
     """Tabulate ``encode_exact(bits_uint32) -> uint8 codes`` by the top 16 bits (uint8 table,
     or uint16 when ``wide``, for formats that use all 256 codes)."""
     high = np.arange(1 << 16, dtype=np.uint32) << np.uint32(16)

@@ -11,8 +11,8 @@ NVFP4, per block of 16 along ``axis``, all arithmetic in float32:
   code    = E2M1_RNE_sat(x * float32(1 / s_eff))          scale_op='reciprocal' (default)
           = E2M1_RNE_sat(x / s_eff)                       scale_op='divide'
   value   = e2m1(code) * s_eff
-  tensor_scale='amax': t = float32(amax_tensor / 2688) (2688 = 448 * 6); t = 1 when the
-  tensor is all zeros (no block then has a non-zero scale anyway).
+  tensor_scale='amax': t = float32(amax_tensor / 2688) (2688 = 448 * 6); t = 1 when that
+  is 0 (an all-zero tensor, or amax below ~1.9e-42 where the quotient underflows).
 MXFP4, per block of 32: scale byte by the scale_rule (fp4sim.block_scale.mx_scale_bits),
   code = E2M1_RNE_sat(x * 2^-e) (exactly x / 2^e), value = e2m1(code) * 2^e.
 
@@ -52,7 +52,7 @@ from fp4sim.e2m1 import (
     NAN_POLICIES,
     ROUNDINGS,
     SIGN_CODE_BIT,
-    _as_random_words,
+    as_random_words,
     e2m1_encode_bits_exact,
     e2m1_encode_bits_into,
     e2m1_nan_code,
@@ -217,9 +217,9 @@ def _tensor_scale_value(amax_bits: np.ndarray, settings: QuantizeSettings) -> np
         return np.float32(ts)
     tensor_amax_bits = amax_bits.max(initial=np.uint32(0))
     amax = saturate_inf(np.array([tensor_amax_bits], dtype=np.uint32).view(np.float32))[0]
-    if amax == 0:
-        return np.float32(1.0)
-    return np.float32(amax / TENSOR_SCALE_DIVISOR)  # NaN tensor -> NaN scale -> NaN blocks
+    scale = np.float32(amax / TENSOR_SCALE_DIVISOR)  # NaN tensor -> NaN scale -> NaN blocks
+    # All-zero tensors, and amax below ~1.9e-42 whose quotient underflows, get 1 (never / 0).
+    return np.float32(1.0) if scale == 0 else scale
 
 
 def _block_scales(amax: np.ndarray, fmt: BlockFormat, settings: QuantizeSettings,
@@ -341,9 +341,10 @@ def quantize(x: object, fmt: str | BlockFormat = "nvfp4", axis: int = -1, *,
              pad: bool = False) -> QuantizedTensor:
     """Quantize ``x`` to the block format ``fmt`` with blocks along ``axis``.
 
-    See the module docstring for the exact arithmetic and special values. ``rbits`` (one
-    uint32 or uint8 per element of the padded x, stochastic rounding only) follows the
-    mapping of fp4sim.minifloat.round_magnitude_stochastic, applied to x / s_eff.
+    See the module docstring for the exact arithmetic and special values. ``rbits``
+    (stochastic rounding only): one uint32 (or uint8, used as the top byte) per element, with
+    the shape of x or of x padded along ``axis``; element i's word rounds x_i / s_eff as in
+    fp4sim.minifloat.round_magnitude_stochastic.
     """
     block_format = get_block_format(fmt)
     settings = QuantizeSettings(rounding=rounding, nan=nan, scale_rule=scale_rule,
@@ -372,11 +373,13 @@ def quantize(x: object, fmt: str | BlockFormat = "nvfp4", axis: int = -1, *,
         if rbits is None:
             raise ValueError("rounding='stochastic' needs explicit random bits (rbits)")
         rb = np.asarray(rbits)
-        if rb.shape == x32.shape:
+        if rb.ndim == x32.ndim:
+            # Words are given in x's axis order, for x or for x padded along the block axis;
+            # padding elements (zeros) get word 0, which cannot change a zero's code.
             rb = np.moveaxis(rb, ax, -1)
-            if rb.shape != padded_shape:
+            if rb.shape[-1] == length and rb.shape != padded_shape:
                 rb = np.pad(rb, [(0, 0)] * (rb.ndim - 1) + [(0, padded_shape[-1] - length)])
-        words = _as_random_words(np.ascontiguousarray(rb), padded_shape).reshape(-1)
+        words = as_random_words(np.ascontiguousarray(rb), padded_shape).reshape(-1)
     elif rbits is not None:
         raise ValueError("rbits is only used with rounding='stochastic'")
     amax_bits = _block_amax_bits(blocks.view(np.uint32))

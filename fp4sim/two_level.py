@@ -2,7 +2,8 @@
 
 Per row r (the elements sharing every index except ``row_axis``):
   s1_r = float32(rowmax_r / 2688)    (2688 = 448 * 6; rowmax = max |x|, Inf -> FLT_MAX;
-                                      a row of zeros gets s1 = 1)
+                                      s1 = 1 where this is 0: zero rows, and row maxima
+                                      below ~1.9e-42 whose quotient underflows)
   q    = NVFP4 quantize of float32(x / s1_r) with blocks along ``axis``
   x~   = dequantize(q) * s1_r        (float32)
 """
@@ -32,12 +33,14 @@ class TwoLevelQuantized:
 
 
 def row_scales(x: np.ndarray, row_axis: int) -> np.ndarray:
-    """float32 s1 = rowmax(|x|) / 2688 per row (keepdims); zero rows get 1, NaN rows NaN."""
+    """float32 s1 = rowmax(|x|) / 2688 per row (keepdims); 1 where that is 0 (zero rows and
+    row maxima below about 1.9e-42, where the float32 division underflows); NaN rows NaN."""
     with np.errstate(invalid="ignore"):
         rowmax = np.max(np.abs(x), axis=row_axis, keepdims=True) if x.size else \
             np.zeros(x.shape[:row_axis] + (1,) + x.shape[row_axis + 1:], np.float32)
     s1 = saturate_inf(rowmax).reshape(rowmax.shape) / ROW_SCALE_DIVISOR
-    return np.where(rowmax == 0, np.float32(1.0), s1).astype(np.float32)
+    # A zero row, or a row max so small that s1 underflows to 0, gets s1 = 1 (never / 0).
+    return np.where(s1 == 0, np.float32(1.0), s1).astype(np.float32)
 
 
 def quantize_two_level(x: object, axis: int = -1, row_axis: int | None = None,

@@ -65,6 +65,7 @@ from dataclasses import dataclass
 import torch
 import triton
 import triton.language as tl
+from triton.language.extra import libdevice
 
 from kernels.fp4_jit import e4m3_rne_sat, nvfp4_fake_quantize_rows
 
@@ -104,7 +105,7 @@ def _fake_quant_rows_kernel(X, Y, n_rows, HEAD_DIM: tl.constexpr, BLOCK_R: tl.co
 
 
 @triton.jit
-def _fake_quantize_probs(p):
+def _fake_quantize_probs(p, INTERPRET: tl.constexpr):
     """NVFP4 fake quantization (blocks of 16 along the last axis, no tensor scale) of a tile of
     probabilities ``p >= 0`` (finite), bit-identical to ``fp4_jit.nvfp4_fake_quantize_rows``.
 
@@ -116,6 +117,11 @@ def _fake_quantize_probs(p):
     code is the even multiple of h: 0.25->0, 0.75->1, 1.25->1, 1.75->2, 2.5->2, 3.5->4, 5->4);
     values above 6 saturate to 6 (satfinite). A block with scale 0 gives zeros.
     Not valid for negative or non-finite inputs (P = exp(S - m) is in [0, 1]).
+    ``y = p * r`` must be rounded to float32 before the magic add: on the GPU it is
+    ``mul.rn.f32`` (libdevice ``mul_rn``; PTX: an explicit .rn multiply is never contracted into
+    an fma), else LLVM fuses it with the add and rounds the exact product (seen on an H100:
+    a tie 0.25 that fp4sim rounds to 0 went to 0.5). INTERPRET (TRITON_INTERPRET=1, where
+    libdevice is unavailable) uses NumPy's float32 multiply, which is already rounded.
     """
     ROWS: tl.constexpr = p.shape[0]
     COLS: tl.constexpr = p.shape[1]
@@ -123,7 +129,10 @@ def _fake_quantize_probs(p):
     amax = tl.max(pb, axis=2)
     scale = e4m3_rne_sat(tl.math.div_rn(amax, tl.full(amax.shape, 6.0, tl.float32)))
     recip = tl.math.div_rn(tl.full(scale.shape, 1.0, tl.float32), scale)
-    y = pb * recip[:, :, None]
+    if INTERPRET:
+        y = pb * recip[:, :, None]
+    else:
+        y = libdevice.mul_rn(pb, tl.broadcast_to(recip[:, :, None], pb.shape))
     magic = tl.where(y < 2.0, 4194304.0, tl.where(y < 4.0, 8388608.0, 16777216.0))
     v = tl.minimum((y + magic) - magic, 6.0)
     v = tl.where(scale[:, :, None] > 0, v * scale[:, :, None], 0.0)
@@ -184,12 +193,36 @@ def _load_tile(ptr, offs_rows, n_rows, HEAD_DIM: tl.constexpr, QUANT: tl.constex
 
 @triton.jit(do_not_specialize=["H", "GROUP", "Lq", "Lk"])
 def _attn_fwd_kernel(
-    Q, K, V, O, OHP, M_OUT, L_OUT, LSE_OUT, LQ_OUT, PDBG, PQDBG,
-    sm_scale, H, GROUP, Lq, Lk, LK_PAD,
-    HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-    CAUSAL: tl.constexpr, CAUSAL_SHIFT: tl.constexpr, QUANT_QKV: tl.constexpr,
-    QUANT_P: tl.constexpr, CONSISTENT: tl.constexpr, DIAG: tl.constexpr, STORE_P: tl.constexpr,
-    STATIC_END: tl.constexpr, STATIC_GROUP: tl.constexpr, UPCAST: tl.constexpr,
+    Q,
+    K,
+    V,
+    O,
+    OHP,
+    M_OUT,
+    L_OUT,
+    LSE_OUT,
+    LQ_OUT,
+    PDBG,
+    PQDBG,
+    sm_scale,
+    H,
+    GROUP,
+    Lq,
+    Lk,
+    LK_PAD,
+    HEAD_DIM: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    CAUSAL: tl.constexpr,
+    CAUSAL_SHIFT: tl.constexpr,
+    QUANT_QKV: tl.constexpr,
+    QUANT_P: tl.constexpr,
+    CONSISTENT: tl.constexpr,
+    DIAG: tl.constexpr,
+    STORE_P: tl.constexpr,
+    STATIC_END: tl.constexpr,
+    STATIC_GROUP: tl.constexpr,
+    UPCAST: tl.constexpr,
 ):
     start_m = tl.program_id(0) * BLOCK_M
     pid_bh = tl.program_id(1)
@@ -257,7 +290,7 @@ def _attn_fwd_kernel(
             m_i = m_new
         if QUANT_P:
             # P~ = FQ(P), blocks of 16 along keys, E4M3 scale, no tensor scale (ATTN_QAT_MATH.md).
-            pq = _fake_quantize_probs(p)
+            pq = _fake_quantize_probs(p, UPCAST)
         else:
             pq = p
         if DIAG:
@@ -280,10 +313,14 @@ def _attn_fwd_kernel(
     lse = tl.where(l_i > 0, m_i + tl.log(l_i), float("-inf"))
     o_offs = (pid_bh.to(tl.int64) * Lq + offs_m[:, None]) * HEAD_DIM + offs_d[None, :]
     row_ok = offs_m < Lq
-    tl.store(O + o_offs, _cast(acc * inv_l[:, None], O.dtype.element_ty, UPCAST),
-             mask=row_ok[:, None])
-    tl.store(OHP + o_offs, _cast(acc_hp * inv_l[:, None], OHP.dtype.element_ty, UPCAST),
-             mask=row_ok[:, None])
+    tl.store(
+        O + o_offs, _cast(acc * inv_l[:, None], O.dtype.element_ty, UPCAST), mask=row_ok[:, None]
+    )
+    tl.store(
+        OHP + o_offs,
+        _cast(acc_hp * inv_l[:, None], OHP.dtype.element_ty, UPCAST),
+        mask=row_ok[:, None],
+    )
     row_offs = pid_bh.to(tl.int64) * Lq + offs_m
     tl.store(M_OUT + row_offs, m_i, mask=row_ok)
     tl.store(L_OUT + row_offs, l_i, mask=row_ok)
@@ -293,8 +330,7 @@ def _attn_fwd_kernel(
 
 
 @triton.jit
-def _bwd_preprocess_kernel(DO, OHP, DELTA, n_rows, HEAD_DIM: tl.constexpr,
-                           BLOCK_R: tl.constexpr):
+def _bwd_preprocess_kernel(DO, OHP, DELTA, n_rows, HEAD_DIM: tl.constexpr, BLOCK_R: tl.constexpr):
     """D = rowsum(dO * O_hp) (ATTN_QAT_MATH.md backward, principle 2), float32."""
     rows = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
     cols = tl.arange(0, HEAD_DIM)
@@ -306,7 +342,9 @@ def _bwd_preprocess_kernel(DO, OHP, DELTA, n_rows, HEAD_DIM: tl.constexpr,
 
 
 @triton.jit
-def _bwd_probabilities(s, m_row, l_row, lse_row, QUANT_P: tl.constexpr, CONSISTENT: tl.constexpr):
+def _bwd_probabilities(
+    s, m_row, l_row, lse_row, QUANT_P: tl.constexpr, CONSISTENT: tl.constexpr, UPCAST: tl.constexpr
+):
     """(P, P~) of one (BLOCK_M, BLOCK_N) tile of masked scores (masked entries are -inf)."""
     if CONSISTENT:
         # Consistent policy: P~ = FQ(exp(S - m)) / l with the forward's m, l (the same numbers
@@ -315,7 +353,7 @@ def _bwd_probabilities(s, m_row, l_row, lse_row, QUANT_P: tl.constexpr, CONSISTE
         inv_l = tl.where(l_row > 0, 1.0 / l_row, 0.0)
         e = tl.exp(s - m_safe[:, None])
         p = e * inv_l[:, None]
-        pq = _fake_quantize_probs(e) * inv_l[:, None]
+        pq = _fake_quantize_probs(e, UPCAST) * inv_l[:, None]
     else:
         # P = exp(S - LSE), normalized (FlashAttention-2 backward); fully masked rows have
         # LSE = -inf: use +inf so that P = 0.
@@ -323,7 +361,7 @@ def _bwd_probabilities(s, m_row, l_row, lse_row, QUANT_P: tl.constexpr, CONSISTE
         p = tl.exp(s - lse_safe[:, None])
         if QUANT_P:
             # Attn-QAT principle 1: P~ = FQ(P) of the normalized P, blocks of 16 along keys.
-            pq = _fake_quantize_probs(p)
+            pq = _fake_quantize_probs(p, UPCAST)
         else:
             pq = p
     return p, pq
@@ -331,12 +369,32 @@ def _bwd_probabilities(s, m_row, l_row, lse_row, QUANT_P: tl.constexpr, CONSISTE
 
 @triton.jit(do_not_specialize=["H", "GROUP", "Lq", "Lk"])
 def _attn_bwd_dkdv_kernel(
-    Q, K, V, DO, DK, DV, LSE, M_IN, L_IN, DELTA,
-    sm_scale, H, GROUP, Lq, Lk,
-    HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-    CAUSAL: tl.constexpr, CAUSAL_SHIFT: tl.constexpr, QUANT_QKV: tl.constexpr,
-    QUANT_P: tl.constexpr, CONSISTENT: tl.constexpr, STATIC_END: tl.constexpr,
-    STATIC_GROUP: tl.constexpr, UPCAST: tl.constexpr,
+    Q,
+    K,
+    V,
+    DO,
+    DK,
+    DV,
+    LSE,
+    M_IN,
+    L_IN,
+    DELTA,
+    sm_scale,
+    H,
+    GROUP,
+    Lq,
+    Lk,
+    HEAD_DIM: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    CAUSAL: tl.constexpr,
+    CAUSAL_SHIFT: tl.constexpr,
+    QUANT_QKV: tl.constexpr,
+    QUANT_P: tl.constexpr,
+    CONSISTENT: tl.constexpr,
+    STATIC_END: tl.constexpr,
+    STATIC_GROUP: tl.constexpr,
+    UPCAST: tl.constexpr,
 ):
     """dK, dV of one key tile, summed over the query heads of its GQA group."""
     start_n = tl.program_id(0) * BLOCK_N
@@ -362,8 +420,7 @@ def _attn_bwd_dkdv_kernel(
         bh = (b * H + h).to(tl.int64)
         q_base = Q + bh * Lq * HEAD_DIM
         do_base = DO + bh * Lq * HEAD_DIM
-        for start_m in range(0 if STATIC_END else lo, STATIC_END if STATIC_END else Lq,
-                                 BLOCK_M):
+        for start_m in range(0 if STATIC_END else lo, STATIC_END if STATIC_END else Lq, BLOCK_M):
             offs_m = start_m + tl.arange(0, BLOCK_M)
             row_ok = offs_m < Lq
             q = _load_tile(q_base, offs_m, Lq, HEAD_DIM, QUANT_QKV)
@@ -375,7 +432,7 @@ def _attn_bwd_dkdv_kernel(
             # Principle 1: S recomputed from Q^, K^ (ATTN_QAT_MATH.md backward).
             s = _dot(q, tl.trans(k), UPCAST) * sm_scale
             s = tl.where(_visible(offs_m, offs_n, Lq, Lk, CAUSAL, CAUSAL_SHIFT), s, float("-inf"))
-            p, pq = _bwd_probabilities(s, m_row, l_row, lse_row, QUANT_P, CONSISTENT)
+            p, pq = _bwd_probabilities(s, m_row, l_row, lse_row, QUANT_P, CONSISTENT, UPCAST)
             # dV = P~^T dO.
             dv += _dot(tl.trans(_cast(pq, do.dtype, UPCAST)), do, UPCAST)
             # dP = dO V^T, dS = P (dP - D) (FlashAttention-2 backward, D from O_hp).
@@ -393,12 +450,31 @@ def _attn_bwd_dkdv_kernel(
 
 @triton.jit(do_not_specialize=["H", "GROUP", "Lq", "Lk"])
 def _attn_bwd_dq_kernel(
-    Q, K, V, DO, DQ, LSE, M_IN, L_IN, DELTA,
-    sm_scale, H, GROUP, Lq, Lk,
-    HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-    CAUSAL: tl.constexpr, CAUSAL_SHIFT: tl.constexpr, QUANT_QKV: tl.constexpr,
-    QUANT_P: tl.constexpr, CONSISTENT: tl.constexpr, STATIC_END: tl.constexpr,
-    STATIC_GROUP: tl.constexpr, UPCAST: tl.constexpr,
+    Q,
+    K,
+    V,
+    DO,
+    DQ,
+    LSE,
+    M_IN,
+    L_IN,
+    DELTA,
+    sm_scale,
+    H,
+    GROUP,
+    Lq,
+    Lk,
+    HEAD_DIM: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    CAUSAL: tl.constexpr,
+    CAUSAL_SHIFT: tl.constexpr,
+    QUANT_QKV: tl.constexpr,
+    QUANT_P: tl.constexpr,
+    CONSISTENT: tl.constexpr,
+    STATIC_END: tl.constexpr,
+    STATIC_GROUP: tl.constexpr,
+    UPCAST: tl.constexpr,
 ):
     """dQ of one query tile: dQ = tau dS K^ over all visible keys."""
     start_m = tl.program_id(0) * BLOCK_M
@@ -429,7 +505,7 @@ def _attn_bwd_dq_kernel(
         v = _load_tile(V + kv_base, offs_n, Lk, HEAD_DIM, QUANT_QKV)
         s = _dot(q, tl.trans(k), UPCAST) * sm_scale
         s = tl.where(_visible(offs_m, offs_n, Lq, Lk, CAUSAL, CAUSAL_SHIFT), s, float("-inf"))
-        p, _pq = _bwd_probabilities(s, m_row, l_row, lse_row, False, CONSISTENT)
+        p, _pq = _bwd_probabilities(s, m_row, l_row, lse_row, False, CONSISTENT, UPCAST)
         dp = _dot(do, tl.trans(v), UPCAST)
         ds = p * (dp - delta[:, None])
         # dQ = tau dS K^ (ATTN_QAT_MATH.md backward).
@@ -505,11 +581,17 @@ def _configs(head_dim: int, on_cuda: bool) -> dict[str, _Config]:
 
 def _default_configs(head_dim: int, on_cuda: bool) -> dict[str, _Config]:
     if not on_cuda:
-        return {"fwd": _Config(32, FORWARD_BLOCK_N, 4, 1), "dkdv": _Config(32, 32, 4, 1),
-                "dq": _Config(32, 32, 4, 1)}
+        return {
+            "fwd": _Config(32, FORWARD_BLOCK_N, 4, 1),
+            "dkdv": _Config(32, 32, 4, 1),
+            "dq": _Config(32, 32, 4, 1),
+        }
     # From the GPU sweep on an H100 (docs/bench/kernels-training.md).
-    return {"fwd": _Config(64, FORWARD_BLOCK_N, 4, 3), "dkdv": _Config(64, 64, 4, 2),
-            "dq": _Config(128, 64, 8, 2)}
+    return {
+        "fwd": _Config(64, FORWARD_BLOCK_N, 4, 3),
+        "dkdv": _Config(64, 64, 4, 2),
+        "dq": _Config(128, 64, 8, 2),
+    }
 
 
 def _check_inputs(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, recipe: str):
@@ -533,16 +615,21 @@ def _check_inputs(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, recipe: str
         )
     batch, heads, _lq, head_dim = q.shape
     if k.shape != v.shape:
-        raise ValueError(f"k and v must have the same shape, got {tuple(k.shape)}, "
-                         f"{tuple(v.shape)}")
+        raise ValueError(
+            f"k and v must have the same shape, got {tuple(k.shape)}, {tuple(v.shape)}"
+        )
     if k.shape[0] != batch or k.shape[3] != head_dim:
         raise ValueError(f"k/v shape {tuple(k.shape)} does not match q {tuple(q.shape)} in B or d")
     if k.shape[1] == 0 or heads % k.shape[1] != 0:
-        raise ValueError(f"the number of query heads {heads} must be a multiple of the number "
-                         f"of key/value heads {k.shape[1]}")
+        raise ValueError(
+            f"the number of query heads {heads} must be a multiple of the number "
+            f"of key/value heads {k.shape[1]}"
+        )
     if head_dim not in SUPPORTED_HEAD_DIMS:
-        raise ValueError(f"head dim must be one of {SUPPORTED_HEAD_DIMS} (a multiple of the NVFP4 "
-                         f"block {NVFP4_BLOCK}), got {head_dim}")
+        raise ValueError(
+            f"head dim must be one of {SUPPORTED_HEAD_DIMS} (a multiple of the NVFP4 "
+            f"block {NVFP4_BLOCK}), got {head_dim}"
+        )
 
 
 def _fake_quantize(x: torch.Tensor) -> torch.Tensor:
@@ -551,7 +638,8 @@ def _fake_quantize(x: torch.Tensor) -> torch.Tensor:
     n_rows = x.numel() // x.shape[-1]
     block_r = 64
     _fake_quant_rows_kernel[(triton.cdiv(n_rows, block_r),)](
-        x, y, n_rows, HEAD_DIM=x.shape[-1], BLOCK_R=block_r)
+        x, y, n_rows, HEAD_DIM=x.shape[-1], BLOCK_R=block_r
+    )
     return y
 
 
@@ -560,8 +648,7 @@ def _flags(recipe: str) -> tuple[bool, bool, bool]:
     return recipe != "bf16", recipe != "bf16", recipe == "attn-qat-consistent"
 
 
-def _forward_impl(q, k, v, causal, sm_scale, recipe, quant_inputs_in_kernel, diagnostics,
-                  store_p):
+def _forward_impl(q, k, v, causal, sm_scale, recipe, quant_inputs_in_kernel, diagnostics, store_p):
     batch, heads, lq, head_dim = q.shape
     hkv, lk = k.shape[1], k.shape[2]
     _quant_qkv, quant_p, consistent = _flags(recipe)
@@ -581,30 +668,57 @@ def _forward_impl(q, k, v, causal, sm_scale, recipe, quant_inputs_in_kernel, dia
         p_dbg = pq_dbg = m
     grid = (triton.cdiv(lq, cfg.block_m), batch * heads)
     _attn_fwd_kernel[grid](
-        q, k, v, o, o_hp, m, l_sum, lse, lq_sum, p_dbg, pq_dbg,
-        sm_scale, heads, heads // hkv, lq, lk, lk_pad,
-        HEAD_DIM=head_dim, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n,
-        CAUSAL=causal, CAUSAL_SHIFT=_DEBUG_MUTATIONS["causal_shift"],
-        QUANT_QKV=quant_inputs_in_kernel, QUANT_P=quant_p, CONSISTENT=consistent,
-        DIAG=diagnostics, STORE_P=store_p, STATIC_END=_static_end(lk, cfg.block_n),
-        STATIC_GROUP=_static_group(heads // hkv), UPCAST=_interpreting(),
-        num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+        q,
+        k,
+        v,
+        o,
+        o_hp,
+        m,
+        l_sum,
+        lse,
+        lq_sum,
+        p_dbg,
+        pq_dbg,
+        sm_scale,
+        heads,
+        heads // hkv,
+        lq,
+        lk,
+        lk_pad,
+        HEAD_DIM=head_dim,
+        BLOCK_M=cfg.block_m,
+        BLOCK_N=cfg.block_n,
+        CAUSAL=causal,
+        CAUSAL_SHIFT=_DEBUG_MUTATIONS["causal_shift"],
+        QUANT_QKV=quant_inputs_in_kernel,
+        QUANT_P=quant_p,
+        CONSISTENT=consistent,
+        DIAG=diagnostics,
+        STORE_P=store_p,
+        STATIC_END=_static_end(lk, cfg.block_n),
+        STATIC_GROUP=_static_group(heads // hkv),
+        UPCAST=_interpreting(),
+        num_warps=cfg.num_warps,
+        num_stages=cfg.num_stages,
     )
     diag = None
     if diagnostics:
         has_keys = l_sum > 0
         kept = torch.where(has_keys, lq_sum / l_sum.clamp_min(1e-38), torch.ones_like(l_sum))
-        diag = {"p_mass_kept": kept,
-                "p_mass_kept_mean": float(kept[has_keys].mean()) if has_keys.any() else 1.0,
-                "p_mass_kept_row_min": float(kept.min()) if kept.numel() else 1.0}
+        diag = {
+            "p_mass_kept": kept,
+            "p_mass_kept_mean": float(kept[has_keys].mean()) if has_keys.any() else 1.0,
+            "p_mass_kept_row_min": float(kept.min()) if kept.numel() else 1.0,
+        }
         if store_p:
             diag["p"] = p_dbg
             diag["p_tilde"] = pq_dbg
     return AttnQatForward(o=o, o_hp=o_hp, lse=lse, m=m, l=l_sum, diagnostics=diag)
 
 
-def _backward_impl(do, q, k, v, o, o_hp, lse, m, l_sum, causal, sm_scale, recipe,
-                   quant_inputs_in_kernel):
+def _backward_impl(
+    do, q, k, v, o, o_hp, lse, m, l_sum, causal, sm_scale, recipe, quant_inputs_in_kernel
+):
     batch, heads, lq, head_dim = q.shape
     hkv, lk = k.shape[1], k.shape[2]
     _quant_qkv, quant_p, consistent = _flags(recipe)
@@ -614,24 +728,69 @@ def _backward_impl(do, q, k, v, o, o_hp, lse, m, l_sum, causal, sm_scale, recipe
     n_rows = batch * heads * lq
     # Principle 2: D from O_hp (the debug mutation uses the quantized O).
     o_for_d = o if _DEBUG_MUTATIONS["d_from_o"] else o_hp
-    _bwd_preprocess_kernel[(triton.cdiv(n_rows, 64),)](do, o_for_d, delta, n_rows,
-                                                      HEAD_DIM=head_dim, BLOCK_R=64)
+    _bwd_preprocess_kernel[(triton.cdiv(n_rows, 64),)](
+        do, o_for_d, delta, n_rows, HEAD_DIM=head_dim, BLOCK_R=64
+    )
     dq = torch.empty_like(q)
     dk = torch.empty_like(k)
     dv = torch.empty_like(v)
-    common = dict(HEAD_DIM=head_dim, CAUSAL=causal, CAUSAL_SHIFT=_DEBUG_MUTATIONS["causal_shift"],
-                  QUANT_QKV=quant_inputs_in_kernel, QUANT_P=quant_p, CONSISTENT=consistent,
-                  STATIC_GROUP=_static_group(heads // hkv), UPCAST=_interpreting())
+    common = dict(
+        HEAD_DIM=head_dim,
+        CAUSAL=causal,
+        CAUSAL_SHIFT=_DEBUG_MUTATIONS["causal_shift"],
+        QUANT_QKV=quant_inputs_in_kernel,
+        QUANT_P=quant_p,
+        CONSISTENT=consistent,
+        STATIC_GROUP=_static_group(heads // hkv),
+        UPCAST=_interpreting(),
+    )
     c = cfgs["dkdv"]
     _attn_bwd_dkdv_kernel[(triton.cdiv(lk, c.block_n), batch * hkv)](
-        q, k, v, do, dk, dv, lse, m, l_sum, delta, sm_scale, heads, heads // hkv, lq, lk,
-        STATIC_END=_static_end(lq, c.block_m), BLOCK_M=c.block_m, BLOCK_N=c.block_n,
-        num_warps=c.num_warps, num_stages=c.num_stages, **common)
+        q,
+        k,
+        v,
+        do,
+        dk,
+        dv,
+        lse,
+        m,
+        l_sum,
+        delta,
+        sm_scale,
+        heads,
+        heads // hkv,
+        lq,
+        lk,
+        STATIC_END=_static_end(lq, c.block_m),
+        BLOCK_M=c.block_m,
+        BLOCK_N=c.block_n,
+        num_warps=c.num_warps,
+        num_stages=c.num_stages,
+        **common,
+    )
     c = cfgs["dq"]
     _attn_bwd_dq_kernel[(triton.cdiv(lq, c.block_m), batch * heads)](
-        q, k, v, do, dq, lse, m, l_sum, delta, sm_scale, heads, heads // hkv, lq, lk,
-        STATIC_END=_static_end(lk, c.block_n), BLOCK_M=c.block_m, BLOCK_N=c.block_n,
-        num_warps=c.num_warps, num_stages=c.num_stages, **common)
+        q,
+        k,
+        v,
+        do,
+        dq,
+        lse,
+        m,
+        l_sum,
+        delta,
+        sm_scale,
+        heads,
+        heads // hkv,
+        lq,
+        lk,
+        STATIC_END=_static_end(lk, c.block_n),
+        BLOCK_M=c.block_m,
+        BLOCK_N=c.block_n,
+        num_warps=c.num_warps,
+        num_stages=c.num_stages,
+        **common,
+    )
     return dq, dk, dv
 
 
@@ -663,15 +822,34 @@ class _AttnQatFunction(torch.autograd.Function):
     @staticmethod
     def backward(ctx, do):
         qh, kh, vh, o, o_hp, lse, m, l_sum = ctx.saved_tensors
-        dq, dk, dv = _backward_impl(do, qh, kh, vh, o, o_hp, lse, m, l_sum, ctx.causal,
-                                    ctx.sm_scale, ctx.recipe, ctx.in_kernel)
+        dq, dk, dv = _backward_impl(
+            do,
+            qh,
+            kh,
+            vh,
+            o,
+            o_hp,
+            lse,
+            m,
+            l_sum,
+            ctx.causal,
+            ctx.sm_scale,
+            ctx.recipe,
+            ctx.in_kernel,
+        )
         # STE: the fake quantizers pass dQ, dK, dV through unchanged.
         return dq, dk, dv, None, None, None, None
 
 
-def attn_qat(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool = False,
-             sm_scale: float | None = None, recipe: str = "attn-qat",
-             prequantize: bool = True) -> torch.Tensor:
+def attn_qat(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    causal: bool = False,
+    sm_scale: float | None = None,
+    recipe: str = "attn-qat",
+    prequantize: bool = True,
+) -> torch.Tensor:
     """Fused FP4 Attn-QAT attention; differentiable in q, k, v (see the module docstring).
 
     ``prequantize=True`` materializes Q^, K^, V^ once (faster; three input-sized tensors that
@@ -681,10 +859,17 @@ def attn_qat(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool = F
     return _AttnQatFunction.apply(q, k, v, bool(causal), sm_scale, recipe, bool(prequantize))
 
 
-def attn_qat_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool = False,
-                     sm_scale: float | None = None, recipe: str = "attn-qat",
-                     diagnostics: bool = False, store_p: bool = False,
-                     prequantize: bool = False) -> AttnQatForward:
+def attn_qat_forward(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    causal: bool = False,
+    sm_scale: float | None = None,
+    recipe: str = "attn-qat",
+    diagnostics: bool = False,
+    store_p: bool = False,
+    prequantize: bool = False,
+) -> AttnQatForward:
     """Forward only (no autograd): ``o, o_hp, lse, m, l`` and optional diagnostics.
 
     ``store_p=True`` (implies diagnostics) also returns every tile's pre-quantization P and its
@@ -697,18 +882,39 @@ def attn_qat_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: 
         q, k, v = _fake_quantize(q), _fake_quantize(k), _fake_quantize(v)
         in_kernel = False
     with torch.no_grad():
-        return _forward_impl(q, k, v, bool(causal), sm_scale, recipe, in_kernel,
-                             diagnostics or store_p, store_p)
+        return _forward_impl(
+            q, k, v, bool(causal), sm_scale, recipe, in_kernel, diagnostics or store_p, store_p
+        )
 
 
-def attn_qat_backward(do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
-                      fwd: AttnQatForward, causal: bool = False, sm_scale: float | None = None,
-                      recipe: str = "attn-qat") -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def attn_qat_backward(
+    do: torch.Tensor,
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    fwd: AttnQatForward,
+    causal: bool = False,
+    sm_scale: float | None = None,
+    recipe: str = "attn-qat",
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Backward kernels alone, from a forward result (q, k, v unquantized; quantized in-kernel)."""
     q, k, v, sm_scale = _prepare(q, k, v, recipe, sm_scale)
     with torch.no_grad():
-        return _backward_impl(do, q, k, v, fwd.o, fwd.o_hp, fwd.lse, fwd.m, fwd.l, bool(causal),
-                              sm_scale, recipe, recipe != "bf16")
+        return _backward_impl(
+            do,
+            q,
+            k,
+            v,
+            fwd.o,
+            fwd.o_hp,
+            fwd.lse,
+            fwd.m,
+            fwd.l,
+            bool(causal),
+            sm_scale,
+            recipe,
+            recipe != "bf16",
+        )
 
 
 class _CallableModule(types.ModuleType):

@@ -33,6 +33,10 @@ Functions (all ``@triton.jit``; shapes are any block shape unless stated):
 - ``mxfp4_quantize_rows(x, BLOCK: tl.constexpr) -> (codes uint8 [R, C], scale_bits uint8
   [R, C // BLOCK], scale float32 [R, C // BLOCK])``: MXFP4 with the ``rceil`` rule (BLOCK = 32).
 - ``mxfp4_fake_quantize_rows(x, BLOCK: tl.constexpr) -> float32 [R, C]``.
+- ``nvfp4_fake_quantize_nonneg_rows(x, BLOCK)``, ``mxfp4_quantize_nonneg_rows(x, BLOCK) ->
+  (codes, scale_bits, scale, values)``: the same results for finite x >= 0 (attention
+  probabilities) with cheaper element rounding (``e2m1_rne_nonneg_values(y)``: one exactly
+  rounded add; ``e2m1_nonneg_value_to_code(q)``).
 
 Exact op order of the NVFP4 block quantizer (fp4sim defaults: ``scale_amax_op="divide"``,
 ``scale_op="reciprocal"``, ``scale_lower_clamp=False``, ``zero_scale_codes="zeros"``):
@@ -320,8 +324,76 @@ def mxfp4_fake_quantize_rows(x, BLOCK: tl.constexpr):
     return tl.reshape(vals, (ROWS, COLS))
 
 
+@triton.jit
+def e2m1_rne_nonneg_values(y):
+    """E2M1 RNE-sat *value* of a finite float32 y >= 0, with one exactly rounded add.
+
+    The grid step is 0.5 below 2, 1 in [2, 4), 2 in [4, 6]; (y + step 2^23) - step 2^23 rounds y
+    to a multiple of the step, ties to the even multiple (IEEE RNE of the add: the sum's ulp is
+    the step), which is E2M1's ties-to-even (0.25->0, 0.75->1, 1.25->1, 1.75->2, 2.5->2,
+    3.5->4, 5->4; OCP MX v1.0 5.3.3). Equal to ``e2m1_decode(e2m1_rne_codes(y))`` there.
+    """
+    y = tl.minimum(y, 6.0)  # .satfinite
+    step = tl.where(y < 2.0, 0.5, tl.where(y < 4.0, 1.0, 2.0))
+    magic = step * 8388608.0  # step * 2^23 (exact)
+    return (y + magic) - magic
+
+
+@triton.jit
+def e2m1_nonneg_value_to_code(q):
+    """E2M1 code of a non-negative E2M1 value q (0, 0.5, ..., 6) from its float32 bits."""
+    bits = q.to(tl.uint32, bitcast=True)
+    # q >= 1: code = 2 * (exponent - 126) + top mantissa bit = (bits >> 22) - 252.
+    big = (bits >> 22).to(tl.int32) - 252
+    return tl.where(q < 1.0, (q * 2.0).to(tl.int32), big).to(tl.uint8)
+
+
+@triton.jit
+def nvfp4_fake_quantize_nonneg_rows(x, BLOCK: tl.constexpr):
+    """``nvfp4_fake_quantize_rows`` for finite x >= 0 (e.g. attention probabilities), cheaper.
+
+    Same op order (amax/6 by div_rn, E4M3 RNE, x * div_rn(1, s), E2M1 RNE; scale 0 -> 0); the
+    element rounding is ``e2m1_rne_nonneg_values`` (no codes). Bit-identical to the general
+    function on finite non-negative inputs (tested); NaN/Inf inputs are not supported.
+    """
+    ROWS: tl.constexpr = x.shape[0]
+    COLS: tl.constexpr = x.shape[1]
+    NB: tl.constexpr = COLS // BLOCK
+    xb = tl.reshape(x, (ROWS, NB, BLOCK))
+    amax = tl.max(xb, axis=2)
+    scale = e4m3_rne_sat(tl.math.div_rn(amax, tl.full(amax.shape, 6.0, tl.float32)))
+    recip = tl.math.div_rn(tl.full(scale.shape, 1.0, tl.float32), scale)
+    recip = tl.where(scale == 0, 0.0, recip)  # zero_scale_codes="zeros": the block is 0
+    q = e2m1_rne_nonneg_values(xb * recip[:, :, None])
+    return tl.reshape(q * scale[:, :, None], (ROWS, COLS))
+
+
+@triton.jit
+def mxfp4_quantize_nonneg_rows(x, BLOCK: tl.constexpr):
+    """``mxfp4_quantize_rows`` for finite x >= 0, cheaper: (codes, scale_bits, scale, values).
+
+    Bit-identical codes and scale bytes on finite non-negative inputs (tested); ``values`` is
+    the dequantized tile.
+    """
+    ROWS: tl.constexpr = x.shape[0]
+    COLS: tl.constexpr = x.shape[1]
+    NB: tl.constexpr = COLS // BLOCK
+    xb = tl.reshape(x, (ROWS, NB, BLOCK))
+    amax = tl.max(xb, axis=2)
+    byte = e8m0_rceil_bits(amax)
+    q = e2m1_rne_nonneg_values(xb * _neg_pow2_from_byte(byte)[:, :, None])  # x / 2^e exactly
+    scale = _pow2_from_byte(byte)
+    codes = tl.reshape(e2m1_nonneg_value_to_code(q), (ROWS, COLS))
+    values = tl.reshape(q * scale[:, :, None], (ROWS, COLS))
+    return codes, byte, scale, values
+
+
 __all__ = [
     "dequantize_rows",
+    "e2m1_nonneg_value_to_code",
+    "e2m1_rne_nonneg_values",
+    "mxfp4_quantize_nonneg_rows",
+    "nvfp4_fake_quantize_nonneg_rows",
     "e2m1_decode",
     "e4m3_decode",
     "e8m0_decode",

@@ -60,6 +60,11 @@ from kernels.quantize import BLOCK_SIZES, check_device, format_name, quantize_fp
 
 BLOCK_N = 64  # key tile width of the P quantization (the reference recipes' block_n)
 SUPPORTED_HEAD_DIMS = (64, 128)
+# Where the MXFP4 products use tl.dot_scaled (QK^T, PV) by head dim. On the H100 with Triton
+# 3.6 (2026-11-25) the d = 64 MXFP4 kernel through dot_scaled gave wrong outputs (relative
+# error 0.81 vs SDPA, against 0.26 for d = 128), see docs/bench/kernels-inference.md; such
+# products use the in-register decode instead.
+_MX_DOT_SCALED_DEFAULT: dict[int, tuple[bool, bool]] = {64: (False, False), 128: (True, True)}
 
 __all__ = ["BLOCK_N", "fp4_inference_attention", "pack_for_inference"]
 
@@ -131,7 +136,9 @@ def _fp4_inference_fwd_kernel(
     BLOCK: tl.constexpr,
     IS_MX: tl.constexpr,
     CAUSAL: tl.constexpr,
-    DOT_SCALED: tl.constexpr,
+    DOT_SCALED_QK: tl.constexpr,
+    DOT_SCALED_PV: tl.constexpr,
+    QUANT_P: tl.constexpr,
     UPCAST: tl.constexpr,
     STATIC_END: tl.constexpr,
 ):
@@ -157,7 +164,7 @@ def _fp4_inference_fwd_kernel(
 
     q_pk = _load_rows(q_ptr + bh * LQ * D2, offs_m, m_mask, D2)
     q_sb = _load_rows(qs_ptr + bh * LQ * DS, offs_m, m_mask, DS)
-    if not DOT_SCALED:
+    if not DOT_SCALED_QK:
         q_hat = _decode(q_pk, q_sb, BLOCK, IS_MX)
 
     m_i = tl.full((BLOCK_M,), float("-inf"), tl.float32)
@@ -176,7 +183,7 @@ def _fp4_inference_fwd_kernel(
         n_mask = offs_n < LK
         k_pk = _load_rows(k_base, offs_n, n_mask, D2)
         k_sb = _load_rows(ks_base, offs_n, n_mask, DS)
-        if DOT_SCALED:
+        if DOT_SCALED_QK:
             qk = tl.dot_scaled(q_pk, q_sb, "e2m1", tl.trans(k_pk), k_sb, "e2m1")
         else:
             k_hat = _decode(k_pk, k_sb, BLOCK, IS_MX)
@@ -207,18 +214,28 @@ def _fp4_inference_fwd_kernel(
             mask=vks[None, :] < LKP // BLOCK,
             other=0,
         )
-        if IS_MX:
-            p_codes, p_sb, p_scale = fp4_jit.mxfp4_quantize_rows(p, BLOCK)
-        else:
-            p_codes, p_sb, p_scale = fp4_jit.nvfp4_quantize_rows(p, BLOCK)
-        if DOT_SCALED:
-            acc = tl.dot_scaled(
-                fp4_jit.pack_fp4_rows(p_codes), p_sb, "e2m1", tl.trans(v_pk), v_sb, "e2m1", acc
-            )
-        else:
-            p_tilde = fp4_jit.dequantize_rows(p_codes, p_scale, BLOCK)  # exact in bf16
+        if not QUANT_P:  # benchmark ablation only (a different function: P not quantized)
             v_hat = _decode(v_pk, v_sb, BLOCK, IS_MX)
-            acc = _dot(p_tilde, tl.trans(v_hat), acc, UPCAST)
+            acc = _dot(p, tl.trans(v_hat), acc, UPCAST)
+        else:
+            # P is finite and >= 0: the cheaper non-negative quantizers, bit-identical there.
+            if IS_MX:
+                p_codes, p_sb, _ps, p_tilde = fp4_jit.mxfp4_quantize_nonneg_rows(p, BLOCK)
+            else:
+                p_tilde = fp4_jit.nvfp4_fake_quantize_nonneg_rows(p, BLOCK)
+            if DOT_SCALED_PV:
+                acc = tl.dot_scaled(
+                    fp4_jit.pack_fp4_rows(p_codes),
+                    p_sb,
+                    "e2m1",
+                    tl.trans(v_pk),
+                    v_sb,
+                    "e2m1",
+                    acc,
+                )
+            else:
+                v_hat = _decode(v_pk, v_sb, BLOCK, IS_MX)
+                acc = _dot(p_tilde, tl.trans(v_hat), acc, UPCAST)  # P~ exact in bf16
 
     l_safe = tl.where(l_i > 0, l_i, 1.0)
     o = tl.where(l_i[:, None] > 0, acc / l_safe[:, None], 0.0)  # no visible key -> 0
@@ -249,16 +266,19 @@ def fp4_inference_attention(
     block_m: int | None = None,
     num_warps: int | None = None,
     num_stages: int | None = None,
-    mx_dot_scaled: bool = True,
+    mx_dot_scaled: bool | tuple[bool, bool] | None = None,
+    _quantize_p: bool = True,
 ) -> torch.Tensor:
     """FP4 attention forward on packed inputs (layout in the module docstring) -> bf16 O.
 
     ``fmt``: 'nvfp4' or 'mxfp4' (all of Q, K, V, P in that format). ``sm_scale`` defaults to
     1/sqrt(d). ``head_dim``, if given, must equal 2 * q_packed.shape[-1]. ``block_m``,
     ``num_warps``, ``num_stages`` override the launch configuration (tuning only).
-    ``mx_dot_scaled=False`` makes the MXFP4 path decode in registers like NVFP4 instead of
-    ``tl.dot_scaled`` (a cross-check; under the interpreter it is always so, see the module
-    docstring).
+    ``mx_dot_scaled``: None (the verified default per head dim, ``_MX_DOT_SCALED_DEFAULT``), a
+    bool, or (for QK^T, for PV): whether MXFP4 products use ``tl.dot_scaled`` or decode in
+    registers like NVFP4 (a cross-check; under the interpreter always the decode, see the module
+    docstring). ``_quantize_p=False`` is a benchmark ablation only (P is not quantized, so the
+    function differs).
     Returns O (B, H, Lq, d) in bfloat16.
     """
     name = format_name(fmt)
@@ -322,6 +342,12 @@ def fp4_inference_attention(
         num_warps = 8 if block_m >= 128 else 4
     if num_stages is None:
         num_stages = 2 if d == 128 else 3
+    if mx_dot_scaled is None:
+        mx_dot_scaled = _MX_DOT_SCALED_DEFAULT.get(d, (False, False))
+    elif isinstance(mx_dot_scaled, bool):
+        mx_dot_scaled = (mx_dot_scaled, mx_dot_scaled)
+    use_ds = name == "mxfp4" and on_gpu
+    use_ds_qk, use_ds_pv = use_ds and mx_dot_scaled[0], use_ds and mx_dot_scaled[1]
     grid = (triton.cdiv(lq, block_m), bsz * heads)
     _fp4_inference_fwd_kernel[grid](
         q_packed,
@@ -343,7 +369,9 @@ def fp4_inference_attention(
         BLOCK=blk,
         IS_MX=name == "mxfp4",
         CAUSAL=bool(causal),
-        DOT_SCALED=name == "mxfp4" and on_gpu and mx_dot_scaled,
+        DOT_SCALED_QK=use_ds_qk,
+        DOT_SCALED_PV=use_ds_pv,
+        QUANT_P=_quantize_p,
         UPCAST=not on_gpu,
         STATIC_END=0 if on_gpu else lk,
         num_warps=num_warps,

@@ -115,7 +115,8 @@ def _tensor_scale_value(x: torch.Tensor, tensor_scale: object) -> torch.Tensor |
         amax = x.abs().amax().to(torch.float32)  # NaN propagates (torch.amax)
         amax = torch.clamp(amax, max=torch.finfo(torch.float32).max)  # Inf counts as FLT_MAX
         t = amax / torch.tensor(NVFP4_TENSOR_SCALE_DIVISOR, dtype=torch.float32, device=x.device)
-        return torch.where(amax == 0, torch.ones_like(t), t)  # all-zero tensor: t = 1 (fp4sim)
+        t = torch.where(amax == 0, torch.ones_like(t), t)  # all-zero tensor: t = 1 (fp4sim)
+        return torch.where(torch.isnan(t), torch.full_like(t, float("nan")), t)  # canonical NaN
     if isinstance(tensor_scale, (int, float)) and not isinstance(tensor_scale, bool):
         return torch.tensor(float(tensor_scale), dtype=torch.float32, device=x.device)
     if isinstance(tensor_scale, torch.Tensor) and tensor_scale.numel() == 1:

@@ -64,7 +64,8 @@ def slow_e2m1_stochastic(v: float, word: int, nan: str = "ptx") -> int:
 
 
 def oracle_e2m1_codes(y: np.ndarray, nan: str) -> np.ndarray:
-    codes = np.asarray(y, dtype=np.float32).astype(F4).view(np.uint8).copy()
+    with np.errstate(invalid="ignore", over="ignore"):
+        codes = np.asarray(y, dtype=np.float32).astype(F4).view(np.uint8).copy()
     if nan == "ptx":
         codes[np.isnan(y)] = 7
     return codes
@@ -114,8 +115,8 @@ def reference_quantize(x: np.ndarray, fmt: str = "nvfp4", axis: int = -1, nan: s
             t = None
             if tensor_scale == "amax":
                 tensor_amax = np.max(amax) if blocks.size else np.float32(0)
-                t = (np.float32(1) if tensor_amax == 0
-                     else np.float32(tensor_amax / np.float32(2688)))
+                t = np.float32(tensor_amax / np.float32(2688))
+                t = np.float32(1) if t == 0 else t  # zero or underflowing tensor amax
             elif tensor_scale is not None:
                 t = np.float32(tensor_scale)
             if scale_amax_op == "divide":

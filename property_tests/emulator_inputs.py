@@ -18,7 +18,21 @@ from hypothesis import strategies as st
 # FP4_FORMATS.md: the E2M1 rounding ties.
 E2M1_TIES = np.array([0.25, 0.75, 1.25, 1.75, 2.5, 3.5, 5.0], dtype=np.float32)
 E2M1_GRID = np.array([0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0], dtype=np.float32)
-KINDS = ("student_t", "lognormal", "outlier_channels", "zero_blocks", "ties")
+KINDS = ("student_t", "lognormal", "outlier_channels", "zero_blocks", "ties", "scale_ties")
+
+
+def _e4m3_positive_values() -> np.ndarray:
+    """All finite positive E4M3 values, from the format's fields (OCP OFP8: bias 7)."""
+    codes = np.arange(1, 0x7F)
+    exponent, mantissa = codes >> 3, codes & 7
+    return np.where(exponent == 0, mantissa * 2.0**-9,
+                    (1 + mantissa / 8) * 2.0 ** (exponent - 7)).astype(np.float32)
+
+
+E4M3_POSITIVE = _e4m3_positive_values()
+# Midpoints of consecutive E4M3 values: a block scale amax/6 landing here is an E4M3 tie.
+E4M3_MIDPOINTS = ((E4M3_POSITIVE[:-1].astype(np.float64) + E4M3_POSITIVE[1:]) / 2).astype(
+    np.float32)
 
 
 @dataclass(frozen=True)
@@ -62,12 +76,30 @@ def make_blocks(case: BlockCase) -> np.ndarray:
         blocks[negative_zero] = -0.0
         x = blocks.reshape(shape)
     elif case.kind == "ties":
+        # Element ties: x = tie * s with block max 6 * s, so that the NVFP4 scale is exactly
+        # s and x / s is exactly a tie. s is a power of two (exact for MX too) in half of the
+        # blocks and an E4M3 value with a mantissa (1/s inexact in float32) in the others.
         ties = rng.choice(np.concatenate([E2M1_TIES, E2M1_GRID]), size=shape).astype(np.float32)
         near = rng.random(shape) < 0.3
         ties[near] = _ulp_neighbours(ties[near], rng)
         x = ties * rng.choice([-1.0, 1.0], size=shape)
         blocks = x.reshape(case.rows, case.blocks, case.block_size)
         blocks[:, :, 0] = 6.0 * rng.choice([-1.0, 1.0], size=(case.rows, case.blocks))
+        normal_e4m3 = E4M3_POSITIVE[(E4M3_POSITIVE >= 2.0**-6) & (E4M3_POSITIVE <= 64)]
+        s = np.where(rng.random((case.rows, case.blocks)) < 0.5, 1.0,
+                     rng.choice(normal_e4m3, size=(case.rows, case.blocks)))
+        x = (blocks * s[..., None]).reshape(shape)
+    elif case.kind == "scale_ties":
+        # Scale ties: block max = 6 * (an E4M3 midpoint), +-2 ulps, so amax / 6 is at or next
+        # to an E4M3 tie (where amax / 6 and amax * float32(1/6) can round differently);
+        # the other elements are Student-t below the max.
+        x = rng.standard_t(3.0, size=shape)
+        blocks = x.reshape(case.rows, case.blocks, case.block_size)
+        mid = rng.choice(E4M3_MIDPOINTS[E4M3_MIDPOINTS <= 64], size=(case.rows, case.blocks))
+        amax = _ulp_neighbours((6.0 * mid.astype(np.float64)).astype(np.float32), rng)
+        scale = amax / np.maximum(np.max(np.abs(blocks), axis=-1), 1e-30) * 0.999
+        blocks *= scale[..., None]
+        blocks[:, :, 0] = amax * rng.choice([-1.0, 1.0], size=(case.rows, case.blocks))
         x = blocks.reshape(shape)
     else:
         raise ValueError(f"unknown kind {case.kind!r}")

@@ -55,6 +55,19 @@ def emulator_mxfp4(x: Any) -> tuple[np.ndarray, np.ndarray, None]:
     return np.asarray(q.packed), np.asarray(q.scale_bits), None
 
 
+def emulator_nvfp4_amax(x: Any) -> tuple[np.ndarray, np.ndarray, np.float32]:
+    """Correct: the emulator with an amax tensor scale."""
+    q = fp4sim.quantize(_as_float32(x), "nvfp4", axis=-1, tensor_scale="amax")
+    return np.asarray(q.packed), np.asarray(q.scale_bits), np.float32(q.tensor_scale)
+
+
+def triton_nvfp4_amax(x: Any) -> Any:
+    """Correct (expected): kernels.quantize_fp4 with an amax tensor scale."""
+    import kernels
+
+    return kernels.quantize_fp4(torch.as_tensor(_as_float32(x)), "nvfp4", tensor_scale="amax")
+
+
 def torch_reference_nvfp4(x: Any) -> tuple[np.ndarray, np.ndarray, None]:
     """Correct: the reference's independent torch quantizer."""
     codes, scale_bits, _, _ = reference.quantize_torch(torch.as_tensor(_as_float32(x)), "nvfp4")
@@ -358,10 +371,34 @@ MUTANTS: dict[str, tuple[str, str, str, tuple[str, ...], str]] = {
     ),
 }
 
+# Triton kernels: run only with CUDA or TRITON_INTERPRET=1 (see test_check_mutants.py).
+TRITON_CORRECT: dict[str, tuple[str, str, str, tuple[str, ...]]] = {
+    "triton_nvfp4": ("quantizer", f"{_MOD}:triton_nvfp4", "nvfp4", ()),
+    "triton_mxfp4": ("quantizer", f"{_MOD}:triton_mxfp4", "mxfp4", ()),
+    "triton_nvfp4_amax": (
+        "quantizer",
+        f"{_MOD}:triton_nvfp4_amax",
+        "nvfp4",
+        ("--tensor-scale", "amax"),
+    ),
+    "triton_attention": (
+        "attention",
+        f"{_MOD}:triton_attention",
+        "attn-qat",
+        ("--dtypes", "bfloat16,float16"),
+    ),
+}
+
 # name -> (kind, kernel path, format or recipe, extra CLI args)
 CORRECT: dict[str, tuple[str, str, str, tuple[str, ...]]] = {
     "emulator_nvfp4": ("quantizer", f"{_MOD}:emulator_nvfp4", "nvfp4", ()),
     "emulator_mxfp4": ("quantizer", f"{_MOD}:emulator_mxfp4", "mxfp4", ()),
+    "emulator_nvfp4_amax": (
+        "quantizer",
+        f"{_MOD}:emulator_nvfp4_amax",
+        "nvfp4",
+        ("--tensor-scale", "amax"),
+    ),
     "torch_reference_nvfp4": ("quantizer", f"{_MOD}:torch_reference_nvfp4", "nvfp4", ()),
     "reference_attention": ("attention", f"{_MOD}:reference_attention", "attn-qat", ()),
     "reference_attention_causal": (

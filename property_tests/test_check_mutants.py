@@ -10,12 +10,14 @@ docs/bench/testing.md; also runnable as a script:
 from __future__ import annotations
 
 import argparse
+import os
 import statistics
 import sys
 import time
 from pathlib import Path
 
 import pytest
+import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
@@ -46,9 +48,11 @@ def run_check(
     """Run one check through the Python API with the settings the CLI would use (``fast``:
     the small inputs of the default CI run)."""
     if kind == "quantizer":
+        settings = (("tensor_scale", "amax"),) if "--tensor-scale" in extra else ()
         config = check.QuantizerCheckConfig(
             kernel=kernel,
             fmt=target,
+            settings=settings,
             examples=examples,
             seed=seed,
             **(FAST_QUANTIZER if fast else {"shrink_seconds": shrink_seconds}),
@@ -58,6 +62,9 @@ def run_check(
         kernel=kernel,
         recipe=target,
         causal="--causal" in extra,
+        dtypes=("bfloat16", "float16")
+        if "--dtypes" in extra
+        else ("float32", "bfloat16", "float16"),
         examples=examples,
         seed=seed,
         **({**FAST_ATTENTION, **(overrides or {})} if fast else {"shrink_seconds": shrink_seconds}),
@@ -72,6 +79,23 @@ def test_check_passes_correct_kernels(name: str) -> None:
     for seed in (0, 1):
         result = run_check(kind, kernel, target, extra, examples=examples, seed=seed, fast=True)
         assert result.ok, f"{name} flagged (seed {seed}):\n{result.diagnosis}"
+
+
+def _triton_runs() -> bool:
+    return torch.cuda.is_available() or os.environ.get("TRITON_INTERPRET") == "1"
+
+
+@pytest.mark.interpreter
+@pytest.mark.skipif(not _triton_runs(), reason="Triton needs CUDA or TRITON_INTERPRET=1")
+@pytest.mark.parametrize("name", sorted(mutant_kernels.TRITON_CORRECT))
+def test_check_passes_triton_kernels(name: str) -> None:
+    kind, kernel, target, extra = mutant_kernels.TRITON_CORRECT[name]
+    examples = 20 if kind == "quantizer" else 2  # the interpreter runs ~10 s per attention call
+    overrides = {"max_len": 24} if kind == "attention" else None
+    result = run_check(
+        kind, kernel, target, extra, examples=examples, seed=0, fast=True, overrides=overrides
+    )
+    assert result.ok, f"{name} flagged:\n{result.diagnosis}"
 
 
 # Diagnoses the mutants must produce (a substring of one likely cause).

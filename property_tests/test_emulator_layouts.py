@@ -81,7 +81,8 @@ def test_two_level_equals_manual_composition(x):
     p = np.abs(x)  # probabilities are non-negative; the rule does not need it
     tq = fp4sim.quantize_two_level(p, axis=-1)
     rowmax = np.max(p, axis=-1, keepdims=True)
-    s1 = np.where(rowmax == 0, np.float32(1), rowmax / np.float32(2688)).astype(np.float32)
+    s1 = (rowmax / np.float32(2688)).astype(np.float32)
+    s1 = np.where(s1 == 0, np.float32(1), s1)  # zero or underflowing row max
     np.testing.assert_array_equal(tq.row_scales, s1)
     inner = fp4sim.quantize((p / s1).astype(np.float32), "nvfp4")
     np.testing.assert_array_equal(tq.inner.codes, inner.codes)
@@ -95,6 +96,16 @@ def test_two_level_keeps_small_probability_rows():
     p = np.full((1, 256), 1.0 / 512, dtype=np.float32)
     assert np.all(fp4sim.fake_quantize(p, "nvfp4") == 0)
     np.testing.assert_array_equal(fp4sim.fake_quantize_two_level(p), p)
+
+
+def test_two_level_row_scale_never_zero():
+    p = np.zeros((3, 16), np.float32)
+    p[1, 0] = np.float32(1e-43)  # 1e-43 / 2688 underflows to 0 in float32
+    p[2, 0] = np.float32(1e-3)
+    tq = fp4sim.quantize_two_level(p)
+    np.testing.assert_array_equal(tq.row_scales[:, 0],
+                                  np.float32([1, 1, np.float32(1e-3) / np.float32(2688)]))
+    assert np.all(np.isfinite(fp4sim.dequantize_two_level(tq)))
 
 
 def test_two_level_rejects_tensor_scale():

@@ -71,7 +71,7 @@ UNIT_ROUNDOFF_F32 = 2.0**-24
 
 if HAS_CUDA:
     SHAPES = dict(head_dims=(64, 128), max_batch=2, max_kv_heads=2, max_group=2, max_len=300)
-    EXAMPLES = 15
+    EXAMPLES = 10
 else:
     SHAPES = dict(head_dims=(64,), max_batch=1, max_kv_heads=1, max_group=2, max_len=48)
     EXAMPLES = 8
@@ -344,12 +344,12 @@ def test_qkv_fake_quantization_bit_exact():
 
 
 @triton.jit
-def _both_quantizers(X, A, B, COLS: tl.constexpr):
+def _both_quantizers(X, A, B, COLS: tl.constexpr, INTERPRET: tl.constexpr):
     r = tl.arange(0, 16)
     c = tl.arange(0, COLS)
     offs = r[:, None] * COLS + c[None, :]
     x = tl.load(X + offs)
-    tl.store(A + offs, _fake_quantize_probs(x))
+    tl.store(A + offs, _fake_quantize_probs(x, INTERPRET))
     tl.store(B + offs, nvfp4_fake_quantize_rows(x, 16))
 
 
@@ -370,7 +370,7 @@ def test_probability_quantizer_matches_fp4_jit():
     x = torch.stack(rows + [torch.rand(64, generator=gen) ** 4 for _ in range(8)])
     x = x.to(torch.float32).to(DEVICE).contiguous()
     a, b = torch.empty_like(x), torch.empty_like(x)
-    _both_quantizers[(1,)](x, a, b, COLS=64)
+    _both_quantizers[(1,)](x, a, b, COLS=64, INTERPRET=not HAS_CUDA)
     assert torch.equal(a.view(torch.int32), b.view(torch.int32))
 
 

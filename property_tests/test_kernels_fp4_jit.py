@@ -144,3 +144,52 @@ def test_elementwise_test_can_fail() -> None:
     got = _run_elementwise(x)
     assert list(got["e2m1"][:4]) == [0, 2, 4, 6]
     assert list(got["e2m1"][:4]) != [1, 2, 5, 7]  # what ties-away would give
+
+
+@triton.jit
+def _nonneg_kernel(x_ptr, out_ptr, R: tl.constexpr, C: tl.constexpr):
+    offs = tl.arange(0, R)[:, None] * C + tl.arange(0, C)[None, :]
+    x = tl.load(x_ptr + offs)
+    nv_general = fp4_jit.nvfp4_fake_quantize_rows(x, 16)
+    nv_fast = fp4_jit.nvfp4_fake_quantize_nonneg_rows(x, 16)
+    mx_codes, mx_bits, _s, mx_vals = fp4_jit.mxfp4_quantize_nonneg_rows(x, 32)
+    mx_codes_g, mx_bits_g, _sg = fp4_jit.mxfp4_quantize_rows(x, 32)
+    mx_vals_g = fp4_jit.mxfp4_fake_quantize_rows(x, 32)
+    nv_diff = nv_general.to(tl.uint32, bitcast=True) != nv_fast.to(tl.uint32, bitcast=True)
+    mx_diff = (mx_codes != mx_codes_g) | (
+        mx_vals.to(tl.uint32, bitcast=True) != mx_vals_g.to(tl.uint32, bitcast=True)
+    )
+    byte_diff = tl.reshape(
+        tl.broadcast_to((mx_bits != mx_bits_g)[:, :, None], (R, C // 32, 32)), (R, C)
+    )
+    tl.store(out_ptr + offs, nv_diff.to(tl.int32) + 2 * mx_diff.to(tl.int32) + 4 * byte_diff)
+
+
+@pytest.mark.parametrize("seed", [0, 1])
+def test_nonneg_quantizers_equal_general_ones(seed: int) -> None:
+    """The cheaper P quantizers (x >= 0) give bit-identical values, codes and scale bytes."""
+    rng = np.random.default_rng(seed)
+    rows, cols = 64, 64
+    ties = np.array([0.25, 0.75, 1.25, 1.75, 2.5, 3.5, 5.0])
+    x = rng.random((rows, cols)) * np.exp(rng.normal(0, 3, (rows, 1)))  # P-like magnitudes
+    # Rows 0..15: exact E2M1 ties after a power-of-two block scale (block amax 6 * 2^e).
+    for r in range(16):
+        e = 2.0 ** rng.integers(-10, 2)
+        x[r] = rng.choice(ties, cols) * e
+        x[r, ::16] = 6 * e
+    x = x.astype(np.float32)
+    x[16:24] = _neighbours_rows(x[:8])  # one float32 ulp off the ties
+    x[24:28] *= np.float32(2.0**-12)  # blocks at the NVFP4 flush threshold
+    x[28, :] = 0.0
+    x[29, :32] = 0.0
+    got = torch.full((rows, cols), -1, dtype=torch.int32, device=DEVICE)
+    _nonneg_kernel[(1,)](torch.from_numpy(x).to(DEVICE), got, rows, cols)
+    got = got.cpu().numpy()
+    assert got.min() >= 0, "every element written"
+    assert not got.any(), np.argwhere(got != 0)[:5]
+
+
+def _neighbours_rows(x: np.ndarray) -> np.ndarray:
+    up = np.nextafter(x, np.float32(np.inf))
+    down = np.nextafter(x, np.float32(0))
+    return np.where(np.arange(x.shape[1]) % 2 == 0, up, down).astype(np.float32)

@@ -48,7 +48,7 @@ pytestmark = [
 ]
 DEVICE = "cuda" if ON_GPU else "cpu"
 # The interpreter runs a kernel in about a second at these sizes: few examples there.
-_EXAMPLES = 25 if ON_GPU else 4
+_EXAMPLES = 12 if ON_GPU else 4
 _HEAVY = (
     "gaussian",
     "student_t",

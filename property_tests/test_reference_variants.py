@@ -9,10 +9,11 @@ plain dense torch (P~ quantized per row of the normalized P with ``quantize_torc
 from __future__ import annotations
 
 import dataclasses
+import math
 
 import pytest
 import torch
-from hypothesis import given
+from hypothesis import assume, given
 from hypothesis import strategies as st
 from reference_inputs import assert_within, attn_cases, make_inputs, rounding_bound
 
@@ -66,11 +67,11 @@ def _independent(variant, fwd, q, k, v, do, causal, h):
     b, _, _, d = dk.shape
     dk = dk.reshape(b, -1, group, lk, d).sum(2)
     dv = dv.reshape(b, -1, group, lk, d).sum(2)
-    return dq, dk, dv
+    return (dq, dk, dv), float(p.sum(-1).max())
 
 
-@given(case=attn_cases(max_lk=100), variant=st.sampled_from(sorted(TABLE)),
-       block_n=st.sampled_from((16, 64)))
+@pytest.mark.parametrize("variant", sorted(TABLE))
+@given(case=attn_cases(max_lk=100), block_n=st.sampled_from((16, 64)))
 def test_variant_equals_its_table_row(case, variant, block_n):
     recipe = dataclasses.replace(reference.get_recipe("attn-qat"), block_n=block_n)
     q, k, v = make_inputs(case)
@@ -79,10 +80,15 @@ def test_variant_equals_its_table_row(case, variant, block_n):
     fwd = reference.fp4_attention_forward(q, k, v, recipe, causal=case.causal,
                                           accum_dtype=torch.float64)
     got = reference.attention_backward(variant, fwd, q, k, v, do, recipe, case.causal)
-    want = _independent(variant, fwd, q, k, v, do, case.causal, case.h)
+    want, p_mass = _independent(variant, fwd, q, k, v, do, case.causal, case.h)
+    # drop_in's P = exp(QK^T - LSE_fp4) is not normalized (row sums reach 1e12 on heavy tails:
+    # the instability the paper reports); the rounding bound scales with the largest row sum
+    # (and overflow to Inf, giving NaN gradients: such draws are skipped)
+    assume(math.isfinite(p_mass))
+    scale = max(1.0, p_mass)
     tau = default_sm_scale(case.d, None)
     bound = rounding_bound(torch.maximum(q.abs(), fwd.q_hat.abs()),
                            torch.maximum(k.abs(), fwd.k_hat.abs()),
                            torch.maximum(v.abs(), fwd.v_hat.abs()), do, tau)
     for name, a, b in zip(("dq", "dk", "dv"), got, want, strict=True):
-        assert_within(a, b, bound[name], f"{variant} {name}")
+        assert_within(a, b, scale * bound[name], f"{variant} {name}")

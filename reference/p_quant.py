@@ -30,6 +30,7 @@ from reference.quant_torch import (
     mxfp4_blocks,
     nvfp4_blocks,
     tensor_scale_from_amax,
+    true_divide,
 )
 from reference.recipes import QuantSpec
 
@@ -89,7 +90,7 @@ def quantize_p_tiles(
     if policy == "two_level":
         # FP4_FORMATS.md two-level: s1 = rowmax(P_r) / (448 * 6), per row segment of a tile
         rowmax = p32.amax(dim=-1, keepdim=True)
-        s1 = rowmax / (E4M3_MAX * E2M1_MAX)
+        s1 = true_divide(rowmax, E4M3_MAX * E2M1_MAX)
         s1_safe = torch.where(s1 > 0, s1, torch.ones_like(s1))
         blocks = _blocked(p32 / s1_safe, blk)
         q = nvfp4_blocks(blocks, None, **_nvfp4_kwargs(spec))

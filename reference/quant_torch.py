@@ -67,12 +67,29 @@ def _check_fmt(fmt) -> str:
     return name.lower()
 
 
+def true_divide(x: torch.Tensor, c: float) -> torch.Tensor:
+    """Correctly rounded ``x / c`` on every device.
+
+    CUDA turns division by a CPU scalar into multiplication by its reciprocal, which changes
+    results on rounding ties (FP4_FORMATS.md: amax/6 vs amax*(1/6) are different rules); a
+    0-dim tensor on x's device takes the ordinary division kernel.
+    """
+    return x / torch.tensor(c, dtype=x.dtype, device=x.device)
+
+
+def reciprocal(x: torch.Tensor) -> torch.Tensor:
+    """Correctly rounded 1 / x (tensor / tensor division)."""
+    return torch.ones_like(x) / x
+
+
 def _sign_bit(x: torch.Tensor) -> torch.Tensor:
     return x.contiguous().view(torch.int32) < 0
 
 
 def e2m1_encode_torch(x: torch.Tensor, nan: str = "ptx") -> torch.Tensor:
     """E2M1 codes (uint8, sign in bit 3) of ``x`` by RNE with saturation on the float32 value."""
+    if nan not in ("ptx", "ml_dtypes"):
+        raise ValueError(f"nan must be 'ptx' or 'ml_dtypes', got {nan!r}")
     x = x.to(torch.float32)
     a = x.abs()
     # OCP MX v1.0 5.3.3 / FP4_FORMATS.md: RNE thresholds; ties go to 0, 1, 2, 4 (even codes).
@@ -87,15 +104,12 @@ def e2m1_encode_torch(x: torch.Tensor, nan: str = "ptx") -> torch.Tensor:
     )
     sign = _sign_bit(x)
     codes = mag | (sign.to(torch.uint8) << 3)  # FP4_FORMATS.md: negatives rounding to 0 keep sign
-    isnan = torch.isnan(x)
     if nan == "ptx":
         nan_codes = torch.full_like(codes, 7)  # FP4_FORMATS.md: PTX cvt gives +6 for NaN
-    elif nan == "ml_dtypes":
+    else:
         # FP4_FORMATS.md: ml_dtypes gives zero with the sign flipped
         nan_codes = torch.where(sign, 0, 8).to(torch.uint8)
-    else:
-        raise ValueError(f"nan must be 'ptx' or 'ml_dtypes', got {nan!r}")
-    return torch.where(isnan, nan_codes, codes)
+    return torch.where(torch.isnan(x), nan_codes, codes)
 
 
 def e2m1_decode_torch(codes: torch.Tensor) -> torch.Tensor:
@@ -216,9 +230,10 @@ def nvfp4_blocks(
     nanblock = torch.isnan(blocks).any(dim=-1)
     amax = torch.where(nanblock, float("nan"), _saturate_inf(amax))
     if scale_amax_op == "divide":
-        s = amax / 6.0  # FP4_FORMATS.md: block scale amax/6 (float32 division)
+        s = true_divide(amax, 6.0)  # FP4_FORMATS.md: block scale amax/6 (float32 division)
     elif scale_amax_op == "reciprocal":
-        s = amax * torch.tensor(1.0 / 6.0, dtype=torch.float32)  # FP4_FORMATS.md: amax*(1/6)
+        # FP4_FORMATS.md: amax * float32(1/6)
+        s = amax * torch.tensor(1.0 / 6.0, dtype=torch.float32, device=amax.device)
     else:
         raise ValueError(f"scale_amax_op must be 'divide' or 'reciprocal', got {scale_amax_op!r}")
     if tensor_scale is not None:
@@ -230,7 +245,7 @@ def nvfp4_blocks(
     total = scales if tensor_scale is None else scales * tensor_scale
     total_e = total.unsqueeze(-1)
     if scale_op == "reciprocal":
-        scaled = blocks * (1.0 / total_e)  # FP4_FORMATS.md: x * (1/s) default
+        scaled = blocks * reciprocal(total_e)  # FP4_FORMATS.md: x * (1/s) default
     elif scale_op == "divide":
         scaled = blocks / total_e
     else:
@@ -248,7 +263,7 @@ def nvfp4_blocks(
         )
     values = e2m1_decode_torch(codes) * total_e
     if scale_op == "reciprocal":
-        scaled_max = amax * (1.0 / total)
+        scaled_max = amax * reciprocal(total)
     else:
         scaled_max = amax / total
     flushed = _flushed(amax, total, scaled_max)
@@ -288,7 +303,7 @@ def mx_scale_bytes(amax: torch.Tensor, rule: str) -> torch.Tensor:
     a = _saturate_inf(amax)
     if rule == "rceil":
         # FP4_FORMATS.md: ceil(log2(amax / 6)) on the float32 quotient (PTX cvt.rp ue8m0)
-        byte = _biased_log2(_f32_bits(a / 6.0), ceil=True)
+        byte = _biased_log2(_f32_bits(true_divide(a, 6.0)), ceil=True)
     elif rule == "floor":
         byte = _biased_log2(_f32_bits(a), ceil=False) - 2  # OCP MX 6.3: floor(log2 amax) - 2
     elif rule == "even":
@@ -335,7 +350,7 @@ def tensor_scale_from_amax(amax: torch.Tensor) -> torch.Tensor:
     """NVFP4 tensor scale float32(amax_tensor / (448 * 6)) (FP4_FORMATS.md); an all-zero
     tensor gets 1, Inf counts as the largest float32, NaN gives NaN (every block NaN)."""
     a = _saturate_inf(amax.to(torch.float32))
-    return torch.where(a == 0, 1.0, a / (E4M3_MAX * E2M1_MAX))
+    return torch.where(a == 0, 1.0, true_divide(a, E4M3_MAX * E2M1_MAX))
 
 
 def quantize_torch_full(x: torch.Tensor, fmt="nvfp4", axis: int = -1, **settings) -> TorchQuantized:

@@ -36,8 +36,16 @@ def _finding_kind(holds: bool | None) -> str:
     return "info" if holds is None else ("good" if holds else "bad")
 
 
+def _finding_callout(page: HtmlReport, finding: dict[str, Any]) -> None:
+    page.callout(
+        finding.get("headline") or finding["text"],
+        kind=_finding_kind(finding.get("holds")),
+        points=finding.get("points") or (),
+    )
+
+
 def _principle_block(page: HtmlReport, report: dict[str, Any], finding: dict[str, Any]) -> None:
-    page.callout(finding["text"], kind=_finding_kind(finding["holds"]))
+    _finding_callout(page, finding)
     with page.row():
         page.figure(
             figures.principle_figure(report["cases"], report["settings"]["variants"]),
@@ -77,7 +85,7 @@ def _principle_block(page: HtmlReport, report: dict[str, Any], finding: dict[str
 
 
 def _p_mass_block(page: HtmlReport, finding: dict[str, Any]) -> None:
-    page.callout(finding["text"], kind=_finding_kind(finding["holds"]))
+    _finding_callout(page, finding)
     if not finding["rows"]:
         return
     with page.row():

@@ -31,6 +31,8 @@ VARIANT_COLORS: dict[str, str] = {
     "kernel": "#e16f24",
 }
 RECIPE_COLORS = ["#0969da", "#1a7f37", "#cf222e", "#8250df", "#bf8700", "#6e7781", "#e16f24"]
+LOG_FLOOR = 1e-8
+"""Bars on log axes are drawn at least this high (an exact 0 shows as a stub at the floor)."""
 E2M1_LABELS = [
     "0",
     ".5",
@@ -80,7 +82,8 @@ def grouped_bars(
     x = np.arange(len(groups))
     for i, (name, values) in enumerate(series.items()):
         vals = np.array(
-            [np.nan if v is None else max(v, 1e-12) if log else v for v in values], dtype=float
+            [np.nan if v is None else max(v, LOG_FLOOR) if log else v for v in values],
+            dtype=float,
         )
         ax.bar(
             x - 0.4 + width * (i + 0.5),
@@ -96,6 +99,9 @@ def grouped_bars(
     ax.set_xticklabels(groups, rotation=35, ha="right", fontsize=8)
     if log:
         ax.set_yscale("log")
+        drawn = [max(v, LOG_FLOOR) for vals in series.values() for v in vals if v is not None]
+        if drawn:
+            ax.set_ylim(bottom=min(drawn) / 2)
         ax.yaxis.set_major_formatter(FuncFormatter(lambda value, _pos: f"{value:g}"))
         ax.yaxis.set_minor_formatter(NullFormatter())
     _style(ax)
@@ -134,7 +140,8 @@ def principle_figure(cases: Sequence[dict[str, Any]], variants: Sequence[str]) -
         axes[1][col].set_ylabel("rel. L2 of dV")
         axes[0][col].tick_params(axis="x", labelbottom=False)
     if recipes:
-        axes[0][0].legend(fontsize=7, ncol=3, loc="upper left")
+        handles, labels = axes[0][0].get_legend_handles_labels()
+        fig.legend(handles, labels, fontsize=8, ncol=len(labels), loc="outside upper center")
     return fig
 
 
@@ -322,8 +329,8 @@ def case_diagnostics_figure(diagnostics: dict[str, Any]) -> Figure:
             lo, hi = min(lo, int(used.min())), max(hi, int(used.max()))
     if hi >= lo:
         ax.set_xlim(max(lo - 4, 0), min(hi + 4, 255))
+        ax.legend(fontsize=6.5)
     ax.set_title("block scale bytes", fontsize=8.5)
     ax.tick_params(labelsize=7)
-    ax.legend(fontsize=6.5)
     _style(ax)
     return fig

@@ -62,6 +62,8 @@ pre { background: #f6f8fa; border: 1px solid #d0d7de; padding: 8px; overflow-x: 
       font-size: 0.82em; }
 pre.traceback { background: #fff5f5; border-color: #f5a3a3; color: #82071e; }
 .callout { border-left: 5px solid #0969da; background: #eef6ff; padding: 8px 14px; margin: 10px 0; }
+.callout ul { margin: 4px 0 0; padding-left: 22px; }
+.callout li { margin: 3px 0; }
 .callout.bad { border-color: #cf222e; background: #fff1f0; }
 .callout.good { border-color: #1a7f37; background: #effaf1; }
 nav.toc { font-size: 0.9em; columns: 3; background: #fff; border: 1px solid #d8dee4;
@@ -150,11 +152,14 @@ class HtmlReport:
         body = "".join(f"<li>{html.escape(item)}</li>" for item in items)
         self._parts.append(f"<ul>{body}</ul>")
 
-    def callout(self, text: str, *, kind: str = "info") -> None:
-        """A highlighted paragraph; ``kind`` is ``info``, ``good`` or ``bad``."""
+    def callout(self, text: str, *, kind: str = "info", points: Sequence[str] = ()) -> None:
+        """A highlighted paragraph (with optional bullet ``points``); ``kind`` is ``info``,
+        ``good`` or ``bad``."""
         if kind not in ("info", "good", "bad"):
             raise ValueError(f"callout kind must be info, good or bad, got {kind!r}")
-        self._parts.append(f'<div class="callout {kind}">{html.escape(text)}</div>')
+        items = "".join(f"<li>{html.escape(p)}</li>" for p in points)
+        body = html.escape(text) + (f"<ul>{items}</ul>" if items else "")
+        self._parts.append(f'<div class="callout {kind}">{body}</div>')
 
     def code_block(self, text: str) -> None:
         self._parts.append(f"<pre>{html.escape(text)}</pre>")

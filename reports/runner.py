@@ -615,7 +615,6 @@ class ReportConfig:
 def run_report(config: ReportConfig, progress: Callable[[str], None] = log) -> dict[str, Any]:
     """Run every case and assemble the report dict (``reports.schema`` layout)."""
 
-
     start = time.perf_counter()
     torch.manual_seed(config.seed)
     # The tensors are small: one thread is as fast on an idle CPU and many times faster on

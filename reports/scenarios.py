@@ -113,7 +113,7 @@ def _key_bias(strength: float, lq: int = 128, lk: int = 128, d: int = 64) -> Sce
         f"key-bias-{strength:g}{suffix}",
         f"Gaussian q, k, v plus a bias vector of about {strength:g}x the key norm shared by "
         f"every key of a head (Lq {lq}, Lk {lk}, d {d}; a bias the softmax ignores, which "
-        "breaks D = rowsum(dO*O) with an FP4 forward)", (softmax-invariant; breaks D = rowsum(dO*O) with an FP4 forward)",
+        "breaks D = rowsum(dO*O) with an FP4 forward)",
         _spec("key_bias", lq, lk, d, key_bias=strength),
         tags=("key_bias",),
     )
@@ -200,7 +200,7 @@ FULL_SCENARIOS: tuple[Scenario, ...] = (
     _long_rows(1024, d=128),
     _scenario(
         "causal-L1024",
-        "Gaussian, causal, Lq = Lk = 1024",
+        "Gaussian, causal, Lq = 256, Lk = 1024",
         _spec("gaussian", 256, 1024),
         causal=True,
         tags=("long_rows",),
@@ -225,6 +225,12 @@ SMOKE_SCENARIOS: tuple[Scenario, ...] = (
         "tiny causal case, Lq 16 != Lk 48",
         _spec("gaussian", 16, 48, d=32, heads=1, kv_heads=1),
         causal=True,
+    ),
+    _scenario(
+        "smoke-long-rows",
+        "tiny long-row case for tests: 16 queries over 512 keys, logits x0.1 (P about 1/512)",
+        _spec("flat", 16, 512, d=32, heads=1, kv_heads=1, logit_scale=0.1),
+        tags=("long_rows",),
     ),
 )
 

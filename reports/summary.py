@@ -269,15 +269,17 @@ def principle_finding(
         )
     else:
         verdict = (
-            "Principles (1)+(2) confirmed: "
+            "Principles (1)+(2) confirmed:"
             if holds
-            else "Principles (1)+(2) not confirmed on every case: "
+            else "Principles (1)+(2) not confirmed on every case:"
         )
-        text = verdict + " ".join(sentences)
+        text = verdict + " " + " ".join(sentences)
     return {
         "id": "principles",
         "holds": holds,
         "text": text,
+        "headline": verdict if sentences else text,
+        "points": sentences,
         "rows": rows,
         "far_factor": FAR_FACTOR,
     }
@@ -341,8 +343,18 @@ def p_mass_finding(
                 else "loses none (it quantizes the same numbers as its forward)."
             )
         )
-    text = f"P mass at the longest rows (Lk = {longest}): " + "; ".join(parts) + "." + verdict
-    return {"id": "p_mass", "holds": holds, "text": text, "rows": rows, "lk": longest}
+    headline = f"P mass at the longest rows (Lk = {longest}):"
+    points = [p + "." for p in parts] + ([verdict.strip()] if verdict else [])
+    text = headline + " " + " ".join(points)
+    return {
+        "id": "p_mass",
+        "holds": holds,
+        "text": text,
+        "headline": headline,
+        "points": points,
+        "rows": rows,
+        "lk": longest,
+    }
 
 
 def d_identity_finding(cases: Sequence[dict[str, Any]]) -> dict[str, Any]:

@@ -696,9 +696,13 @@ def _round_like(x: Any, like: Any) -> Any:
 
 
 def evaluate_attention_case(
-    kernel: Callable[..., Any], case: AttentionCase, config: AttentionCheckConfig
+    kernel: Callable[..., Any],
+    case: AttentionCase,
+    config: AttentionCheckConfig,
+    diagnose: bool = True,
 ) -> AttentionOutcome:
-    """Run the kernel and the reference on one case and apply the FP4 tolerance rule."""
+    """Run the kernel and the reference on one case and apply the FP4 tolerance rule;
+    ``diagnose`` looks for likely causes when it fails (several more reference runs)."""
     import torch
 
     import reference
@@ -765,7 +769,7 @@ def evaluate_attention_case(
             )
     failed = [r for r in reports if not r.ok]
     causes: list[str] = []
-    if failed:
+    if failed and diagnose:
         causes = attention_causes(
             case, recipe, {"O": o_cpu} | _named_grads(grads), failed, do_np, fwd64
         )
@@ -1100,11 +1104,8 @@ def run_attention_check(config: AttentionCheckConfig) -> CheckResult:
         raise UsageError(f"unknown recipe {config.recipe!r}: {err}") from err
     kernel = load_kernel(config.kernel, 5)
     probe_attention(kernel, config)
-    outcomes: dict[Any, AttentionOutcome] = {}
-
     def evaluate(case: AttentionCase) -> str | None:
-        outcome = evaluate_attention_case(kernel, case, config)
-        outcomes[_attention_case_key(case)] = outcome
+        outcome = evaluate_attention_case(kernel, case, config, diagnose=False)
         return None if outcome.ok else outcome.describe(case)
 
     spec_kwargs: dict[str, Any] = {
@@ -1126,7 +1127,8 @@ def run_attention_check(config: AttentionCheckConfig) -> CheckResult:
         shrink_seconds=config.shrink_seconds,
         case_key=_attention_case_key,
     )
-    if result.case is not None:
-        outcome = outcomes.get(_attention_case_key(result.case))
-        result.causes = outcome.causes if outcome is not None else []
+    if result.case is not None:  # diagnose the shrunk case only
+        outcome = evaluate_attention_case(kernel, result.case, config, diagnose=True)
+        result.causes = outcome.causes
+        result.diagnosis = outcome.describe(result.case)
     return result
