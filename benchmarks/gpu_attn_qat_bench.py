@@ -30,7 +30,7 @@ import torch.nn.functional as F
 import triton
 from triton.testing import do_bench
 
-import kernels.attn_qat as attn_mod
+import kernels.training_attention as attn_mod
 
 SHAPES = [(2, 16, 4096, 128), (2, 16, 4096, 64), (1, 3, 31200, 128)]
 METHODS = ["sdpa", "bf16", "attn-qat", "attn-qat-consistent", "attn-qat/in-register"]

@@ -23,8 +23,9 @@ _E2M1 = (0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0)
 
 
 @triton.jit
-def _probe_kernel(a_ptr, sa_ptr, b_ptr, sb_ptr, c_ptr, M: tl.constexpr, N: tl.constexpr,
-                  K: tl.constexpr):
+def _probe_kernel(
+    a_ptr, sa_ptr, b_ptr, sb_ptr, c_ptr, M: tl.constexpr, N: tl.constexpr, K: tl.constexpr
+):
     rm = tl.arange(0, M)
     rn = tl.arange(0, N)
     a = tl.load(a_ptr + rm[:, None] * (K // 2) + tl.arange(0, K // 2)[None, :])
@@ -50,14 +51,18 @@ def main() -> int:
     for m in (64, 128):
         for n in (64, 128):
             for k in (64, 128):
-                a = torch.randint(0, 256, (m, k // 2), device="cuda", dtype=torch.uint8,
-                                  generator=g)
-                b = torch.randint(0, 256, (n, k // 2), device="cuda", dtype=torch.uint8,
-                                  generator=g)
-                sa = torch.randint(120, 134, (m, k // 32), device="cuda", dtype=torch.uint8,
-                                   generator=g)
-                sb = torch.randint(120, 134, (n, k // 32), device="cuda", dtype=torch.uint8,
-                                   generator=g)
+                a = torch.randint(
+                    0, 256, (m, k // 2), device="cuda", dtype=torch.uint8, generator=g
+                )
+                b = torch.randint(
+                    0, 256, (n, k // 2), device="cuda", dtype=torch.uint8, generator=g
+                )
+                sa = torch.randint(
+                    120, 134, (m, k // 32), device="cuda", dtype=torch.uint8, generator=g
+                )
+                sb = torch.randint(
+                    120, 134, (n, k // 32), device="cuda", dtype=torch.uint8, generator=g
+                )
                 c = torch.empty(m, n, device="cuda")
                 _probe_kernel[(1,)](a, sa, b, sb, c, m, n, k)
                 ref = _decode(a, sa) @ _decode(b, sb).T

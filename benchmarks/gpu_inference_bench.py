@@ -45,6 +45,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", default=None, help="write all numbers as JSON here")
     parser.add_argument("--quick", action="store_true", help="first configuration only")
+    parser.add_argument("--shapes", default="0,1,2", help="indices into SHAPES (default all)")
     args = parser.parse_args(argv)
     if not torch.cuda.is_available():
         print("needs a CUDA device", file=sys.stderr)
@@ -58,7 +59,7 @@ def main(argv: list[str] | None = None) -> int:
         "cases": [],
     }
     configs = CONFIGS[:1] if args.quick else CONFIGS
-    for b, h, seq, d in SHAPES:
+    for b, h, seq, d in (SHAPES[int(i)] for i in args.shapes.split(",")):
         g = torch.Generator(device="cuda").manual_seed(0)
         q, k, v = (
             torch.randn(b, h, seq, d, device="cuda", dtype=torch.bfloat16, generator=g)
@@ -105,6 +106,17 @@ def main(argv: list[str] | None = None) -> int:
             if best is not None:
                 best["tflops"] = flops / best["ms"] * 1e-9
                 best["ratio_to_sdpa"] = best["ms"] / t_sdpa
+                # Ablation (what limits the kernel): the same launch without P quantization.
+                cfg = {
+                    "block_m": best["block_m"],
+                    "num_warps": best["num_warps"],
+                    "num_stages": best["num_stages"],
+                }
+                best["ms_without_p_quant"] = _bench(
+                    lambda packed=packed, fmt=fmt, cfg=cfg: fp4_inference_attention(
+                        *packed, fmt=fmt, _quantize_p=False, **cfg
+                    )
+                )
             row[fmt] = best
             row[f"{fmt}_pack_ms"] = t_pack
         results["cases"].append(row)
@@ -129,6 +141,13 @@ def main(argv: list[str] | None = None) -> int:
                 else f"{r['ms']:8.3f} {r['tflops']:7.1f} {r['ratio_to_sdpa']:6.2f}"
             )
         cells.append(f"{row['nvfp4_pack_ms']:.3f}/{row['mxfp4_pack_ms']:.3f}")
+        cells.append(
+            "no-P-quant ms nv/mx "
+            + "/".join(
+                "n/a" if row[f] is None else f"{row[f]['ms_without_p_quant']:.3f}"
+                for f in ("nvfp4", "mxfp4")
+            )
+        )
         print(" | ".join(cells))
     if args.out:
         with open(args.out, "w") as fh:

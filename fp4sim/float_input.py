@@ -23,9 +23,10 @@ def as_float32(x: object, name: str = "x") -> np.ndarray:
     """
     arr = np.asarray(x)
     dtype = arr.dtype
-    if dtype == np.float32:
-        return arr
-    if dtype in (np.float16, np.float64):
+    if dtype.kind == "f" and dtype.itemsize in (2, 4, 8):
+        if dtype == np.float32:  # native float32: no copy
+            return arr
+        # float16 and byte-swapped float32 convert exactly; float64 rounds (RNE).
         return arr.astype(np.float32)
     if dtype.name == "bfloat16" and dtype.itemsize == 2:
         # bfloat16 is the top half of a float32: shifting the bits left is exact.

@@ -137,7 +137,7 @@ def encode_with_high_half_table(bits: np.ndarray, out: np.ndarray,
         chunk_index = index[: stop - start]
         np.right_shift(bits[start:stop], 16, out=chunk_index)
         chunk = looked_up[: stop - start] if wide else out[start:stop]
-        tables.code.take(chunk_index, out=chunk, mode="clip")
+        tables.code.take(chunk_index, out=chunk, mode="wrap")  # indices < 2^16
         if chunk.max(initial=0) == marker:
             undecided = np.flatnonzero(chunk == marker)
             high = chunk_index[undecided]

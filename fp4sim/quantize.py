@@ -22,18 +22,22 @@ Special values (documented bytes, never garbage):
   - A NaN anywhere in a block makes the block scale NaN (E4M3 0x7F, E8M0 0xFF) and gives
     every element of the block the NaN code of a positive NaN under the element policy
     ('ptx': 7, 'ml_dtypes': 8); the block dequantizes to NaN.
-  - A block whose scale is 0 (NVFP4 only: amax < 6 * 2^-10 without tensor scale) gets codes
+  - A block whose scale is 0 (NVFP4 only: amax <= 6 * 2^-10 without tensor scale) gets codes
     per zero_scale_codes: 'zeros' (all 0) or 'reciprocal' (what x * (1/0) gives: +-Inf ->
     code 7 / 15 for non-zero x, 0 * Inf = NaN -> the positive-NaN code for zeros). It
-    dequantizes to 0 either way and is counted in ``flushed_blocks``.
+    dequantizes to 0 either way and, if its amax is non-zero, counts in ``flushed_blocks``.
   - A block with amax = 0 gets MX scale byte 0 and codes 0.
   - Elements that round to zero keep their sign (code 8) in blocks with a non-zero scale.
 Padding (pad=True): the block axis is padded with +0.0 up to a multiple of the block size;
 ``codes``/``packed``/scales cover the padded length, dequantize returns the original shape.
+Speed: float32 bit operations on chunks of 2^16 elements; inputs of 2^20 elements or more are
+split over up to 4 threads (disjoint slices: the results do not depend on the split).
 """
 
 from __future__ import annotations
 
+import os
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 import numpy as np
@@ -67,6 +71,8 @@ SCALE_OPS = ("reciprocal", "divide")
 ZERO_SCALE_CODES = ("zeros", "reciprocal")
 TENSOR_SCALE_DIVISOR = np.float32(448.0 * 6.0)  # FP4_FORMATS.md: s_tensor = amax / (448 * 6)
 _ROWS_ELEMENTS = 1 << 16  # elements per chunk of blocks: temporaries stay in L2 cache
+_PARALLEL_MIN_ELEMENTS = 1 << 20  # below this, threads cost more than they save
+_MAX_WORKERS = 4
 
 
 @dataclass(frozen=True)
@@ -193,19 +199,39 @@ def _zero_scale_codes(x_rows: np.ndarray, policy: str, nan: str) -> np.ndarray:
     return np.where(is_zero, np.uint8(e2m1_nan_code(nan)), sign | np.uint8(MAX_MAGNITUDE_CODE))
 
 
-def _block_amax_bits(bits: np.ndarray) -> np.ndarray:
-    """Pass 1: per-block max of |x| as uint32 patterns (NaN patterns exceed Inf's, so a NaN
-    anywhere makes the block's max a NaN pattern)."""
+def _run_in_parts(task, nblocks: int, width: int) -> None:
+    """Run ``task(r0, r1)`` over contiguous block ranges covering [0, nblocks): in threads
+    for large inputs (NumPy releases the GIL inside its loops, and the parts write disjoint
+    slices, so results do not depend on the split), else in one call."""
+    workers = min(os.cpu_count() or 1, _MAX_WORKERS)
+    if workers < 2 or nblocks * width < _PARALLEL_MIN_ELEMENTS:
+        task(0, nblocks)
+        return
+    bounds = [nblocks * i // workers for i in range(workers + 1)]
+    with ThreadPoolExecutor(max_workers=workers) as pool:
+        futures = [pool.submit(task, a, b) for a, b in zip(bounds[:-1], bounds[1:], strict=True)]
+        for future in futures:
+            future.result()
+
+
+def _block_amax_bits_into(bits: np.ndarray, out: np.ndarray) -> None:
+    """Pass 1: per-block max of |x| as uint32 patterns into ``out`` (NaN patterns exceed
+    Inf's, so a NaN anywhere makes the block's max a NaN pattern)."""
     nblocks, width = bits.shape
-    amax_bits = np.empty(nblocks, dtype=np.uint32)
     rows = max(1, _ROWS_ELEMENTS // width)
     abs_buf = np.empty((min(rows, nblocks), width), dtype=np.uint32)
     for r0 in range(0, nblocks, rows):
         r1 = min(r0 + rows, nblocks)
         abs_rows = abs_buf[: r1 - r0]
         np.bitwise_and(bits[r0:r1], np.uint32(F32_ABS_MASK), out=abs_rows)
-        _row_max_bits(abs_rows, amax_bits[r0:r1])
-    return amax_bits
+        _row_max_bits(abs_rows, out[r0:r1])
+
+
+def _block_amax_bits(bits: np.ndarray) -> np.ndarray:
+    nblocks, width = bits.shape
+    out = np.empty(nblocks, dtype=np.uint32)
+    _run_in_parts(lambda a, b: _block_amax_bits_into(bits[a:b], out[a:b]), nblocks, width)
+    return out
 
 
 def _tensor_scale_value(amax_bits: np.ndarray, settings: QuantizeSettings) -> np.float32 | None:
@@ -224,20 +250,20 @@ def _tensor_scale_value(amax_bits: np.ndarray, settings: QuantizeSettings) -> np
 
 def _block_scales(amax: np.ndarray, fmt: BlockFormat, settings: QuantizeSettings,
                   tensor_scale: np.float32 | None):
-    """Scale bytes, s_eff and the data multiplier (None for scale_op='divide') per block."""
+    """Scale bytes, decoded scales, s_eff and the data multiplier (None for
+    scale_op='divide') per block."""
     with np.errstate(divide="ignore", over="ignore", invalid="ignore"):
         if fmt.scale == E4M3FN:
             scale_bits = nvfp4_block_scale_bits(amax, tensor_scale, settings.scale_amax_op,
                                                 settings.scale_lower_clamp)
-            s_eff = e4m3_decode(scale_bits)
-            if tensor_scale is not None:
-                s_eff = s_eff * tensor_scale
+            scales = e4m3_decode(scale_bits)
+            s_eff = scales if tensor_scale is None else scales * tensor_scale
             multiplier = np.float32(1.0) / s_eff if settings.scale_op == "reciprocal" else None
         else:
             scale_bits = mx_scale_bits(amax, settings.scale_rule)
-            s_eff = e8m0_decode(scale_bits)
+            scales = s_eff = e8m0_decode(scale_bits)
             multiplier = mx_data_multiplier(scale_bits)
-    return scale_bits, s_eff, multiplier
+    return scale_bits, scales, s_eff, multiplier
 
 
 def _encode_stochastic_into(y: np.ndarray, words: np.ndarray, out: np.ndarray, nan: str) -> None:
@@ -251,12 +277,11 @@ def _encode_stochastic_into(y: np.ndarray, words: np.ndarray, out: np.ndarray, n
     out.reshape(-1)[:] = encoded
 
 
-def _encode_blocks(blocks: np.ndarray, s_eff: np.ndarray, multiplier: np.ndarray | None,
-                   settings: QuantizeSettings, rbits: np.ndarray | None):
+def _encode_blocks_into(blocks: np.ndarray, s_eff: np.ndarray, multiplier: np.ndarray | None,
+                        settings: QuantizeSettings, rbits: np.ndarray | None,
+                        codes: np.ndarray, packed: np.ndarray) -> None:
     """Pass 2: codes = E2M1(x * multiplier) (or x / s_eff), and their packed bytes."""
     nblocks, width = blocks.shape
-    codes = np.empty((nblocks, width), dtype=np.uint8)
-    packed = np.empty((nblocks, width // 2), dtype=np.uint8)
     rows = max(1, _ROWS_ELEMENTS // width)
     y_buf = np.empty((min(rows, nblocks), width), dtype=np.float32)
     pair_buf = np.empty((min(rows, nblocks), width // 2), dtype=np.uint16)
@@ -280,6 +305,21 @@ def _encode_blocks(blocks: np.ndarray, s_eff: np.ndarray, multiplier: np.ndarray
             np.right_shift(pairs, 4, out=pair)
             np.bitwise_or(pair, pairs, out=pair)
             np.copyto(packed[r0:r1], pair, casting="unsafe")
+
+
+def _encode_blocks(blocks: np.ndarray, s_eff: np.ndarray, multiplier: np.ndarray | None,
+                   settings: QuantizeSettings, rbits: np.ndarray | None):
+    nblocks, width = blocks.shape
+    codes = np.empty((nblocks, width), dtype=np.uint8)
+    packed = np.empty((nblocks, width // 2), dtype=np.uint8)
+
+    def task(a: int, b: int) -> None:
+        _encode_blocks_into(blocks[a:b], s_eff[a:b],
+                            None if multiplier is None else multiplier[a:b], settings,
+                            None if rbits is None else rbits[a * width:b * width],
+                            codes[a:b], packed[a:b])
+
+    _run_in_parts(task, nblocks, width)
     return codes, packed
 
 
@@ -289,28 +329,36 @@ def _fix_special_blocks(blocks: np.ndarray, codes: np.ndarray, packed: np.ndarra
                         settings: QuantizeSettings, tensor_scale: np.float32 | None) -> None:
     """Whole-block rules (rare blocks only), so results never depend on a NaN's sign:
     NaN blocks, zero-scale blocks, overflowing reciprocals, MX blocks with amax 0."""
-    nan_blocks = amax_bits > F32_INF_BITS
-    if tensor_scale is not None and np.isnan(tensor_scale):
-        nan_blocks = np.ones_like(nan_blocks)
+    # Cheap whole-array tests first (one reduction each); masks only when something is there.
+    if amax_bits.size == 0:
+        return
+    tensor_nan = tensor_scale is not None and bool(np.isnan(tensor_scale))
+    if tensor_nan:
+        nan_blocks = np.ones(amax_bits.shape, dtype=bool)
+    elif amax_bits.max() > F32_INF_BITS:
+        nan_blocks = amax_bits > F32_INF_BITS
+    else:
+        nan_blocks = np.zeros(amax_bits.shape, dtype=bool)
     fixes = []
     if nan_blocks.any():
         fixes.append((nan_blocks, lambda rows: np.full(rows.shape, e2m1_nan_code(settings.nan),
                                                        dtype=np.uint8)))
     if fmt.scale == E4M3FN:
-        zero_scale = (s_eff == 0) & ~nan_blocks
-        if zero_scale.any():
-            fixes.append((zero_scale, lambda rows: _zero_scale_codes(
-                rows, settings.zero_scale_codes, settings.nan)))
-        if multiplier is not None:
+        # Without a tensor scale s_eff >= 2^-9 or 0, so 1/s_eff never overflows.
+        if tensor_scale is not None or not s_eff.min() > 0:  # a 0 (or a NaN) is present
+            zero_scale = (s_eff == 0) & ~nan_blocks
+            if zero_scale.any():
+                fixes.append((zero_scale, lambda rows: _zero_scale_codes(
+                    rows, settings.zero_scale_codes, settings.nan)))
+        if multiplier is not None and tensor_scale is not None:
             # 1/s_eff overflows for a tiny non-zero s_eff (tensor scale): x * Inf semantics.
             overflow = np.isinf(multiplier) & (s_eff > 0) & ~nan_blocks
             if overflow.any():
                 fixes.append((overflow, lambda rows: _zero_scale_codes(
                     rows, "reciprocal", settings.nan)))
-    else:
+    elif amax_bits.min() == 0:
         zero_amax = amax_bits == 0
-        if zero_amax.any():
-            fixes.append((zero_amax, lambda rows: np.zeros(rows.shape, dtype=np.uint8)))
+        fixes.append((zero_amax, lambda rows: np.zeros(rows.shape, dtype=np.uint8)))
     for mask, make_codes in fixes:
         new_codes = make_codes(blocks[mask])
         codes[mask] = new_codes
@@ -385,7 +433,7 @@ def quantize(x: object, fmt: str | BlockFormat = "nvfp4", axis: int = -1, *,
     amax_bits = _block_amax_bits(blocks.view(np.uint32))
     ts = _tensor_scale_value(amax_bits, settings)
     amax = amax_bits.view(np.float32)
-    scale_bits, s_eff, multiplier = _block_scales(amax, block_format, settings, ts)
+    scale_bits, scales, s_eff, multiplier = _block_scales(amax, block_format, settings, ts)
     codes, packed = _encode_blocks(blocks, s_eff, multiplier, settings, words)
     _fix_special_blocks(blocks, codes, packed, amax_bits, s_eff, multiplier, block_format,
                         settings, ts)
@@ -393,7 +441,6 @@ def quantize(x: object, fmt: str | BlockFormat = "nvfp4", axis: int = -1, *,
     scale_shape = padded_shape[:-1] + (padded_shape[-1] // bs,)
     packed_shape = padded_shape[:-1] + (padded_shape[-1] // 2,)
     scale_bits = scale_bits.reshape(scale_shape)
-    decode = e4m3_decode if block_format.scale == E4M3FN else e8m0_decode
 
     def back(a: np.ndarray) -> np.ndarray:
         return np.ascontiguousarray(np.moveaxis(a, -1, ax))
@@ -402,7 +449,7 @@ def quantize(x: object, fmt: str | BlockFormat = "nvfp4", axis: int = -1, *,
         codes=back(codes.reshape(padded_shape)),
         packed=back(packed.reshape(packed_shape)),
         scale_bits=back(scale_bits),
-        scales=back(decode(scale_bits)),
+        scales=back(scales.reshape(scale_shape)),
         tensor_scale=ts,
         fmt=block_format,
         settings=settings,

@@ -12,8 +12,9 @@ from typing import Any
 
 _EXPORTS = {
     "quantize_fp4": "kernels.quantize",
-    "attn_qat": "kernels.attn_qat",
-    "attn_qat_forward": "kernels.attn_qat",
+    "attn_qat": "kernels.training_attention",
+    "attn_qat_forward": "kernels.training_attention",
+    "attn_qat_backward": "kernels.training_attention",
     "fp4_inference_attention": "kernels.inference",
 }
 

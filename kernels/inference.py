@@ -61,10 +61,11 @@ from kernels.quantize import BLOCK_SIZES, check_device, format_name, quantize_fp
 BLOCK_N = 64  # key tile width of the P quantization (the reference recipes' block_n)
 SUPPORTED_HEAD_DIMS = (64, 128)
 # Where the MXFP4 products use tl.dot_scaled (QK^T, PV) by head dim. On the H100 with Triton
-# 3.6 (2026-11-25) the d = 64 MXFP4 kernel through dot_scaled gave wrong outputs (relative
-# error 0.81 vs SDPA, against 0.26 for d = 128), see docs/bench/kernels-inference.md; such
-# products use the in-register decode instead.
-_MX_DOT_SCALED_DEFAULT: dict[int, tuple[bool, bool]] = {64: (False, False), 128: (True, True)}
+# 3.6 (2026-11-25) QK^T through dot_scaled at d = 64 gave wrong outputs inside this kernel
+# (relative error 0.77 against the decode path, while a standalone dot_scaled of the same
+# shape was exact; benchmarks/gpu_dot_scaled_probe.py, docs/bench/kernels-inference.md), so at
+# d = 64 QK^T decodes in registers and only PV uses dot_scaled.
+_MX_DOT_SCALED_DEFAULT: dict[int, tuple[bool, bool]] = {64: (False, True), 128: (True, True)}
 
 __all__ = ["BLOCK_N", "fp4_inference_attention", "pack_for_inference"]
 

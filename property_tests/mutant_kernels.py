@@ -93,9 +93,9 @@ def _nvfp4_parts(x: np.ndarray, block: int = 16) -> tuple[np.ndarray, np.ndarray
 
 def _scaled(xb: np.ndarray, scales: np.ndarray) -> np.ndarray:
     """x * (1/s) in float32 (the default scale_op), 0 where s == 0."""
-    with np.errstate(divide="ignore", invalid="ignore"):
+    with np.errstate(divide="ignore", invalid="ignore", over="ignore"):
         recip = np.where(scales > 0, np.float32(1.0) / scales, np.float32(0.0)).astype(np.float32)
-    return (xb * recip).astype(np.float32)
+        return (xb * recip).astype(np.float32)
 
 
 def _finish(x: np.ndarray, codes: np.ndarray, scale_bits: np.ndarray) -> tuple:

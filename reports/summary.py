@@ -548,7 +548,11 @@ def summary_markdown(report: dict[str, Any]) -> str:
         ]
     lines += ["### Findings", ""]
     for finding in report["summary"]["findings"]:
-        lines.append(f"- {finding['text']}")
+        if finding.get("points"):
+            lines.append(f"- {finding['headline']}")
+            lines += [f"  - {point}" for point in finding["points"]]
+        else:
+            lines.append(f"- {finding['text']}")
     lines.append("")
     if report["thresholds"]:
         lines += [

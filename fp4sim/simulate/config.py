@@ -105,7 +105,7 @@ GPU_PRESET = SimulationConfig(
 CPU_PRESET = SimulationConfig(
     name="cpu",
     model=ModelConfig(vocab_size=32, seq_len=64, width=64, n_layers=2, n_heads=2),
-    training=TrainingConfig(steps=300, batch_size=16, lr=1e-3, eval_batches=2,
+    training=TrainingConfig(steps=300, batch_size=8, lr=1e-3, eval_batches=2,
                             diagnostic_checkpoints=3),
     device="cpu",
 )

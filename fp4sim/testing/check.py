@@ -1104,6 +1104,7 @@ def run_attention_check(config: AttentionCheckConfig) -> CheckResult:
         raise UsageError(f"unknown recipe {config.recipe!r}: {err}") from err
     kernel = load_kernel(config.kernel, 5)
     probe_attention(kernel, config)
+
     def evaluate(case: AttentionCase) -> str | None:
         outcome = evaluate_attention_case(kernel, case, config, diagnose=False)
         return None if outcome.ok else outcome.describe(case)

@@ -10,8 +10,8 @@ Public API (``docs/DESIGN.md``):
 
 Shapes: ``q`` (B, H, Lq, d); ``k``, ``v`` (B, Hkv, Lk, d) with ``H % Hkv == 0`` (grouped-query
 attention: query head h reads key/value head ``h // (H // Hkv)``; dk, dv are summed over the
-group). ``d`` in {64, 128} (a multiple of the NVFP4 block 16; other multiples of 16 up to 256
-compile too but are untested). dtypes bfloat16 and float16; all accumulation in float32.
+group). ``d`` must be 64 or 128 (checked; a multiple of the NVFP4 block 16). dtypes bfloat16
+and float16 (q, k, v alike); all accumulation in float32.
 Non-contiguous inputs are copied (``.contiguous()``). CUDA tensors, or CPU tensors under
 ``TRITON_INTERPRET=1``; anything else raises ``ValueError``/``TypeError``/``RuntimeError``.
 The causal mask is bottom-right aligned (query i sees key j iff ``j <= i + Lk - Lq``, as
@@ -24,7 +24,8 @@ Recipes (``shared/ATTN_QAT_MATH.md``; arXiv 2603.00040):
   no tensor scale, data ``x * (1/s)`` RNE to E2M1: fp4sim's defaults, ``kernels.fp4_jit``).
   Forward per key tile of ``BLOCK_N = 64``: ``S = tau Q^ K^T``, running max ``m'``,
   ``P = exp(S - m')``, ``P~ = FQ(P)`` (blocks of 16 along keys; a block whose scale rounds to
-  0 flushes), ``l`` from the unquantized P, ``acc += P~ V^``, ``acc_hp += P V^``;
+  0 flushes; ``_fake_quantize_probs``, bit-identical to ``fp4_jit.nvfp4_fake_quantize_rows``
+  on P >= 0), ``l`` from the unquantized P, ``acc += P~ V^``, ``acc_hp += P V^``;
   ``O = acc / l``, ``O_hp = acc_hp / l``, ``LSE = m + log l``. Backward: ``S`` from Q^, K^,
   ``P = exp(S - LSE)``, ``P~ = FQ(P)`` (normalized P), ``dV = P~^T dO``, ``dP = dO V^T``,
   ``D = rowsum(dO * O_hp)`` (principle 2), ``dS = P (dP - D)``, ``dQ = tau dS K^``,
@@ -38,28 +39,29 @@ Numerics that are not exact, with their bounds (used by the tests):
 
 - ``S`` is a float32 ``tl.dot`` of bf16/fp16 operands (products exact, sums rounded in an
   order set by the MMA unit): ``|dS| <= d * 2^-24 * tau * (|Q^| |K^|^T)`` (standard bound
-  gamma_d, Higham ch. 3) per element.
+  gamma_d, Higham ch. 3) per element; ``S * tau - m`` may be contracted into one fma on the
+  GPU (one rounding fewer than the reference, inside the same bound).
 - ``exp`` is ``tl.exp`` (on NVIDIA lowered to ``ex2.approx.f32(x * log2 e)``, PTX ISA: max
   rel. error 2^-22 for ex2.approx): relative error of P about ``(|x| + 4) * 2^-24`` for the
   argument ``x = S - m``.
 - The P V products use bf16/fp16 operands: P~ (code * E4M3 scale, at most 6 significant bits)
   and V^ are exact in bf16/fp16; the unquantized P of ``acc_hp`` and the consistent recipe's
-  ``P~ / l`` in the backward are rounded to the input dtype (as FlashAttention-2 does).
+  ``P~ / l`` in the backward are rounded to the input dtype, and so is dS before the dQ, dK
+  products (as FlashAttention-2 does).
 - O, O_hp, dq, dk, dv are stored in the input dtype; lse, m, l in float32.
 
 Memory: with ``prequantize=True`` (default, fastest) Q^, K^, V^ are materialized once as
 tensors of the input dtype (exact: code * scale fits bf16/fp16) and saved for the backward in
 place of q, k, v; ``prequantize=False`` quantizes them in registers inside every kernel (no
-copies, slower). Saved for the backward beyond what FlashAttention saves: ``O_hp`` (one
-output-sized tensor) and ``m``, ``l`` (float32, B*H*Lq each).
+copies, 4-7x slower on an H100). Saved for the backward beyond what FlashAttention saves:
+``O_hp`` (one output-sized tensor) and ``m``, ``l`` (float32, B*H*Lq each); measurements in
+``docs/bench/kernels-training.md``.
 """
 
 from __future__ import annotations
 
 import math
 import os
-import sys
-import types
 from dataclasses import dataclass
 
 import torch
@@ -915,15 +917,3 @@ def attn_qat_backward(
             recipe,
             recipe != "bf16",
         )
-
-
-class _CallableModule(types.ModuleType):
-    """``kernels.attn_qat`` names both this module and the function (docs/DESIGN.md): once the
-    submodule is imported, Python binds the package attribute to the module, so the module is
-    made callable and forwards to :func:`attn_qat`."""
-
-    def __call__(self, *args, **kwargs) -> torch.Tensor:
-        return attn_qat(*args, **kwargs)
-
-
-sys.modules[__name__].__class__ = _CallableModule
