@@ -232,3 +232,25 @@ def test_p_policies_match_fp4sim_tile_by_tile(data, block_n):
         _assert_same_bytes(ours_codes, qt.codes, "tile_global codes")
         _assert_same_bytes(pq.scale_bits.reshape(rows, -1)[r0:r0 + block_m], qt.scale_bits,
                            "tile_global scale bytes")
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("offset", [0, 1, 2])
+def test_encoders_match_fp4sim_on_a_strided_sweep_of_all_float32_patterns(offset):
+    """Every 97th float32 bit pattern (44 million per run, 3 offsets): E2M1 (both NaN
+    policies), E4M3, and NVFP4/MXFP4 block scales of the same numbers as block maxima."""
+    for start in range(offset, 2**32, 2**26):
+        stop = min(start + 2**26, 2**32)
+        x = np.arange(start, stop, 97, dtype=np.uint64).astype(np.uint32).view(np.float32)
+        xt = torch.from_numpy(x)
+        for nan in ("ptx", "ml_dtypes"):
+            _assert_same_bytes(e2m1_encode_torch(xt, nan=nan), fp4sim.e2m1_encode(x, nan=nan),
+                               "e2m1 sweep")
+        _assert_same_bytes(e4m3_encode_torch(xt), fp4sim.e4m3_encode(x), "e4m3 sweep")
+        blocks = np.abs(x[: (x.size // 32) * 32]).reshape(-1, 32)
+        blocks[:, 0] = np.abs(x[: blocks.shape[0]])  # each pattern once as a block max
+        for fmt, kw in (("nvfp4", {}), ("mxfp4", {}), ("mxfp4", {"scale_rule": "even"})):
+            ours = quantize_torch(torch.from_numpy(blocks), fmt, -1, **kw)
+            want = fp4sim.quantize(blocks, fmt, axis=-1, **kw)
+            _assert_same_bytes(ours[1], want.scale_bits, f"{fmt} {kw} sweep scales")
+            _assert_same_bytes(ours[0], want.codes, f"{fmt} {kw} sweep codes")
