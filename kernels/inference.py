@@ -125,6 +125,7 @@ def _fp4_inference_fwd_kernel(
     v_ptr,
     vs_ptr,
     o_ptr,
+    pc_ptr,
     sm_scale,
     H,
     GROUP,
@@ -142,6 +143,7 @@ def _fp4_inference_fwd_kernel(
     QUANT_P: tl.constexpr,
     UPCAST: tl.constexpr,
     STATIC_END: tl.constexpr,
+    STORE_P: tl.constexpr,
 ):
     pid_m = tl.program_id(0)
     pid_bh = tl.program_id(1)
@@ -219,6 +221,18 @@ def _fp4_inference_fwd_kernel(
             v_hat = _decode(v_pk, v_sb, BLOCK, IS_MX)
             acc = _dot(p, tl.trans(v_hat), acc, UPCAST)
         else:
+            if STORE_P:  # testing aid: the P codes of this tile (general quantizer, same bits)
+                if IS_MX:
+                    pc_dbg, _sb_dbg, _s_dbg = fp4_jit.mxfp4_quantize_rows(p, BLOCK)
+                else:
+                    pc_dbg, _sb_dbg, _s_dbg = fp4_jit.nvfp4_quantize_rows(p, BLOCK)
+                lkt = tl.cdiv(LK, BLOCK_N) * BLOCK_N
+                pc_ptrs = pc_ptr + bh * LQ * lkt + offs_m[:, None].to(tl.int64) * lkt
+                tl.store(
+                    pc_ptrs + offs_n[None, :],
+                    pc_dbg,
+                    mask=m_mask[:, None] & (offs_n[None, :] < lkt),
+                )
             # P is finite and >= 0: the cheaper non-negative quantizers, bit-identical there.
             if IS_MX:
                 p_codes, p_sb, _ps, p_tilde = fp4_jit.mxfp4_quantize_nonneg_rows(p, BLOCK)
@@ -269,7 +283,8 @@ def fp4_inference_attention(
     num_stages: int | None = None,
     mx_dot_scaled: bool | tuple[bool, bool] | None = None,
     _quantize_p: bool = True,
-) -> torch.Tensor:
+    return_p_codes: bool = False,
+) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
     """FP4 attention forward on packed inputs (layout in the module docstring) -> bf16 O.
 
     ``fmt``: 'nvfp4' or 'mxfp4' (all of Q, K, V, P in that format). ``sm_scale`` defaults to
@@ -278,7 +293,10 @@ def fp4_inference_attention(
     ``mx_dot_scaled``: None (the verified default per head dim, ``_MX_DOT_SCALED_DEFAULT``), a
     bool, or (for QK^T, for PV): whether MXFP4 products use ``tl.dot_scaled`` or decode in
     registers like NVFP4 (a cross-check; under the interpreter always the decode, see the module
-    docstring). ``_quantize_p=False`` is a benchmark ablation only (P is not quantized, so the
+    docstring). ``return_p_codes=True`` (testing aid, slower) also returns the forward P codes
+    uint8 (B, H, Lq, Lk), each tile's codes against the running max as the reference's tiled
+    mode defines them (tiles a causal row never visits hold 0, as P = 0 there).
+    ``_quantize_p=False`` is a benchmark ablation only (P is not quantized, so the
     function differs).
     Returns O (B, H, Lq, d) in bfloat16.
     """
@@ -350,6 +368,10 @@ def fp4_inference_attention(
     use_ds = name == "mxfp4" and on_gpu
     use_ds_qk, use_ds_pv = use_ds and mx_dot_scaled[0], use_ds and mx_dot_scaled[1]
     grid = (triton.cdiv(lq, block_m), bsz * heads)
+    lkt = triton.cdiv(lk, BLOCK_N) * BLOCK_N
+    p_codes = torch.zeros(
+        (bsz, heads, lq, lkt) if return_p_codes else (1,), dtype=torch.uint8, device=out.device
+    )
     _fp4_inference_fwd_kernel[grid](
         q_packed,
         q_scales,
@@ -358,6 +380,7 @@ def fp4_inference_attention(
         v_packed,
         v_scales,
         out,
+        p_codes,
         tau,
         heads,
         heads // hkv,
@@ -375,9 +398,12 @@ def fp4_inference_attention(
         QUANT_P=_quantize_p,
         UPCAST=not on_gpu,
         STATIC_END=0 if on_gpu else lk,
+        STORE_P=bool(return_p_codes),
         num_warps=num_warps,
         num_stages=num_stages,
     )
+    if return_p_codes:
+        return out, p_codes[..., :lk]
     return out
 
 

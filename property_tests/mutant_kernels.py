@@ -38,6 +38,13 @@ def _as_float32(x: Any) -> np.ndarray:
     return np.asarray(x, dtype=np.float32)
 
 
+def _as_float32_tensor(x: Any) -> torch.Tensor:
+    """A float32 torch tensor on x's device (CPU for NumPy input)."""
+    if isinstance(x, torch.Tensor):
+        return x.float()
+    return torch.as_tensor(np.asarray(x, dtype=np.float32))
+
+
 def _pack(codes: np.ndarray) -> np.ndarray:
     """Element 2i in the low nibble (FP4_FORMATS.md, Packing)."""
     return (codes[..., 0::2] | (codes[..., 1::2] << 4)).astype(np.uint8)
@@ -65,7 +72,7 @@ def triton_nvfp4_amax(x: Any) -> Any:
     """Correct (expected): kernels.quantize_fp4 with an amax tensor scale."""
     import kernels
 
-    return kernels.quantize_fp4(torch.as_tensor(_as_float32(x)), "nvfp4", tensor_scale="amax")
+    return kernels.quantize_fp4(_as_float32_tensor(x), "nvfp4", tensor_scale="amax")
 
 
 def torch_reference_nvfp4(x: Any) -> tuple[np.ndarray, np.ndarray, None]:
@@ -78,7 +85,7 @@ def triton_nvfp4(x: Any) -> Any:
     """Correct (expected): kernels.quantize_fp4 (CPU needs TRITON_INTERPRET=1)."""
     import kernels
 
-    return kernels.quantize_fp4(torch.as_tensor(_as_float32(x)), "nvfp4")
+    return kernels.quantize_fp4(_as_float32_tensor(x), "nvfp4")
 
 
 def _nvfp4_parts(x: np.ndarray, block: int = 16) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -414,4 +421,4 @@ def triton_mxfp4(x: Any) -> Any:
     """Correct (expected): kernels.quantize_fp4 MXFP4 (CPU needs TRITON_INTERPRET=1)."""
     import kernels
 
-    return kernels.quantize_fp4(torch.as_tensor(_as_float32(x)), "mxfp4")
+    return kernels.quantize_fp4(_as_float32_tensor(x), "mxfp4")

@@ -124,6 +124,23 @@ def test_bad_mode_variant_and_accum_dtype():
     with pytest.raises(ValueError, match="causal"):
         reference.attention_backward("attn_qat", fwd, q, k, v, torch.ones_like(q), "attn-qat",
                                      causal=True)
+    with pytest.raises(ValueError, match="sm_scale"):
+        reference.attention_backward("attn_qat", fwd, q, k, v, torch.ones_like(q), "attn-qat",
+                                     sm_scale=0.5)
+
+
+def test_backward_takes_the_forwards_sm_scale():
+    q, k, v = (t.double() for t in _qkv())
+    do = torch.ones_like(q)
+    fwd = reference.fp4_attention_forward(q, k, v, "bf16", sm_scale=0.3,
+                                          accum_dtype=torch.float64)
+    implicit = reference.attention_backward("exact", fwd, q, k, v, do, "bf16")
+    explicit = reference.attention_backward("exact", fwd, q, k, v, do, "bf16", sm_scale=0.3)
+    assert all(torch.equal(a, b) for a, b in zip(implicit, explicit, strict=True))
+    qe, ke, ve = (t.clone().requires_grad_(True) for t in (q, k, v))
+    want = torch.autograd.grad(reference.attention_exact(qe, ke, ve, sm_scale=0.3), (qe, ke, ve),
+                               do)
+    assert all(torch.allclose(a, b, atol=1e-12) for a, b in zip(implicit, want, strict=True))
 
 
 @pytest.mark.parametrize("recipe", ["bf16", "attn-qat", "attn-qat-consistent", "infer-nvfp4"])

@@ -56,8 +56,18 @@ def _check(variant, fwd, q, do, causal):
         raise ValueError(f"unknown backward variant {variant!r}; valid: {BACKWARD_VARIANTS}")
     if do.shape != q.shape:
         raise ValueError(f"do shape {tuple(do.shape)} differs from q shape {tuple(q.shape)}")
-    if fwd.causal != causal:
+    if getattr(fwd, "causal", None) is not None and fwd.causal != causal:
         raise ValueError(f"forward was computed with causal={fwd.causal}, backward got {causal}")
+
+
+def _resolve_sm_scale(fwd, d: int, sm_scale: float | None) -> float:
+    """The forward's softmax scale unless given; a different explicit scale is an error."""
+    saved = getattr(fwd, "sm_scale", None)
+    if sm_scale is None:
+        return default_sm_scale(d, None) if saved is None else float(saved)
+    if saved is not None and float(sm_scale) != float(saved):
+        raise ValueError(f"forward used sm_scale={saved}, backward got sm_scale={sm_scale}")
+    return float(sm_scale)
 
 
 def _ste_value(x: torch.Tensor, value: torch.Tensor) -> torch.Tensor:
@@ -81,8 +91,9 @@ def _ste_parts(fwd, q, k, v, do, recipe: Recipe, causal: bool, tau: float) -> Ba
         k_hat = _ste_value(kg, ops.k_hat)
         v_hat = _ste_value(vg, ops.v_hat)
         s = scores(q_hat, pad_keys(k_hat, h, lk_pad), tau, vis)
+        mode = getattr(fwd, "mode", "tiled")
         with torch.no_grad():
-            p_fwd = effective_p_tilde(softmax_forward(s.detach(), recipe, fwd.mode))
+            p_fwd = effective_p_tilde(softmax_forward(s.detach(), recipe, mode))
         m = s.detach().amax(dim=-1, keepdim=True)
         m = torch.where(torch.isfinite(m), m, torch.zeros_like(m))
         e = torch.exp(s - m)
@@ -109,7 +120,7 @@ def backward_parts(
     recipe = get_recipe(recipe)
     _check(variant, fwd, q, do, causal)
     _, h, hkv, lq, lk, d = check_attention_inputs(q, k, v, nan_policy="propagate")
-    tau = default_sm_scale(d, sm_scale)
+    tau = _resolve_sm_scale(fwd, d, sm_scale)
     if variant == "ste_autograd":
         return _ste_parts(fwd, q, k, v, do, recipe, causal, tau)
     acc = fwd.o.dtype

@@ -29,7 +29,8 @@ class ForwardResult:
     ``v_hat`` the dequantized inputs in the input shapes (the inputs themselves where not
     quantized); ``p_codes`` uint8 (B, H, Lq, Lk) forward P codes when diagnostics were asked
     (None otherwise or when P is not quantized); ``diagnostics`` dict or None. ``recipe``,
-    ``mode``, ``causal``, ``sm_scale`` record how it was computed. Rows with no visible key:
+    ``mode``, ``causal``, ``sm_scale`` record how it was computed (None when unknown, e.g. a
+    result assembled elsewhere; the backward then trusts its arguments). Rows with no visible key:
     o = o_hp = 0, m = lse = -inf, l = 0.
     """
 
@@ -45,8 +46,8 @@ class ForwardResult:
     diagnostics: dict | None = None
     recipe: Recipe | None = None
     mode: str = "tiled"
-    causal: bool = False
-    sm_scale: float = 1.0
+    causal: bool | None = None
+    sm_scale: float | None = None
 
 
 def fp4_attention_forward(

@@ -89,13 +89,13 @@ def quantize_p_tiles(
         return _finish(q, blocks, shape, dtype)
     if policy == "two_level":
         # FP4_FORMATS.md two-level: s1 = rowmax(P_r) / (448 * 6), per row segment of a tile
-        rowmax = p32.amax(dim=-1, keepdim=True)
+        rowmax = p32.abs().amax(dim=-1, keepdim=True)
         s1 = true_divide(rowmax, E4M3_MAX * E2M1_MAX)
-        s1_safe = torch.where(s1 > 0, s1, torch.ones_like(s1))
-        blocks = _blocked(p32 / s1_safe, blk)
+        # zero rows get s1 = 1 (as fp4sim); so do rows whose s1 underflows (module docstring)
+        s1 = torch.where(s1 == 0, torch.ones_like(s1), s1)
+        blocks = _blocked(p32 / s1, blk)
         q = nvfp4_blocks(blocks, None, **_nvfp4_kwargs(spec))
-        scale = torch.where(s1 > 0, s1, torch.zeros_like(s1))
-        return _finish(q, blocks, shape, dtype, scale=scale.reshape(*shape[:-1], 1))
+        return _finish(q, blocks, shape, dtype, scale=s1.reshape(*shape[:-1], 1))
     if policy == "tile_global":
         b, h, lq, t, bn = shape
         pad_rows = (-lq) % block_m
