@@ -16,6 +16,7 @@ _EXPORTS = {
     "attn_qat_forward": "kernels.training_attention",
     "attn_qat_backward": "kernels.training_attention",
     "fp4_inference_attention": "kernels.inference",
+    "pack_for_inference": "kernels.inference",
 }
 
 __all__ = sorted(_EXPORTS)
