@@ -43,8 +43,8 @@ from hypothesis import HealthCheck, given, settings
 import kernels.training_attention as attn_mod
 from fp4sim.testing.generators import AttentionInputSpec, generate_attention_inputs
 from fp4sim.testing.strategies import attention_inputs
-from kernels.training_attention import _fake_quantize_probs
 from kernels.fp4_jit import nvfp4_fake_quantize_rows
+from kernels.training_attention import _fake_quantize_probs
 from reference import attention_backward, fp4_attention_forward, get_recipe
 from reference.masks import visible_mask
 from reference.operands import pad_keys
@@ -199,7 +199,8 @@ def _reduce_group(x: torch.Tensor, hkv: int) -> torch.Tensor:
 
 def _kernel_precision(ex: _Exact, q, k, v, do, causal, tau):
     """The reference in the kernel's precision: float32 math on the same inputs, the kernel's
-    bf16/fp16 rounding points applied (kernels/training_attention.py docstring), outputs in its dtype."""
+    bf16/fp16 rounding points applied (kernels/training_attention.py docstring), outputs in its
+    dtype."""
     dt = q.dtype
     recipe = ex.recipe
     q32, k32, v32, do32 = (t.detach().cpu().float() for t in (q, k, v, do))

@@ -179,11 +179,23 @@ def train_variant(config: SimulationConfig, variant: Variant, diagnostics_recipe
     run = VariantRun(variant=variant.name, description=variant.description,
                      recipe=variant.recipe_name, backward=variant.backward)
     device = torch.device(config.device)
+    configure_determinism(config.deterministic)
+
+    flush = config.flush_denormal and device.type == "cpu"
+    if flush:
+        torch.set_flush_denormal(True)
+    try:
+        return _train(config, variant, diagnostics_recipe, log, run, device)
+    finally:
+        if flush:
+            torch.set_flush_denormal(False)  # PyTorch's default; other code may need subnormals
+
+
+def _train(config: SimulationConfig, variant: Variant, diagnostics_recipe: Any, log: Logger,
+           run: VariantRun, device: torch.device) -> VariantRun:
     seeds = derive_seeds(config.seed)
     task = get_task(config.task)
     model_config, training = config.model, config.training
-    configure_determinism(config.deterministic)
-
     model = build_model(model_config, variant.attention, seeds.init).to(device)
     torch.manual_seed(seeds.init)
     optimizer = torch.optim.AdamW(model.parameters(), lr=training.lr, betas=training.betas,
