@@ -15,7 +15,8 @@ import multiprocessing
 import platform
 import sys
 import time
-from concurrent.futures import ProcessPoolExecutor
+import traceback
+from concurrent.futures import Future, ProcessPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -121,6 +122,17 @@ def train_named_variant(config: SimulationConfig, name: str,
     return run
 
 
+def _result_or_failure(future: Future, config: SimulationConfig, name: str) -> VariantRun:
+    """The worker's run, or a failed run carrying the traceback if the worker died."""
+    try:
+        return future.result()
+    except Exception:  # noqa: BLE001 - a crashed worker is reported like a failing kernel
+        variant = build_variant(name, config.recipe, config.block_n, config.kernel)
+        return VariantRun(variant=name, description=variant.description,
+                          recipe=variant.recipe_name, backward=variant.backward,
+                          status="failed", error=traceback.format_exc())
+
+
 def run_simulation(config: SimulationConfig, log: Logger | None = None) -> SimulationResult:
     """Train every variant of ``config`` and judge them; raises
     :class:`SimulationSetupError` for unknown variants, recipes, tasks or kernels."""
@@ -143,7 +155,8 @@ def run_simulation(config: SimulationConfig, log: Logger | None = None) -> Simul
         with ProcessPoolExecutor(max_workers=workers, mp_context=context) as pool:
             futures = [pool.submit(train_named_variant, config, name)
                        for name in config.variants]
-            result.runs = [future.result() for future in futures]
+            result.runs = [_result_or_failure(future, config, name)
+                           for future, name in zip(futures, config.variants, strict=True)]
     else:
         result.runs = [train_named_variant(config, name, log) for name in config.variants]
     result.wall_seconds = time.perf_counter() - start
