@@ -12,14 +12,6 @@ from reference.masks import expand_kv
 from reference.recipes import QuantSpec, Recipe
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 def _qkv(b=1, h=2, hkv=1, lq=5, lk=7, d=16, dtype=torch.float32, seed=0):
     g = torch.Generator().manual_seed(seed)
     return (torch.randn(b, h, lq, d, generator=g).to(dtype),

@@ -22,15 +22,6 @@ import reference
 from reference.backward import backward_parts
 from reference.exact import default_sm_scale
 
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 RECIPES = ("attn-qat", "attn-qat-consistent", "sage3-like", "nvfp4-tensor-scale", "infer-nvfp4")
 
 

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import zlib
+
 import pytest
 import torch
 from hypothesis import given
@@ -19,20 +21,12 @@ GRADCHECK_SHAPES = [
 ]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    # tiny tensors: thread hand-offs dominate on a shared 2-core runner
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 @pytest.mark.parametrize("variant", VARIANTS)
 @pytest.mark.parametrize("shape", GRADCHECK_SHAPES, ids=str)
 def test_gradcheck_every_variant_unquantized(variant, shape):
     b, h, hkv, lq, lk, d, causal = shape
-    gen = torch.Generator().manual_seed(hash((variant, shape)) % 2**31)
+    # crc32, not hash(): str hashes change with PYTHONHASHSEED, seeds must not
+    gen = torch.Generator().manual_seed(zlib.crc32(repr((variant, shape)).encode()))
     q = torch.randn(b, h, lq, d, generator=gen, dtype=torch.float64, requires_grad=True)
     k = torch.randn(b, hkv, lk, d, generator=gen, dtype=torch.float64, requires_grad=True)
     v = torch.randn(b, hkv, lk, d, generator=gen, dtype=torch.float64, requires_grad=True)

@@ -22,14 +22,6 @@ from reference.exact import default_sm_scale
 from reference.forward import fp4_attention_forward
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 def _setup(case, recipe, mode):
     q, k, v = make_inputs(case)
     do = torch.randn(q.shape, generator=torch.Generator().manual_seed(case.seed + 1),

@@ -25,14 +25,6 @@ from reference.operands import pad_keys, quantize_operands
 from reference.softmax import padded_length, scores, softmax_forward
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 def _fp4sim_tile(p32: np.ndarray, recipe) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """(codes, scale bytes, values) of one tile's valid P (B, H, Lq, w) by fp4sim."""
     spec, policy = recipe.p, recipe.p_policy

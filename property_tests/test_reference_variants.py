@@ -21,15 +21,6 @@ import reference
 from reference.exact import default_sm_scale
 from reference.quant_torch import fake_quantize_torch
 
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 # variant -> (S, P from quantized Q^ K^?, dV uses P~?, D from O_hp?)
 TABLE = {
     "drop_in": (False, False, False),
