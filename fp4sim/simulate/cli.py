@@ -47,7 +47,7 @@ def configure_parser(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--seed", type=int, default=None, help="seed (default 0)")
     parser.add_argument("--jobs", type=int, default=None,
                         help="train this many variants at once, each in its own process on "
-                             "the same device (same numbers, less wall time; default 1)")
+                             "the same device (less wall time on a GPU; default 1)")
     parser.add_argument("--log-every", type=int, default=None,
                         help="progress line every N steps (default: about 20 per variant)")
     parser.add_argument("--out", default=DEFAULT_OUT,

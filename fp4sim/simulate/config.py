@@ -85,10 +85,6 @@ class SimulationConfig:
     smoke: bool = False
     deterministic: bool = True
     jobs: int = 1  # variants trained at once, each in its own process on the same device
-    # CPU only: flush subnormal floats to zero while training. Once attention sharpens,
-    # exp(S - m) produces float32 subnormals, which x86 computes ~100x slower (a bf16 run of
-    # the cpu preset: 130 s instead of 4 s, same results); GPUs are unaffected.
-    flush_denormal: bool = True
 
     def __post_init__(self) -> None:
         if self.jobs < 1:
@@ -104,7 +100,7 @@ GPU_PRESET = SimulationConfig(
     device="cuda",
 )
 
-# Reduced for 2 CPU cores (about 30-50 ms a step there): width 64, 2 heads of d = 32 (two
+# Reduced for 2 CPU cores (about 15-40 ms a step there when idle): width 64, 2 heads of d = 32 (two
 # NVFP4 blocks), sequence 64 (rows end with 2 P tiles of 32 keys, so tiling and the flush
 # threshold still matter), batch 8, 300 steps. It separates drop_in (gradient-norm blow-up
 # near step 200) from bf16/attn_qat, not o_only; see docs/bench/simulate.md.

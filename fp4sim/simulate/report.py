@@ -211,9 +211,7 @@ def _config_lines(result: SimulationResult) -> list[str]:
         f"FP4 recipe '{config.recipe}' with P tiles of {config.block_n} keys"
         + (f"; kernel {config.kernel}" if config.kernel else "")
         + f"; {config.jobs} parallel job(s); deterministic algorithms "
-        + ("on" if config.deterministic else "off")
-        + ("; subnormals flushed (CPU)" if config.flush_denormal
-           and config.device.startswith("cpu") else ""),
+        + ("on" if config.deterministic else "off"),
         f"total wall time {result.wall_seconds:.1f} s; torch {result.environment.get('torch')}; "
         f"{result.environment.get('date_utc')} UTC",
     ]

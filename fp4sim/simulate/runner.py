@@ -3,9 +3,10 @@
 Every variant's attention is resolved (and unknown names rejected) before any training,
 so a typo fails at once rather than after the first variants have trained. With
 ``config.jobs > 1`` the variants train at the same time in separate (spawned) processes
-on the same device: small models leave a GPU mostly idle, so this divides the wall time
-without changing any number (each process computes exactly what a sequential run does;
-meant for GPUs, on a CPU the processes share the cores).
+on the same device: small models leave a GPU mostly idle, so this divides the wall time.
+Each process computes what a sequential run computes, but a library may round the last
+bits differently in another process, so runs are reproducible for a given seed, device
+and ``jobs`` (on a CPU the processes share the cores: meant for GPUs).
 """
 
 from __future__ import annotations

@@ -181,14 +181,7 @@ def train_variant(config: SimulationConfig, variant: Variant, diagnostics_recipe
     device = torch.device(config.device)
     configure_determinism(config.deterministic)
 
-    flush = config.flush_denormal and device.type == "cpu"
-    if flush:
-        torch.set_flush_denormal(True)
-    try:
-        return _train(config, variant, diagnostics_recipe, log, run, device)
-    finally:
-        if flush:
-            torch.set_flush_denormal(False)  # PyTorch's default; other code may need subnormals
+    return _train(config, variant, diagnostics_recipe, log, run, device)
 
 
 def _train(config: SimulationConfig, variant: Variant, diagnostics_recipe: Any, log: Logger,
