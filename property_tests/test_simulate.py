@@ -341,3 +341,21 @@ def test_parallel_jobs_give_the_runs_of_a_sequential_simulation() -> None:
         for key in a.series:  # another process may round the last bits differently
             np.testing.assert_allclose(a.series[key], b.series[key], rtol=1e-5)
         assert a.eval["loss"] == pytest.approx(b.eval["loss"], rel=1e-5)
+
+
+def test_kernel_dtype_casts_inputs_and_output_back():
+    from fp4sim.simulate.variants import kernel_attention
+
+    seen = []
+
+    def kernel(q, k, v, causal, sm_scale):
+        seen.append((q.dtype, k.dtype, v.dtype))
+        return q * 2
+
+    q = torch.randn(1, 1, 4, 8)
+    out = kernel_attention(kernel, "bfloat16")(q, q, q, True, 0.5)
+    assert seen == [(torch.bfloat16,) * 3]
+    assert out.dtype == torch.float32
+    assert torch.equal(out, (q.to(torch.bfloat16) * 2).float())
+    with pytest.raises(SimulationSetupError, match="kernel dtype"):
+        kernel_attention(kernel, "int8")

@@ -32,6 +32,9 @@ def configure_parser(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--kernel", default=None, metavar="MODULE:ATTR",
                         help="external attention fn(q, k, v, causal, sm_scale) -> o, "
                              "trained as variant 'kernel'")
+    parser.add_argument("--kernel-dtype", default=None, choices=("float32", "bfloat16", "float16"),
+                        help="dtype q, k, v are cast to before the kernel is called, the output "
+                             "cast back (default float32; kernels:attn_qat needs bfloat16)")
     parser.add_argument("--device", default=None, help="cpu or cuda (default: the preset's)")
     parser.add_argument("--task", choices=sorted(TASKS), default=None,
                         help="synthetic task (default copy)")
@@ -79,7 +82,8 @@ def run(args: argparse.Namespace) -> int:
             ("bf16", "attn_qat", "kernel") if args.kernel else None)
         config = with_overrides(
             config, variants=variants, recipe=args.recipe, block_n=args.block_n,
-            kernel=args.kernel, device=args.device, task=args.task, steps=args.steps,
+            kernel=args.kernel, kernel_dtype=args.kernel_dtype, device=args.device,
+            task=args.task, steps=args.steps,
             batch_size=args.batch_size, seq_len=args.seq_len, width=args.width,
             n_layers=args.n_layers, n_heads=args.n_heads, lr=args.lr, seed=args.seed,
             log_every=args.log_every, jobs=args.jobs)

@@ -82,6 +82,7 @@ class SimulationConfig:
     block_n: int = DEFAULT_BLOCK_N
     variants: tuple[str, ...] = DEFAULT_VARIANTS
     kernel: str | None = None
+    kernel_dtype: str = "float32"  # q, k, v are cast to this before the kernel is called
     smoke: bool = False
     deterministic: bool = True
     jobs: int = 1  # variants trained at once, each in its own process on the same device

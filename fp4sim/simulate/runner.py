@@ -30,6 +30,7 @@ from fp4sim.simulate.tasks import get_task
 from fp4sim.simulate.training import Logger, VariantRun, train_variant
 from fp4sim.simulate.variants import (
     SimulationSetupError,
+    Variant,
     build_variant,
     check_variant_names,
     resolve_recipe,
@@ -62,6 +63,10 @@ class SimulationResult:
     def any_failed(self) -> bool:
         return any(run.status == "failed" for run in self.runs)
 
+
+
+def _variant_of(config: SimulationConfig, name: str) -> Variant:
+    return build_variant(name, config.recipe, config.block_n, config.kernel, config.kernel_dtype)
 
 def tail_mean(values: list[float], fraction: float = 0.05) -> float | None:
     """Mean of the last ``fraction`` of a series (at least one value); None when empty."""
@@ -114,7 +119,7 @@ def train_named_variant(config: SimulationConfig, name: str,
                         log: Logger | None = None) -> VariantRun:
     """Build variant ``name`` and train it (also the entry point of a worker process)."""
     log = log or _stderr_log
-    variant = build_variant(name, config.recipe, config.block_n, config.kernel)
+    variant = _variant_of(config, name)
     diagnostics_recipe = resolve_recipe(config.recipe, config.block_n)
     log(f"[{variant.name}] training: {variant.description}")
     run = train_variant(config, variant, diagnostics_recipe, log)
@@ -128,7 +133,7 @@ def _result_or_failure(future: Future, config: SimulationConfig, name: str) -> V
     try:
         return future.result()
     except Exception:  # noqa: BLE001 - a crashed worker is reported like a failing kernel
-        variant = build_variant(name, config.recipe, config.block_n, config.kernel)
+        variant = _variant_of(config, name)
         return VariantRun(variant=name, description=variant.description,
                           recipe=variant.recipe_name, backward=variant.backward,
                           status="failed", error=traceback.format_exc())
@@ -145,7 +150,7 @@ def run_simulation(config: SimulationConfig, log: Logger | None = None) -> Simul
     except ValueError as error:
         raise SimulationSetupError(str(error)) from error
     for name in config.variants:  # fail fast on a bad recipe or kernel
-        build_variant(name, config.recipe, config.block_n, config.kernel)
+        _variant_of(config, name)
     result = SimulationResult(config=config, chance_loss=chance,
                               environment=describe_environment(config.device), runs=[])
     start = time.perf_counter()

@@ -107,22 +107,35 @@ def reference_attention(recipe: Any, backward: str) -> AttentionFn:
     return attention
 
 
-def kernel_attention(kernel: Callable[..., Any]) -> AttentionFn:
+KERNEL_DTYPES = ("float32", "bfloat16", "float16")
+
+
+def kernel_attention(kernel: Callable[..., Any], dtype: str = "float32") -> AttentionFn:
+    """``kernel`` called on q, k, v cast to ``dtype`` (kernels that take only 16-bit inputs,
+    such as ``kernels:attn_qat``); its output is cast back to the model's dtype."""
+    if dtype not in KERNEL_DTYPES:
+        raise SimulationSetupError(f"kernel dtype must be one of {', '.join(KERNEL_DTYPES)}, "
+                                   f"got {dtype!r}")
+
     def attention(q, k, v, causal, sm_scale):  # noqa: ANN001, ANN202 - AttentionFn
-        return kernel(q, k, v, causal, sm_scale)
+        import torch
+
+        cast = getattr(torch, dtype)
+        out = kernel(q.to(cast), k.to(cast), v.to(cast), causal, sm_scale)
+        return out.to(q.dtype)
 
     return attention
 
 
 def build_variant(name: str, recipe_name: str, block_n: int | None,
-                  kernel_spec: str | None = None) -> Variant:
+                  kernel_spec: str | None = None, kernel_dtype: str = "float32") -> Variant:
     """The variant ``name`` (see :data:`VALID_VARIANTS`) ready to plug into the model."""
     if name == KERNEL_VARIANT:
         if not kernel_spec:
             raise SimulationSetupError("variant 'kernel' needs --kernel MODULE:ATTR")
         return Variant(name=KERNEL_VARIANT, recipe_name=kernel_spec, backward=None,
                        description=f"external attention {kernel_spec}",
-                       attention=kernel_attention(load_kernel(kernel_spec)))
+                       attention=kernel_attention(load_kernel(kernel_spec), kernel_dtype))
     check_variant_names([name], kernel_spec)
     if name == "bf16":
         recipe = resolve_recipe("bf16", block_n)
