@@ -4,7 +4,8 @@ Not a test. Run on a CUDA machine from the repository root:
 
     PYTHONPATH=. python benchmarks/gpu_attn_qat_bench.py [--sweep] [--out DIR]
     PYTHONPATH=. python benchmarks/gpu_attn_qat_bench.py --smoke        # correctness smoke
-    compute-sanitizer --tool memcheck python benchmarks/gpu_attn_qat_bench.py --sanitize
+
+(memory checking of every kernel: ``benchmarks/gpu_sanitize.py``).
 
 Times (``triton.testing.do_bench``, median, ms) of forward, backward and forward+backward, and
 TFLOPS with FLOPs = 4 B H Lq Lk d (forward) and 2.5x that (backward), non-causal, bf16, for
@@ -86,9 +87,9 @@ def _time(method, shape, reps=(25, 100)):
 def _sweep(shape):
     """Time a few launch configurations of each kernel (attn-qat recipe); returns the best."""
     Cfg = attn_mod._Config
-    fwd_cands = [Cfg(64, 64, 4, 3), Cfg(128, 64, 8, 2), Cfg(128, 64, 8, 3)]
-    dkdv_cands = [Cfg(64, 64, 4, 2), Cfg(64, 64, 8, 2), Cfg(64, 64, 4, 3)]
-    dq_cands = [Cfg(128, 64, 8, 2), Cfg(64, 64, 4, 2)]
+    fwd_cands = [Cfg(64, 64, 4, 3), Cfg(64, 64, 4, 2), Cfg(128, 64, 8, 2), Cfg(128, 64, 8, 3)]
+    dkdv_cands = [Cfg(64, 64, 4, 2), Cfg(64, 64, 8, 2), Cfg(64, 64, 4, 3), Cfg(64, 128, 8, 2)]
+    dq_cands = [Cfg(128, 64, 8, 2), Cfg(64, 64, 4, 2), Cfg(128, 64, 8, 3)]
     (q, k, v), do = _inputs(*shape)
     qh, kh, vh = (attn_mod._fake_quantize(t.detach()) for t in (q, k, v))
     tau = 1.0 / math.sqrt(shape[-1])
@@ -170,23 +171,6 @@ def _smoke():
     return worst < 2e-2
 
 
-def _sanitize():
-    """Tiny ragged shapes through every kernel once (run under compute-sanitizer)."""
-    torch.manual_seed(0)
-    for recipe in ("bf16", "attn-qat", "attn-qat-consistent"):
-        for (h, hkv, lq, lk, d, causal) in [(2, 1, 37, 91, 64, True), (2, 2, 130, 67, 128, False),
-                                            (4, 2, 70, 33, 64, True)]:
-            q = torch.randn(1, h, lq, d, device="cuda", dtype=torch.float16, requires_grad=True)
-            k = torch.randn(1, hkv, lk, d, device="cuda", dtype=torch.float16, requires_grad=True)
-            v = torch.randn(1, hkv, lk, d, device="cuda", dtype=torch.float16, requires_grad=True)
-            for pre in (True, False):
-                o = attn_mod.attn_qat(q, k, v, causal=causal, recipe=recipe, prequantize=pre)
-                o.backward(torch.randn_like(o))
-            attn_mod.attn_qat_forward(q, k, v, causal=causal, recipe=recipe, store_p=True)
-    torch.cuda.synchronize()
-    print("sanitize run finished")
-
-
 def _markdown(rows, card, date):
     sdpa = {tuple(r["shape"]): r for r in rows if r["method"] == "sdpa"}
     lines = [f"Card: {card}; date: {date}; bf16, non-causal; do_bench median.", "",
@@ -209,16 +193,12 @@ def main(argv=None) -> int:
     parser.add_argument("--out", default=os.environ.get("OUT", "."))
     parser.add_argument("--sweep", action="store_true", help="tune launch configs first")
     parser.add_argument("--smoke", action="store_true", help="correctness smoke only")
-    parser.add_argument("--sanitize", action="store_true", help="tiny run for compute-sanitizer")
     parser.add_argument("--methods", default=",".join(METHODS))
     parser.add_argument("--shapes", default="all", help="'all' or indices, e.g. 0,1")
     args = parser.parse_args(argv)
     if not torch.cuda.is_available():
         print("needs CUDA", file=sys.stderr)
         return 2
-    if args.sanitize:
-        _sanitize()
-        return 0
     if args.smoke:
         return 0 if _smoke() else 1
     card = torch.cuda.get_device_name()

@@ -33,10 +33,13 @@ Functions (all ``@triton.jit``; shapes are any block shape unless stated):
 - ``mxfp4_quantize_rows(x, BLOCK: tl.constexpr) -> (codes uint8 [R, C], scale_bits uint8
   [R, C // BLOCK], scale float32 [R, C // BLOCK])``: MXFP4 with the ``rceil`` rule (BLOCK = 32).
 - ``mxfp4_fake_quantize_rows(x, BLOCK: tl.constexpr) -> float32 [R, C]``.
-- ``nvfp4_fake_quantize_nonneg_rows(x, BLOCK)``, ``mxfp4_quantize_nonneg_rows(x, BLOCK) ->
-  (codes, scale_bits, scale, values)``: the same results for finite x >= 0 (attention
-  probabilities) with cheaper element rounding (``e2m1_rne_nonneg_values(y)``: one exactly
-  rounded add; ``e2m1_nonneg_value_to_code(q)``).
+- ``mxfp4_quantize_nonneg_rows(x, BLOCK) -> (codes, scale_bits, scale, values)``: the same
+  results for finite x >= 0 (attention probabilities) with cheaper element rounding
+  (``e2m1_rne_nonneg_values(y)``: one exactly rounded add; ``e2m1_nonneg_value_to_code(q)``).
+- ``nvfp4_fake_quantize_probs(x, BLOCK, HW_CVT)``: the NVFP4 P quantizer of the attention
+  kernels (finite x >= 0): with ``HW_CVT`` (GPU) the block scale comes from ``div6_rn_fma``,
+  ``e4m3_rne_sat_cvt`` (hardware E4M3 cast) and ``rcp_rn_e4m3``, each exact on its domain
+  (exhaustive CUDA tests); without it (interpreter) the exact integer path.
 
 Exact op order of the NVFP4 block quantizer (fp4sim defaults: ``scale_amax_op="divide"``,
 ``scale_op="reciprocal"``, ``scale_lower_clamp=False``, ``zero_scale_codes="zeros"``):
@@ -67,6 +70,7 @@ from __future__ import annotations
 
 import triton
 import triton.language as tl
+from triton.language.extra import libdevice
 
 
 @triton.jit
@@ -348,24 +352,86 @@ def e2m1_nonneg_value_to_code(q):
     return tl.where(q < 1.0, (q * 2.0).to(tl.int32), big).to(tl.uint8)
 
 
-@triton.jit
-def nvfp4_fake_quantize_nonneg_rows(x, BLOCK: tl.constexpr):
-    """``nvfp4_fake_quantize_rows`` for finite x >= 0 (e.g. attention probabilities), cheaper.
+# float32 RN(1/6) (0x3E2AAAAB): the divisor's reciprocal for the fma-corrected amax / 6.
+_RCP_6 = tl.constexpr(0.16666667163372040)
 
-    Same op order (amax/6 by div_rn, E4M3 RNE, x * div_rn(1, s), E2M1 RNE; scale 0 -> 0); the
-    element rounding is ``e2m1_rne_nonneg_values`` (no codes). Bit-identical to the general
-    function on finite non-negative inputs (tested); NaN/Inf inputs are not supported.
+
+@triton.jit
+def div6_rn_fma(a):
+    """RN(a / 6) for finite float32 a >= 0 in three instructions instead of ``div.rn.f32``.
+
+    q = RN(a * RN(1/6)) is within 1 ulp; the remainder r = a - 6q is exact in one fma and
+    q + r * RN(1/6) rounds to the correctly rounded quotient (Markstein's correction step,
+    IEEE 754 fma). Checked by exhaustion rather than by the theorem: ``property_tests/
+    test_kernels_fp4_jit.py`` compares it with ``div_rn`` on every finite float32 a >= 2^-100 and
+    its E4M3 rounding on every finite a >= 0 (CUDA; below 2^-100 Triton's flush-to-zero float
+    ops may change the quotient, never the E4M3 scale, which is 0 there).
+    """
+    q = a * _RCP_6
+    r = tl.fma(-q, 6.0, a)
+    return tl.fma(r, _RCP_6, q)
+
+
+@triton.jit
+def rcp_rn_e4m3(s):
+    """RN(1 / s) for a positive E4M3 value s (1/s <= 2^9), via one Newton step with fmas.
+
+    ``1.0 / s`` lowers to the approximate ``div.full.f32`` (PTX ISA: max error 2 ulp); one
+    Newton-Raphson step e = 1 - s r0, r1 = r0 + r0 e (two fmas) then rounds correctly for all
+    126 positive finite E4M3 values (none has a reciprocal near a float32 rounding midpoint);
+    checked against ``div_rn`` on all of them (CUDA test). s = 0 gives a non-finite result:
+    callers select it away.
+    """
+    r0 = 1.0 / s
+    e = tl.fma(-s, r0, 1.0)
+    return tl.fma(r0, e, r0)
+
+
+@triton.jit
+def e4m3_rne_sat_cvt(x):
+    """``e4m3_rne_sat`` through the hardware: PTX ``cvt.rn.satfinite.e4m3x2.f32`` (sm_89+) and back.
+
+    Same value as ``e4m3_rne_sat`` for every finite x (RNE, saturating at +-448, subnormals to
+    2^-9); tested on the GPU over all E4M3 ties and their float32 neighbours. The interpreter
+    has no such cast: callers pass ``HW_CVT=False`` there.
+    """
+    return x.to(tl.float8e4nv).to(tl.float32)
+
+
+@triton.jit
+def nvfp4_fake_quantize_probs(x, BLOCK: tl.constexpr, HW_CVT: tl.constexpr):
+    """``nvfp4_fake_quantize_rows`` for finite x >= 0 (attention probabilities), fast.
+
+    Bit-identical to the general function there (the op order of the module docstring):
+    with ``HW_CVT`` (GPU) the block scale is ``e4m3_rne_sat_cvt(div6_rn_fma(amax))`` and the
+    reciprocal ``rcp_rn_e4m3(s)``, each equal to the exact ``div_rn`` / integer path on its
+    domain (exhaustive CUDA tests); without it (the interpreter) the exact path itself. A block
+    with scale 0 gets reciprocal 0, so its elements become 0 with no per-element select.
+    Element rounding: y = x * r rounded to float32 (``mul.rn.f32``, never contracted into the
+    add below: an fma would round the exact product, PTX ISA; seen on an H100 before this was
+    explicit: a tie 0.25 went to 0.5), then (y + 2^22 h') - 2^22 h' with
+    2^22 h' = 2^(max(exponent(y), 0) + 22): the float32 ulp of the sum is the E2M1 grid step
+    (0.5 below 2, 1 in [2, 4), 2 from 4; OCP MX v1.0 5.3.3), so IEEE RNE of the add is E2M1's
+    ties-to-even; values rounding above 6 saturate to 6 (satfinite).
     """
     ROWS: tl.constexpr = x.shape[0]
     COLS: tl.constexpr = x.shape[1]
     NB: tl.constexpr = COLS // BLOCK
     xb = tl.reshape(x, (ROWS, NB, BLOCK))
     amax = tl.max(xb, axis=2)
-    scale = e4m3_rne_sat(tl.math.div_rn(amax, tl.full(amax.shape, 6.0, tl.float32)))
-    recip = tl.math.div_rn(tl.full(scale.shape, 1.0, tl.float32), scale)
-    recip = tl.where(scale == 0, 0.0, recip)  # zero_scale_codes="zeros": the block is 0
-    q = e2m1_rne_nonneg_values(xb * recip[:, :, None])
-    return tl.reshape(q * scale[:, :, None], (ROWS, COLS))
+    if HW_CVT:
+        scale = e4m3_rne_sat_cvt(div6_rn_fma(amax))
+        recip = tl.where(scale == 0, 0.0, rcp_rn_e4m3(scale))
+        y = libdevice.mul_rn(xb, tl.broadcast_to(recip[:, :, None], xb.shape))
+    else:
+        scale = e4m3_rne_sat(tl.math.div_rn(amax, tl.full(amax.shape, 6.0, tl.float32)))
+        recip = tl.math.div_rn(tl.full(scale.shape, 1.0, tl.float32), scale)
+        recip = tl.where(scale == 0, 0.0, recip)
+        y = xb * recip[:, :, None]  # NumPy's float32 multiply (interpreter): rounded
+    exp_bits = tl.maximum(y.to(tl.uint32, bitcast=True) & 0x7F800000, 0x3F800000)
+    magic = (exp_bits + (22 << 23)).to(tl.float32, bitcast=True)
+    v = tl.minimum((y + magic) - magic, 6.0)
+    return tl.reshape(v * scale[:, :, None], (ROWS, COLS))
 
 
 @triton.jit
@@ -393,7 +459,10 @@ __all__ = [
     "e2m1_nonneg_value_to_code",
     "e2m1_rne_nonneg_values",
     "mxfp4_quantize_nonneg_rows",
-    "nvfp4_fake_quantize_nonneg_rows",
+    "nvfp4_fake_quantize_probs",
+    "div6_rn_fma",
+    "rcp_rn_e4m3",
+    "e4m3_rne_sat_cvt",
     "e2m1_decode",
     "e4m3_decode",
     "e8m0_decode",

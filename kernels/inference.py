@@ -237,7 +237,7 @@ def _fp4_inference_fwd_kernel(
             if IS_MX:
                 p_codes, p_sb, _ps, p_tilde = fp4_jit.mxfp4_quantize_nonneg_rows(p, BLOCK)
             else:
-                p_tilde = fp4_jit.nvfp4_fake_quantize_nonneg_rows(p, BLOCK)
+                p_tilde = fp4_jit.nvfp4_fake_quantize_probs(p, BLOCK, not UPCAST)
             if DOT_SCALED_PV:
                 acc = tl.dot_scaled(
                     fp4_jit.pack_fp4_rows(p_codes),

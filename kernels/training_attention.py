@@ -67,9 +67,8 @@ from dataclasses import dataclass
 import torch
 import triton
 import triton.language as tl
-from triton.language.extra import libdevice
 
-from kernels.fp4_jit import e4m3_rne_sat, nvfp4_fake_quantize_rows
+from kernels.fp4_jit import nvfp4_fake_quantize_probs, nvfp4_fake_quantize_rows
 
 RECIPES = ("bf16", "attn-qat", "attn-qat-consistent")
 SUPPORTED_HEAD_DIMS = (64, 128)
@@ -109,36 +108,11 @@ def _fake_quant_rows_kernel(X, Y, n_rows, HEAD_DIM: tl.constexpr, BLOCK_R: tl.co
 @triton.jit
 def _fake_quantize_probs(p, INTERPRET: tl.constexpr):
     """NVFP4 fake quantization (blocks of 16 along the last axis, no tensor scale) of a tile of
-    probabilities ``p >= 0`` (finite), bit-identical to ``fp4_jit.nvfp4_fake_quantize_rows``.
-
-    Same block scale (``e4m3_rne_sat(div_rn(amax, 6))``, ``r = div_rn(1, s)``, fp4sim
-    defaults) and the same ``y = p * r``; only the per-element E2M1 rounding is done with fewer
-    instructions: on [0, 2), [2, 4), [4, inf) the E2M1 grid is the multiples of h = 0.5, 1, 2
-    (OCP MX v1.0 5.3.3), and ``(y + 2^23 h) - 2^23 h`` rounds y to a multiple of h with IEEE
-    round-half-even (at 2^23 h the float32 ulp is h), which is E2M1's ties-to-even (the even
-    code is the even multiple of h: 0.25->0, 0.75->1, 1.25->1, 1.75->2, 2.5->2, 3.5->4, 5->4);
-    values above 6 saturate to 6 (satfinite). A block with scale 0 gives zeros.
-    Not valid for negative or non-finite inputs (P = exp(S - m) is in [0, 1]).
-    ``y = p * r`` must be rounded to float32 before the magic add: on the GPU it is
-    ``mul.rn.f32`` (libdevice ``mul_rn``; PTX: an explicit .rn multiply is never contracted into
-    an fma), else LLVM fuses it with the add and rounds the exact product (seen on an H100:
-    a tie 0.25 that fp4sim rounds to 0 went to 0.5). INTERPRET (TRITON_INTERPRET=1, where
-    libdevice is unavailable) uses NumPy's float32 multiply, which is already rounded.
+    probabilities ``p >= 0`` (finite), bit-identical to ``fp4_jit.nvfp4_fake_quantize_rows``:
+    ``fp4_jit.nvfp4_fake_quantize_probs`` (hardware E4M3 cast and fma-corrected divisions on the
+    GPU, the exact integer path under the interpreter). A block whose scale rounds to 0 flushes.
     """
-    ROWS: tl.constexpr = p.shape[0]
-    COLS: tl.constexpr = p.shape[1]
-    pb = tl.reshape(p, (ROWS, COLS // 16, 16))
-    amax = tl.max(pb, axis=2)
-    scale = e4m3_rne_sat(tl.math.div_rn(amax, tl.full(amax.shape, 6.0, tl.float32)))
-    recip = tl.math.div_rn(tl.full(scale.shape, 1.0, tl.float32), scale)
-    if INTERPRET:
-        y = pb * recip[:, :, None]
-    else:
-        y = libdevice.mul_rn(pb, tl.broadcast_to(recip[:, :, None], pb.shape))
-    magic = tl.where(y < 2.0, 4194304.0, tl.where(y < 4.0, 8388608.0, 16777216.0))
-    v = tl.minimum((y + magic) - magic, 6.0)
-    v = tl.where(scale[:, :, None] > 0, v * scale[:, :, None], 0.0)
-    return tl.reshape(v, (ROWS, COLS))
+    return nvfp4_fake_quantize_probs(p, 16, not INTERPRET)  # NVFP4 block of 16
 
 
 @triton.jit
@@ -588,11 +562,12 @@ def _default_configs(head_dim: int, on_cuda: bool) -> dict[str, _Config]:
             "dkdv": _Config(32, 32, 4, 1),
             "dq": _Config(32, 32, 4, 1),
         }
-    # From the GPU sweep on an H100 (docs/bench/kernels-training.md).
+    # From the GPU sweep on an H100 with the fast P quantizer (docs/bench/kernels-training.md,
+    # 2026-11-25 19:02 UTC): 4 forward, 4 dK/dV and 3 dQ candidates per head dim.
     return {
         "fwd": _Config(64, FORWARD_BLOCK_N, 4, 3),
-        "dkdv": _Config(64, 64, 4, 2),
-        "dq": _Config(128, 64, 8, 2),
+        "dkdv": _Config(64, 64, 4, 3 if head_dim == 64 else 2),
+        "dq": _Config(128, 64, 8, 3),
     }
 
 

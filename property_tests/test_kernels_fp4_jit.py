@@ -147,11 +147,11 @@ def test_elementwise_test_can_fail() -> None:
 
 
 @triton.jit
-def _nonneg_kernel(x_ptr, out_ptr, R: tl.constexpr, C: tl.constexpr):
+def _nonneg_kernel(x_ptr, out_ptr, R: tl.constexpr, C: tl.constexpr, HW_CVT: tl.constexpr):
     offs = tl.arange(0, R)[:, None] * C + tl.arange(0, C)[None, :]
     x = tl.load(x_ptr + offs)
     nv_general = fp4_jit.nvfp4_fake_quantize_rows(x, 16)
-    nv_fast = fp4_jit.nvfp4_fake_quantize_nonneg_rows(x, 16)
+    nv_fast = fp4_jit.nvfp4_fake_quantize_probs(x, 16, HW_CVT)
     mx_codes, mx_bits, _s, mx_vals = fp4_jit.mxfp4_quantize_nonneg_rows(x, 32)
     mx_codes_g, mx_bits_g, _sg = fp4_jit.mxfp4_quantize_rows(x, 32)
     mx_vals_g = fp4_jit.mxfp4_fake_quantize_rows(x, 32)
@@ -167,7 +167,8 @@ def _nonneg_kernel(x_ptr, out_ptr, R: tl.constexpr, C: tl.constexpr):
 
 @pytest.mark.parametrize("seed", [0, 1])
 def test_nonneg_quantizers_equal_general_ones(seed: int) -> None:
-    """The cheaper P quantizers (x >= 0) give bit-identical values, codes and scale bytes."""
+    """The cheaper P quantizers (x >= 0) give bit-identical values, codes and scale bytes
+    (``nvfp4_fake_quantize_probs`` with the hardware E4M3 cast on the GPU)."""
     rng = np.random.default_rng(seed)
     rows, cols = 64, 64
     ties = np.array([0.25, 0.75, 1.25, 1.75, 2.5, 3.5, 5.0])
@@ -183,7 +184,7 @@ def test_nonneg_quantizers_equal_general_ones(seed: int) -> None:
     x[28, :] = 0.0
     x[29, :32] = 0.0
     got = torch.full((rows, cols), -1, dtype=torch.int32, device=DEVICE)
-    _nonneg_kernel[(1,)](torch.from_numpy(x).to(DEVICE), got, rows, cols)
+    _nonneg_kernel[(1,)](torch.from_numpy(x).to(DEVICE), got, rows, cols, DEVICE == "cuda")
     got = got.cpu().numpy()
     assert got.min() >= 0, "every element written"
     assert not got.any(), np.argwhere(got != 0)[:5]
@@ -193,3 +194,76 @@ def _neighbours_rows(x: np.ndarray) -> np.ndarray:
     up = np.nextafter(x, np.float32(np.inf))
     down = np.nextafter(x, np.float32(0))
     return np.where(np.arange(x.shape[1]) % 2 == 0, up, down).astype(np.float32)
+
+
+# ---------------------------------------------------------------------------------------------
+# The GPU fast path of the P quantizer, by exhaustion (CUDA only: the interpreter has no
+# hardware E4M3 cast and would take hours over 2^31 values)
+# ---------------------------------------------------------------------------------------------
+
+
+@triton.jit
+def _fast_scale_mismatch_kernel(counts_ptr, start, BLOCK: tl.constexpr):
+    bits = start + tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+    finite = bits < 0x7F800000  # every finite float32 >= 0 (+0 included)
+    a = tl.where(finite, bits, 0).to(tl.uint32).to(tl.float32, bitcast=True)
+    exact_q = tl.math.div_rn(a, tl.full(a.shape, 6.0, tl.float32))
+    fast_q = fp4_jit.div6_rn_fma(a)
+    plain_q = a * 0.16666667163372040  # no correction step: must differ somewhere
+    exact_s = fp4_jit.e4m3_rne_sat(exact_q)
+    fast_s = fp4_jit.e4m3_rne_sat_cvt(fast_q)
+    neg = -a  # the cast of negative values too (sign handling of the hardware cvt)
+    cvt_diff = (fp4_jit.e4m3_rne_sat_cvt(a).to(tl.uint32, bitcast=True)
+                != fp4_jit.e4m3_rne_sat(a).to(tl.uint32, bitcast=True)) | (
+        fp4_jit.e4m3_rne_sat_cvt(neg).to(tl.uint32, bitcast=True)
+        != fp4_jit.e4m3_rne_sat(neg).to(tl.uint32, bitcast=True))
+    # Quotients are compared where neither the quotient nor the fma remainder (about
+    # a * 2^-23) is subnormal: Triton's float32 ops flush subnormals (ftz) there; below it
+    # only the block scale matters (and is compared: all such scales round to E4M3 zero).
+    normal = a >= 7.888609052210118e-31  # 2^-100
+    q_diff = (fast_q.to(tl.uint32, bitcast=True) != exact_q.to(tl.uint32, bitcast=True)) & normal
+    plain_diff = (plain_q.to(tl.uint32, bitcast=True)
+                  != exact_q.to(tl.uint32, bitcast=True)) & normal
+    s_diff = fast_s.to(tl.uint32, bitcast=True) != exact_s.to(tl.uint32, bitcast=True)
+    tl.atomic_add(counts_ptr + 0, tl.sum((s_diff & finite).to(tl.int32)))
+    tl.atomic_add(counts_ptr + 1, tl.sum((q_diff & finite).to(tl.int32)))
+    tl.atomic_add(counts_ptr + 2, tl.sum((cvt_diff & finite).to(tl.int32)))
+    tl.atomic_add(counts_ptr + 3, tl.sum((plain_diff & finite).to(tl.int32)))
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA only (hardware E4M3 cast)")
+def test_gpu_fast_block_scale_exhaustive() -> None:
+    """On every finite float32 amax >= 0: e4m3(div6_rn_fma(amax)) equals the exact path
+    e4m3_rne_sat(div_rn(amax, 6)); the hardware E4M3 cast equals the integer one on +-x; and the
+    fma-corrected quotient equals div_rn for amax >= 2^-100. The uncorrected product
+    ``amax * RN(1/6)`` must differ from div_rn somewhere (the comparison can fail)."""
+    counts = torch.zeros(4, dtype=torch.int32, device="cuda")
+    block, total = 4096, 0x7F800000
+    chunk = block * 65536
+    for start in range(0, total, chunk):
+        grid = (triton.cdiv(min(chunk, total - start), block),)
+        _fast_scale_mismatch_kernel[grid](counts, start, BLOCK=block)
+    scale_diff, quotient_diff, cvt_diff, plain_diff = counts.tolist()
+    assert plain_diff > 0, "the harness sees no difference even without the correction step"
+    assert cvt_diff == 0, f"hardware E4M3 cast differs on {cvt_diff} values"
+    assert quotient_diff == 0, f"fma-corrected amax/6 differs from div_rn on {quotient_diff}"
+    assert scale_diff == 0, f"fast block scale differs on {scale_diff} values"
+
+
+@triton.jit
+def _rcp_kernel(x_ptr, fast_ptr, exact_ptr, N: tl.constexpr):
+    offs = tl.arange(0, N)
+    s = tl.load(x_ptr + offs)
+    tl.store(fast_ptr + offs, fp4_jit.rcp_rn_e4m3(s))
+    tl.store(exact_ptr + offs, tl.math.div_rn(tl.full(s.shape, 1.0, tl.float32), s))
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA only (div.full.f32 + Newton)")
+def test_gpu_reciprocal_of_every_e4m3_value() -> None:
+    """rcp_rn_e4m3 equals div_rn(1, s) bit for bit on all 126 positive finite E4M3 values."""
+    values = np.arange(1, 127, dtype=np.uint8).view(ml_dtypes.float8_e4m3fn).astype(np.float32)
+    x = torch.from_numpy(np.concatenate([values, np.ones(2, np.float32)])).to("cuda")
+    fast, exact = torch.empty_like(x), torch.empty_like(x)
+    _rcp_kernel[(1,)](x, fast, exact, N=128)
+    assert torch.equal(fast.view(torch.int32), exact.view(torch.int32)), (
+        (fast != exact).nonzero()[:5])
