@@ -392,8 +392,8 @@ def e4m3_rne_sat_cvt(x):
     """``e4m3_rne_sat`` through the hardware: PTX ``cvt.rn.satfinite.e4m3x2.f32`` (sm_89+) and back.
 
     Same value as ``e4m3_rne_sat`` for every finite x (RNE, saturating at +-448, subnormals to
-    2^-9); tested on the GPU over all E4M3 ties and their float32 neighbours. The interpreter
-    has no such cast: callers pass ``HW_CVT=False`` there.
+    2^-9); checked on the GPU against ``e4m3_rne_sat`` on every finite float32 of either sign.
+    The interpreter has no such cast: callers pass ``HW_CVT=False`` there.
     """
     return x.to(tl.float8e4nv).to(tl.float32)
 
