@@ -270,12 +270,8 @@ def nvfp4_quantize_rows(x, BLOCK: tl.constexpr):
 @triton.jit
 def nvfp4_fake_quantize_rows(x, BLOCK: tl.constexpr):
     """Dequantized NVFP4 (no tensor scale) of a 2-D float32 tile: decode(codes) * block scale."""
-    ROWS: tl.constexpr = x.shape[0]
-    COLS: tl.constexpr = x.shape[1]
-    NB: tl.constexpr = COLS // BLOCK
     codes, _sb, scale = nvfp4_quantize_rows(x, BLOCK)
-    vals = tl.reshape(e2m1_decode(codes), (ROWS, NB, BLOCK)) * scale[:, :, None]
-    return tl.reshape(vals, (ROWS, COLS))
+    return dequantize_rows(codes, scale, BLOCK)
 
 
 @triton.jit
@@ -320,12 +316,8 @@ def mxfp4_quantize_rows(x, BLOCK: tl.constexpr):
 @triton.jit
 def mxfp4_fake_quantize_rows(x, BLOCK: tl.constexpr):
     """Dequantized MXFP4 (rceil) of a 2-D float32 tile: decode(codes) * 2^e."""
-    ROWS: tl.constexpr = x.shape[0]
-    COLS: tl.constexpr = x.shape[1]
-    NB: tl.constexpr = COLS // BLOCK
     codes, _sb, scale = mxfp4_quantize_rows(x, BLOCK)
-    vals = tl.reshape(e2m1_decode(codes), (ROWS, NB, BLOCK)) * scale[:, :, None]
-    return tl.reshape(vals, (ROWS, COLS))
+    return dequantize_rows(codes, scale, BLOCK)
 
 
 @triton.jit
