@@ -307,6 +307,9 @@ def test_cli_writes_the_report_and_refuses_to_overwrite(tmp_path) -> None:  # no
     html = (out / "index.html").read_text()
     assert "data:image/png;base64," in html and "drop_in" in html
     assert "drop_in" in (out / "summary.md").read_text()
+    # the cpu preset does not reproduce the paper's full split: it must say so
+    assert report["smoke_run"] is True
+    assert "SMOKE RUN" in html and "SMOKE RUN" in (out / "summary.md").read_text()
     assert _cli("--variants", "bf16", "--out", str(out)) == 2
     assert _cli("--variants", "bf16", "--out", str(out), "--overwrite") == 0
     assert _cli("--variants", "nope", "--out", str(tmp_path / "other")) == 2

@@ -98,8 +98,8 @@ def run(args: argparse.Namespace) -> int:
         return _error(str(error))
 
     if config.smoke:
-        _log(f"config '{config.name}' is a SMOKE RUN: it checks that every variant trains, "
-             "it is not expected to separate them")
+        _log(f"config '{config.name}' is a SMOKE RUN: it checks that every variant trains; "
+             "it is not expected to reproduce the paper's full split")
     try:
         result = run_simulation(config, log=_log)
     except SimulationSetupError as error:
