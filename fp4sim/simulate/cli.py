@@ -37,7 +37,7 @@ def configure_parser(parser: argparse.ArgumentParser) -> None:
                              "cast back (default float32; kernels:attn_qat needs bfloat16)")
     parser.add_argument("--device", default=None, help="cpu or cuda (default: the preset's)")
     parser.add_argument("--task", choices=sorted(TASKS), default=None,
-                        help="synthetic task (default copy)")
+                        help="synthetic task (default: the preset's; recall for gpu, copy for cpu)")
     size = "(default: the config's)"
     parser.add_argument("--steps", type=int, default=None,
                         help="training steps per variant " + size)
