@@ -12,7 +12,7 @@ import sys
 
 from fp4sim.simulate.config import PRESETS, get_preset, with_overrides
 from fp4sim.simulate.tasks import TASKS
-from fp4sim.simulate.variants import VALID_VARIANTS, SimulationSetupError
+from fp4sim.simulate.variants import KERNEL_DTYPES, VALID_VARIANTS, SimulationSetupError
 
 DEFAULT_OUT = "fp4sim-simulate"
 
@@ -32,7 +32,7 @@ def configure_parser(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--kernel", default=None, metavar="MODULE:ATTR",
                         help="external attention fn(q, k, v, causal, sm_scale) -> o, "
                              "trained as variant 'kernel'")
-    parser.add_argument("--kernel-dtype", default=None, choices=("float32", "bfloat16", "float16"),
+    parser.add_argument("--kernel-dtype", default=None, choices=KERNEL_DTYPES,
                         help="dtype q, k, v are cast to before the kernel is called, the output "
                              "cast back (default float32; kernels:attn_qat needs bfloat16)")
     parser.add_argument("--device", default=None, help="cpu or cuda (default: the preset's)")

@@ -64,9 +64,9 @@ class SimulationResult:
         return any(run.status == "failed" for run in self.runs)
 
 
-
 def _variant_of(config: SimulationConfig, name: str) -> Variant:
     return build_variant(name, config.recipe, config.block_n, config.kernel, config.kernel_dtype)
+
 
 def tail_mean(values: list[float], fraction: float = 0.05) -> float | None:
     """Mean of the last ``fraction`` of a series (at least one value); None when empty."""

@@ -180,12 +180,6 @@ def train_variant(config: SimulationConfig, variant: Variant, diagnostics_recipe
                      recipe=variant.recipe_name, backward=variant.backward)
     device = torch.device(config.device)
     configure_determinism(config.deterministic)
-
-    return _train(config, variant, diagnostics_recipe, log, run, device)
-
-
-def _train(config: SimulationConfig, variant: Variant, diagnostics_recipe: Any, log: Logger,
-           run: VariantRun, device: torch.device) -> VariantRun:
     seeds = derive_seeds(config.seed)
     task = get_task(config.task)
     model_config, training = config.model, config.training
