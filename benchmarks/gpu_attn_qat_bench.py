@@ -31,7 +31,7 @@ import torch.nn.functional as F
 import triton
 from triton.testing import do_bench
 
-import kernels.training_attention as attn_mod
+import fp4sim.kernels.training_attention as attn_mod
 
 SHAPES = [(2, 16, 4096, 128), (2, 16, 4096, 64), (1, 3, 31200, 128)]
 METHODS = ["sdpa", "bf16", "attn-qat", "attn-qat-consistent", "attn-qat/in-register"]
@@ -127,8 +127,7 @@ def _sweep(shape):
 
 def _smoke():
     """Quick GPU correctness: each recipe against the float64 reference (relative L2)."""
-    import reference
-
+    from fp4sim import reference
     torch.manual_seed(0)
     worst = 0.0
     for recipe in ("bf16", "attn-qat", "attn-qat-consistent"):

@@ -17,7 +17,7 @@ import torch
 import triton
 import triton.language as tl
 
-from kernels.inference import fp4_inference_attention, pack_for_inference
+from fp4sim.kernels.inference import fp4_inference_attention, pack_for_inference
 
 _E2M1 = (0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0)
 

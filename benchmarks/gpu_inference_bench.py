@@ -24,7 +24,7 @@ import sys
 import torch
 import triton
 
-from kernels.inference import fp4_inference_attention, pack_for_inference
+from fp4sim.kernels.inference import fp4_inference_attention, pack_for_inference
 
 SHAPES = ((2, 16, 4096, 128), (2, 16, 4096, 64), (1, 3, 31200, 128))
 CONFIGS = (  # (block_m, num_warps, num_stages); each one costs a compile per head dim

@@ -21,9 +21,9 @@ import time
 
 import torch
 
-import kernels.inference as inference
-import kernels.quantize as quantize
-import kernels.training_attention as training
+import fp4sim.kernels.inference as inference
+import fp4sim.kernels.quantize as quantize
+import fp4sim.kernels.training_attention as training
 
 # (H, Hkv, Lq, Lk, d, causal): GQA, Lq != Lk both ways, d 64 and 128, lengths off every tile.
 ATTENTION_SHAPES = [

@@ -99,7 +99,7 @@ class Variant:
 def load_attention() -> ModuleType:
     # Import from this checkout whether or not the package is installed.
     sys.path.insert(0, str(REPO_ROOT))
-    return importlib.import_module("kernels.training_attention")
+    return importlib.import_module("fp4sim.kernels.training_attention")
 
 
 def quantizer_filter(attention: ModuleType) -> Callable[[str, int], bool]:

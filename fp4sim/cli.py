@@ -15,7 +15,7 @@ from collections.abc import Sequence
 # name -> (module, one-line help)
 SUBCOMMANDS: dict[str, tuple[str, str]] = {
     "check": ("fp4sim.testing.check_cli", "check an external quantizer or attention kernel"),
-    "report": ("reports.cli", "write the FP4 attention error and gradient-error report"),
+    "report": ("fp4sim.reports.cli", "write the FP4 attention error and gradient-error report"),
     "simulate": ("fp4sim.simulate.cli", "train tiny models per backward variant (stability)"),
     "demo": ("fp4sim.demo", "quantize a small tensor and print codes, scales and errors"),
 }

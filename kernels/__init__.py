@@ -1,7 +1,7 @@
 """Triton kernels for FP4 attention: quantization, fused Attn-QAT training, FP4 inference.
 
 The package stands alone (it imports no other layer except the constants of
-``fp4sim.formats``). Submodules are imported lazily so that ``import kernels`` does not
+``fp4sim.formats``). Submodules are imported lazily so that ``import fp4sim.kernels`` does not
 import Triton until a kernel is used.
 """
 
@@ -11,12 +11,12 @@ import importlib
 from typing import Any
 
 _EXPORTS = {
-    "quantize_fp4": "kernels.quantize",
-    "attn_qat": "kernels.training_attention",
-    "attn_qat_forward": "kernels.training_attention",
-    "attn_qat_backward": "kernels.training_attention",
-    "fp4_inference_attention": "kernels.inference",
-    "pack_for_inference": "kernels.inference",
+    "quantize_fp4": "fp4sim.kernels.quantize",
+    "attn_qat": "fp4sim.kernels.training_attention",
+    "attn_qat_forward": "fp4sim.kernels.training_attention",
+    "attn_qat_backward": "fp4sim.kernels.training_attention",
+    "fp4_inference_attention": "fp4sim.kernels.inference",
+    "pack_for_inference": "fp4sim.kernels.inference",
 }
 
 __all__ = sorted(_EXPORTS)
@@ -25,5 +25,5 @@ __all__ = sorted(_EXPORTS)
 def __getattr__(name: str) -> Any:
     module_name = _EXPORTS.get(name)
     if module_name is None:
-        raise AttributeError(f"module 'kernels' has no attribute {name!r}")
+        raise AttributeError(f"module 'fp4sim.kernels' has no attribute {name!r}")
     return getattr(importlib.import_module(module_name), name)

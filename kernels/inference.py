@@ -55,8 +55,8 @@ import torch
 import triton
 import triton.language as tl
 
-from kernels import fp4_jit
-from kernels.quantize import BLOCK_SIZES, check_device, format_name, quantize_fp4
+from fp4sim.kernels import fp4_jit
+from fp4sim.kernels.quantize import BLOCK_SIZES, check_device, format_name, quantize_fp4
 
 BLOCK_N = 64  # key tile width of the P quantization (the reference recipes' block_n)
 SUPPORTED_HEAD_DIMS = (64, 128)

@@ -26,7 +26,7 @@ import torch
 import triton
 import triton.language as tl
 
-from kernels import fp4_jit
+from fp4sim.kernels import fp4_jit
 
 BLOCK_SIZES = {"nvfp4": 16, "mxfp4": 32}  # FP4_FORMATS.md: NVFP4 16, MXFP4 32 (OCP MX v1.0 6.3)
 NVFP4_TENSOR_SCALE_DIVISOR = 448.0 * 6.0  # FP4_FORMATS.md: amax_tensor / (448 * 6)

@@ -68,7 +68,7 @@ import torch
 import triton
 import triton.language as tl
 
-from kernels.fp4_jit import nvfp4_fake_quantize_probs, nvfp4_fake_quantize_rows
+from fp4sim.kernels.fp4_jit import nvfp4_fake_quantize_probs, nvfp4_fake_quantize_rows
 
 RECIPES = ("bf16", "attn-qat", "attn-qat-consistent")
 SUPPORTED_HEAD_DIMS = (64, 128)

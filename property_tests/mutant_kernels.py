@@ -18,11 +18,11 @@ import numpy as np
 import torch
 
 import fp4sim
-import reference
-from reference.masks import check_attention_inputs, visible_mask
-from reference.operands import pad_keys, quantize_operands
-from reference.p_quant import quantize_p_tiles
-from reference.softmax import log_sum_exp, padded_length, safe_divide_rows, scores
+from fp4sim import reference
+from fp4sim.reference.masks import check_attention_inputs, visible_mask
+from fp4sim.reference.operands import pad_keys, quantize_operands
+from fp4sim.reference.p_quant import quantize_p_tiles
+from fp4sim.reference.softmax import log_sum_exp, padded_length, safe_divide_rows, scores
 
 # ---------------------------------------------------------------------------
 # quantizers (NVFP4 defaults unless named): built from the emulator's pieces
@@ -70,8 +70,7 @@ def emulator_nvfp4_amax(x: Any) -> tuple[np.ndarray, np.ndarray, np.float32]:
 
 def triton_nvfp4_amax(x: Any) -> Any:
     """Correct (expected): kernels.quantize_fp4 with an amax tensor scale."""
-    import kernels
-
+    from fp4sim import kernels
     return kernels.quantize_fp4(_as_float32_tensor(x), "nvfp4", tensor_scale="amax")
 
 
@@ -83,8 +82,7 @@ def torch_reference_nvfp4(x: Any) -> tuple[np.ndarray, np.ndarray, None]:
 
 def triton_nvfp4(x: Any) -> Any:
     """Correct (expected): kernels.quantize_fp4 (CPU needs TRITON_INTERPRET=1)."""
-    import kernels
-
+    from fp4sim import kernels
     return kernels.quantize_fp4(_as_float32_tensor(x), "nvfp4")
 
 
@@ -222,8 +220,7 @@ def reference_attention(q, k, v, causal=False, sm_scale=None):  # noqa: ANN001, 
 
 def triton_attention(q, k, v, causal=False, sm_scale=None):  # noqa: ANN001, ANN201
     """Correct (expected): kernels.attn_qat (CPU needs TRITON_INTERPRET=1)."""
-    import kernels
-
+    from fp4sim import kernels
     return kernels.attn_qat(q, k, v, causal, sm_scale, recipe="attn-qat")
 
 
@@ -419,6 +416,5 @@ CORRECT: dict[str, tuple[str, str, str, tuple[str, ...]]] = {
 
 def triton_mxfp4(x: Any) -> Any:
     """Correct (expected): kernels.quantize_fp4 MXFP4 (CPU needs TRITON_INTERPRET=1)."""
-    import kernels
-
+    from fp4sim import kernels
     return kernels.quantize_fp4(_as_float32_tensor(x), "mxfp4")

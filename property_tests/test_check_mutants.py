@@ -23,7 +23,7 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-from fp4sim.testing import check  # noqa: E402
+from fp4sim.testing import check_attention, check_driver, check_quantizer  # noqa: E402
 from property_tests import mutant_kernels  # noqa: E402
 
 # Small inputs keep the default run fast; the detection table uses the CLI defaults.
@@ -46,12 +46,12 @@ def run_check(
     fast: bool,
     shrink_seconds: float = 10.0,
     overrides: dict[str, object] | None = None,
-) -> check.CheckResult:
+) -> check_driver.CheckResult:
     """Run one check through the Python API with the settings the CLI would use (``fast``:
     the small inputs of the default CI run)."""
     if kind == "quantizer":
         settings = (("tensor_scale", "amax"),) if "--tensor-scale" in extra else ()
-        config = check.QuantizerCheckConfig(
+        config = check_quantizer.QuantizerCheckConfig(
             kernel=kernel,
             fmt=target,
             settings=settings,
@@ -59,8 +59,8 @@ def run_check(
             seed=seed,
             **(FAST_QUANTIZER if fast else {"shrink_seconds": shrink_seconds}),
         )
-        return check.run_quantizer_check(config)
-    config = check.AttentionCheckConfig(
+        return check_quantizer.run_quantizer_check(config)
+    config = check_attention.AttentionCheckConfig(
         kernel=kernel,
         recipe=target,
         causal="--causal" in extra,
@@ -71,7 +71,7 @@ def run_check(
         seed=seed,
         **({**FAST_ATTENTION, **(overrides or {})} if fast else {"shrink_seconds": shrink_seconds}),
     )
-    return check.run_attention_check(config)
+    return check_attention.run_attention_check(config)
 
 
 @pytest.mark.parametrize("name", sorted(mutant_kernels.CORRECT))

@@ -40,16 +40,16 @@ import triton
 import triton.language as tl
 from hypothesis import HealthCheck, given, settings
 
-import kernels.training_attention as attn_mod
+import fp4sim.kernels.training_attention as attn_mod
+from fp4sim.kernels.fp4_jit import nvfp4_fake_quantize_rows
+from fp4sim.kernels.training_attention import _fake_quantize_probs
+from fp4sim.reference import attention_backward, fp4_attention_forward, get_recipe
+from fp4sim.reference.masks import visible_mask
+from fp4sim.reference.operands import pad_keys
+from fp4sim.reference.quant_torch import e2m1_encode_torch, e4m3_decode_torch, e4m3_encode_torch
+from fp4sim.reference.softmax import padded_length, scores, softmax_backward, softmax_forward
 from fp4sim.testing.generators import AttentionInputSpec, generate_attention_inputs
 from fp4sim.testing.strategies import attention_inputs
-from kernels.fp4_jit import nvfp4_fake_quantize_rows
-from kernels.training_attention import _fake_quantize_probs
-from reference import attention_backward, fp4_attention_forward, get_recipe
-from reference.masks import visible_mask
-from reference.operands import pad_keys
-from reference.quant_torch import e2m1_encode_torch, e4m3_decode_torch, e4m3_encode_torch
-from reference.softmax import padded_length, scores, softmax_backward, softmax_forward
 
 HAS_CUDA = torch.cuda.is_available()
 INTERPRET = os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
@@ -387,14 +387,14 @@ def _p_code_check(q, k, v, recipe, causal):
     p_k = res.diagnostics["p"].cpu()
     pq_k = res.diagnostics["p_tilde"].cpu()
     # The kernel's P~ is exactly fp4sim's NVFP4 quantization of the kernel's own P.
-    from reference.quant_torch import fake_quantize_torch
+    from fp4sim.reference.quant_torch import fake_quantize_torch
 
     assert torch.equal(pq_k, fake_quantize_torch(p_k, "nvfp4", axis=-1)), "in-register P~ wrong"
     do = torch.zeros_like(q)
     ex = _Exact(q, k, v, do, recipe, causal, tau)
     ref32 = fp4_attention_forward(q.cpu(), k.cpu(), v.cpu(), recipe, causal=causal,
                                   accum_dtype=torch.float32, diagnostics=True)
-    from reference.quant_torch import quantize_torch
+    from fp4sim.reference.quant_torch import quantize_torch
 
     codes_k = quantize_torch(p_k, "nvfp4", axis=-1)[0][..., :lk]
     codes_r = ref32.p_codes

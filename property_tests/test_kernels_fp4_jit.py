@@ -18,7 +18,7 @@ ml_dtypes = pytest.importorskip("ml_dtypes")
 triton = pytest.importorskip("triton")
 import triton.language as tl  # noqa: E402
 
-from kernels import fp4_jit  # noqa: E402
+from fp4sim.kernels import fp4_jit  # noqa: E402
 
 _CAN_RUN = torch.cuda.is_available() or os.environ.get("TRITON_INTERPRET") == "1"
 pytestmark = [

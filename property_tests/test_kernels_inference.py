@@ -37,7 +37,7 @@ from fp4sim.testing.strategies import ATTENTION_DISTRIBUTIONS, attention_inputs
 
 triton = pytest.importorskip("triton")
 
-from kernels.inference import fp4_inference_attention, pack_for_inference  # noqa: E402
+from fp4sim.kernels.inference import fp4_inference_attention, pack_for_inference  # noqa: E402
 
 ON_GPU = torch.cuda.is_available()
 _CAN_RUN = ON_GPU or os.environ.get("TRITON_INTERPRET") == "1"
@@ -65,7 +65,7 @@ def _unpack(packed: torch.Tensor) -> torch.Tensor:
 
 
 def _run_case(q, k, v, fmt: str, causal: bool, sm_scale=None, **kw) -> dict:
-    from reference import attention_exact, fp4_attention_forward
+    from fp4sim.reference import attention_exact, fp4_attention_forward
 
     q, k, v = (torch.as_tensor(t, dtype=torch.float32) for t in (q, k, v))
     packed = pack_for_inference(q.to(DEVICE), k.to(DEVICE), v.to(DEVICE), fmt)
@@ -163,7 +163,7 @@ def _p_flip_report(q, k, v, fmt: str, causal: bool) -> dict[str, int]:
     """
     import ml_dtypes
 
-    from reference import fp4_attention_forward
+    from fp4sim.reference import fp4_attention_forward
 
     q, k, v = (torch.as_tensor(t, dtype=torch.float32) for t in (q, k, v))
     packed = pack_for_inference(q.to(DEVICE), k.to(DEVICE), v.to(DEVICE), fmt)

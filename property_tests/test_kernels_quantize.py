@@ -21,7 +21,7 @@ from fp4sim.testing.strategies import tensor_cases
 
 triton = pytest.importorskip("triton")
 
-from kernels.quantize import quantize_fp4  # noqa: E402
+from fp4sim.kernels.quantize import quantize_fp4  # noqa: E402
 
 _CAN_RUN = torch.cuda.is_available() or os.environ.get("TRITON_INTERPRET") == "1"
 pytestmark = [

@@ -18,9 +18,12 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 
 # The emulator core: NumPy only.
-CORE_FORBIDDEN = ("torch", "triton", "reference", "kernels", "reports", "hypothesis",
-                  "matplotlib", "ml_dtypes", "fp4sim.testing", "fp4sim.simulate")
-TOP_LAYER = ("fp4sim.testing", "fp4sim.simulate", "fp4sim.cli", "fp4sim.demo", "reports")
+# The three implementations on the ground, each independent of the other two.
+REFERENCE, KERNELS = "fp4sim.reference", "fp4sim.kernels"
+TOP_LAYER = ("fp4sim.testing", "fp4sim.simulate", "fp4sim.cli", "fp4sim.demo", "fp4sim.reports",
+             "fp4sim.adapters", "fp4sim.__main__")
+CORE_FORBIDDEN = ("torch", "triton", REFERENCE, KERNELS, "hypothesis", "matplotlib",
+                  "ml_dtypes") + TOP_LAYER
 
 
 def _modules_loaded_by(module: str) -> set[str]:
@@ -46,7 +49,7 @@ def _is_under(name: str, prefix: str) -> bool:
 
 def _core_modules() -> list[str]:
     return ["fp4sim"] + [m for m in _submodules("fp4sim")
-                         if not any(_is_under(m, top) for top in TOP_LAYER)]
+                         if not any(_is_under(m, top) for top in TOP_LAYER + (REFERENCE, KERNELS))]
 
 
 @pytest.mark.parametrize("module", _core_modules())
@@ -56,18 +59,18 @@ def test_emulator_core_imports_numpy_only(module: str) -> None:
     assert not bad, f"{module} (emulator core) imports {bad}"
 
 
-@pytest.mark.parametrize("module", ["reference"] + _submodules("reference"))
+@pytest.mark.parametrize("module", [REFERENCE] + _submodules(REFERENCE))
 def test_reference_builds_only_on_the_core(module: str) -> None:
     loaded = _modules_loaded_by(module)
-    forbidden = ("kernels", "reports", "triton") + TOP_LAYER
+    forbidden = (KERNELS, "triton") + TOP_LAYER
     bad = sorted(m for m in loaded for f in forbidden if _is_under(m, f))
     assert not bad, f"{module} (reference) imports {bad}"
 
 
-@pytest.mark.parametrize("module", ["kernels"] + _submodules("kernels"))
+@pytest.mark.parametrize("module", [KERNELS] + _submodules(KERNELS))
 def test_kernels_stand_alone(module: str) -> None:
     loaded = _modules_loaded_by(module)
-    forbidden = ("reference", "reports") + TOP_LAYER
+    forbidden = (REFERENCE,) + TOP_LAYER
     bad = sorted(m for m in loaded for f in forbidden if _is_under(m, f))
     assert not bad, f"{module} (kernels) imports {bad}; only fp4sim.formats constants are shared"
 
@@ -75,4 +78,4 @@ def test_kernels_stand_alone(module: str) -> None:
 def test_layer_check_can_fail() -> None:
     # The probe itself must see a known import, or the checks above prove nothing.
     assert "numpy" in _modules_loaded_by("fp4sim")
-    assert any(_is_under(m, "torch") for m in _modules_loaded_by("reference"))
+    assert any(_is_under(m, "torch") for m in _modules_loaded_by(REFERENCE))

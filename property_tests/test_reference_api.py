@@ -7,9 +7,9 @@ import dataclasses
 import pytest
 import torch
 
-import reference
-from reference.masks import expand_kv
-from reference.recipes import QuantSpec, Recipe
+from fp4sim import reference
+from fp4sim.reference.masks import expand_kv
+from fp4sim.reference.recipes import QuantSpec, Recipe
 
 
 def _qkv(b=1, h=2, hkv=1, lq=5, lk=7, d=16, dtype=torch.float32, seed=0):

@@ -8,8 +8,8 @@ import torch
 from reference_inputs import heavy_tailed_floats
 
 import fp4sim
-import reference
-from reference.quant_torch import quantize_torch
+from fp4sim import reference
+from fp4sim.reference.quant_torch import quantize_torch
 
 pytestmark = [
     pytest.mark.gpu,

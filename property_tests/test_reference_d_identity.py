@@ -18,9 +18,9 @@ from hypothesis import assume, given
 from hypothesis import strategies as st
 from reference_inputs import assert_within, attn_cases, make_inputs, rounding_bound
 
-import reference
-from reference.backward import backward_parts
-from reference.exact import default_sm_scale
+from fp4sim import reference
+from fp4sim.reference.backward import backward_parts
+from fp4sim.reference.exact import default_sm_scale
 
 RECIPES = ("attn-qat", "attn-qat-consistent", "sage3-like", "nvfp4-tensor-scale", "infer-nvfp4")
 

@@ -9,8 +9,8 @@ import torch
 from hypothesis import given
 from reference_inputs import assert_within, attn_cases, make_inputs, rounding_bound
 
-import reference
-from reference.exact import default_sm_scale
+from fp4sim import reference
+from fp4sim.reference.exact import default_sm_scale
 
 VARIANTS = reference.BACKWARD_VARIANTS
 GRADCHECK_SHAPES = [

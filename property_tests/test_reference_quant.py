@@ -10,7 +10,7 @@ from hypothesis import strategies as st
 from reference_inputs import heavy_tailed_floats
 
 import fp4sim
-from reference.quant_torch import (
+from fp4sim.reference.quant_torch import (
     e2m1_decode_torch,
     e2m1_encode_torch,
     e4m3_decode_torch,
@@ -205,8 +205,8 @@ def test_quantize_torch_rejects_bad_input():
 @given(data=quant_arrays(), block_n=st.sampled_from((16, 32, 64)))
 def test_p_policies_match_fp4sim_tile_by_tile(data, block_n):
     """P quantizers of reference.p_quant against fp4sim on each (rows x block_n) tile."""
-    from reference.p_quant import quantize_p_tiles
-    from reference.recipes import NVFP4
+    from fp4sim.reference.p_quant import quantize_p_tiles
+    from fp4sim.reference.recipes import NVFP4
 
     x, _ = data
     x = np.abs(np.nan_to_num(x, nan=0.0, posinf=1.0, neginf=1.0)).astype(np.float32)

@@ -16,10 +16,10 @@ from hypothesis import given
 from hypothesis import strategies as st
 from reference_inputs import assert_within, attn_cases, make_inputs, rounding_bound
 
-import reference
-from reference.backward import backward_parts
-from reference.exact import default_sm_scale
-from reference.forward import fp4_attention_forward
+from fp4sim import reference
+from fp4sim.reference.backward import backward_parts
+from fp4sim.reference.exact import default_sm_scale
+from fp4sim.reference.forward import fp4_attention_forward
 
 
 def _setup(case, recipe, mode):
@@ -73,9 +73,9 @@ def test_block_policy_ste_gap_is_exactly_the_p_mismatch(case, block_n):
 
 
 def _forward_p_tilde(q, k, recipe, causal):
-    from reference.masks import visible_mask
-    from reference.operands import pad_keys, quantize_operands
-    from reference.softmax import effective_p_tilde, padded_length, scores, softmax_forward
+    from fp4sim.reference.masks import visible_mask
+    from fp4sim.reference.operands import pad_keys, quantize_operands
+    from fp4sim.reference.softmax import effective_p_tilde, padded_length, scores, softmax_forward
 
     ops = quantize_operands(q, k, k, recipe, torch.float64)
     lk_pad = padded_length(k.shape[-2], recipe.block_n)

@@ -18,11 +18,11 @@ from hypothesis import strategies as st
 from reference_inputs import assert_within, attn_cases, make_inputs, rounding_bound
 
 import fp4sim
-import reference
-from reference.exact import default_sm_scale
-from reference.masks import visible_mask
-from reference.operands import pad_keys, quantize_operands
-from reference.softmax import padded_length, scores, softmax_forward
+from fp4sim import reference
+from fp4sim.reference.exact import default_sm_scale
+from fp4sim.reference.masks import visible_mask
+from fp4sim.reference.operands import pad_keys, quantize_operands
+from fp4sim.reference.softmax import padded_length, scores, softmax_forward
 
 
 def _fp4sim_tile(p32: np.ndarray, recipe) -> tuple[np.ndarray, np.ndarray, np.ndarray]:

@@ -17,9 +17,9 @@ from hypothesis import assume, given
 from hypothesis import strategies as st
 from reference_inputs import assert_within, attn_cases, make_inputs, rounding_bound
 
-import reference
-from reference.exact import default_sm_scale
-from reference.quant_torch import fake_quantize_torch
+from fp4sim import reference
+from fp4sim.reference.exact import default_sm_scale
+from fp4sim.reference.quant_torch import fake_quantize_torch
 
 # variant -> (S, P from quantized Q^ K^?, dV uses P~?, D from O_hp?)
 TABLE = {

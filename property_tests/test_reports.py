@@ -21,10 +21,10 @@ import numpy as np
 import pytest
 import torch
 
-import reference
+from fp4sim import reference
 from fp4sim.cli import main as fp4sim_main
-from reports import metrics, output, schema, summary
-from reports.scenarios import (
+from fp4sim.reports import metrics, output, schema, summary
+from fp4sim.reports.scenarios import (
     ALL_SCENARIOS,
     FULL_SCENARIOS,
     QUICK_SCENARIOS,
@@ -470,8 +470,7 @@ def test_unknown_names_exit_2_with_valid_names(tmp_path, capsys, args, expected)
 
 KERNEL_MODULE = """
 import torch
-import reference
-
+from fp4sim import reference
 def good(q, k, v, causal, sm_scale):
     return reference.fp4_attention(q, k, v, causal=causal, sm_scale=sm_scale, recipe="attn-qat")
 

@@ -1,16 +1,16 @@
 """Pure-PyTorch reference FP4 attention: recipes, forward (tiled/dense), backward variants."""
 
-from reference.autograd import fp4_attention
-from reference.backward import (
+from fp4sim.reference.autograd import fp4_attention
+from fp4sim.reference.backward import (
     BackwardParts,
     attention_backward,
     backward_parts,
     d_identity_residual,
 )
-from reference.exact import attention_exact
-from reference.forward import ForwardResult, fp4_attention_forward
-from reference.quant_torch import fake_quantize_torch, quantize_torch
-from reference.recipes import (
+from fp4sim.reference.exact import attention_exact
+from fp4sim.reference.forward import ForwardResult, fp4_attention_forward
+from fp4sim.reference.quant_torch import fake_quantize_torch, quantize_torch
+from fp4sim.reference.recipes import (
     BACKWARD_VARIANTS,
     P_POLICIES,
     PRESETS,

@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import torch
 
-from reference.backward import attention_backward
-from reference.forward import fp4_attention_forward
-from reference.recipes import BACKWARD_VARIANTS, Recipe, get_recipe
+from fp4sim.reference.backward import attention_backward
+from fp4sim.reference.forward import fp4_attention_forward
+from fp4sim.reference.recipes import BACKWARD_VARIANTS, Recipe, get_recipe
 
 
 class _FP4Attention(torch.autograd.Function):

@@ -20,11 +20,11 @@ from dataclasses import dataclass
 
 import torch
 
-from reference.exact import default_sm_scale
-from reference.masks import check_attention_inputs, reduce_kv, visible_mask
-from reference.operands import pad_keys, quantize_operands
-from reference.recipes import BACKWARD_VARIANTS, Recipe, get_recipe
-from reference.softmax import (
+from fp4sim.reference.exact import default_sm_scale
+from fp4sim.reference.masks import check_attention_inputs, reduce_kv, visible_mask
+from fp4sim.reference.operands import pad_keys, quantize_operands
+from fp4sim.reference.recipes import BACKWARD_VARIANTS, Recipe, get_recipe
+from fp4sim.reference.softmax import (
     effective_p_tilde,
     log_sum_exp,
     normalized_p,

@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import torch
 
-from reference.p_quant import PQuantized
-from reference.recipes import Recipe
-from reference.softmax import SoftmaxForward, softmax_backward
+from fp4sim.reference.p_quant import PQuantized
+from fp4sim.reference.recipes import Recipe
+from fp4sim.reference.softmax import SoftmaxForward, softmax_backward
 
 FP4_CODES = 16  # E2M1: 16 codes (FP4_FORMATS.md)
 

@@ -6,7 +6,7 @@ import math
 
 import torch
 
-from reference.masks import causal_visible, check_attention_inputs, expand_kv
+from fp4sim.reference.masks import causal_visible, check_attention_inputs, expand_kv
 
 
 def default_sm_scale(d: int, sm_scale: float | None) -> float:

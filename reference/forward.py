@@ -6,12 +6,12 @@ from dataclasses import dataclass
 
 import torch
 
-from reference.diagnostics import forward_diagnostics
-from reference.exact import default_sm_scale
-from reference.masks import check_attention_inputs, visible_mask
-from reference.operands import pad_keys, quantize_operands, resolve_accum_dtype
-from reference.recipes import Recipe, get_recipe
-from reference.softmax import (
+from fp4sim.reference.diagnostics import forward_diagnostics
+from fp4sim.reference.exact import default_sm_scale
+from fp4sim.reference.masks import check_attention_inputs, visible_mask
+from fp4sim.reference.operands import pad_keys, quantize_operands, resolve_accum_dtype
+from fp4sim.reference.recipes import Recipe, get_recipe
+from fp4sim.reference.softmax import (
     log_sum_exp,
     padded_length,
     safe_divide_rows,

@@ -6,9 +6,9 @@ from dataclasses import dataclass
 
 import torch
 
-from reference.masks import expand_kv
-from reference.quant_torch import TorchQuantized, quantize_torch_full
-from reference.recipes import QuantSpec, Recipe
+from fp4sim.reference.masks import expand_kv
+from fp4sim.reference.quant_torch import TorchQuantized, quantize_torch_full
+from fp4sim.reference.recipes import QuantSpec, Recipe
 
 ACCUM_DTYPES = (torch.float32, torch.float64)
 

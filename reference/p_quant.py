@@ -23,7 +23,7 @@ from dataclasses import dataclass
 
 import torch
 
-from reference.quant_torch import (
+from fp4sim.reference.quant_torch import (
     E2M1_MAX,
     E4M3_MAX,
     TorchQuantized,
@@ -32,7 +32,7 @@ from reference.quant_torch import (
     tensor_scale_from_amax,
     true_divide,
 )
-from reference.recipes import QuantSpec
+from fp4sim.reference.recipes import QuantSpec
 
 
 @dataclass(frozen=True)

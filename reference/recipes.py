@@ -5,7 +5,7 @@ from __future__ import annotations
 import dataclasses
 from dataclasses import dataclass
 
-from reference.quant_torch import BLOCK_SIZES
+from fp4sim.reference.quant_torch import BLOCK_SIZES
 
 P_POLICIES = ("none", "block", "tile_global", "two_level", "consistent")
 BACKWARD_VARIANTS = ("exact", "drop_in", "p_only", "o_only", "attn_qat", "ste_autograd")

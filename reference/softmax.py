@@ -15,8 +15,8 @@ from dataclasses import dataclass
 
 import torch
 
-from reference.p_quant import PQuantized, quantize_p_tiles
-from reference.recipes import Recipe
+from fp4sim.reference.p_quant import PQuantized, quantize_p_tiles
+from fp4sim.reference.recipes import Recipe
 
 NEG_INF = float("-inf")
 

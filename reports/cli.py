@@ -17,13 +17,13 @@ import sys
 import time
 from typing import Any
 
-from reports.scenarios import ALL_SCENARIOS, FULL_SCENARIOS, QUICK_SCENARIOS
+from fp4sim.reports.scenarios import ALL_SCENARIOS, FULL_SCENARIOS, QUICK_SCENARIOS
 
 QUICK_RECIPES = ("attn-qat", "attn-qat-consistent")
 
 
 def configure_parser(parser: argparse.ArgumentParser) -> None:
-    from reports.summary import THRESHOLD_METRICS
+    from fp4sim.reports.summary import THRESHOLD_METRICS
 
     parser.add_argument(
         "--out", default="fp4sim-report", help="output folder (default: %(default)s)"
@@ -93,10 +93,10 @@ def _resolve(args: argparse.Namespace) -> Any:
     """Validate every name before any computation; a ReportConfig or UsageError."""
     import torch
 
-    import reference
-    from reports import runner, summary
-    from reports.output import ReportFolderError, check_output_folder
-    from reports.scenarios import get_scenario
+    from fp4sim import reference
+    from fp4sim.reports import runner, summary
+    from fp4sim.reports.output import ReportFolderError, check_output_folder
+    from fp4sim.reports.scenarios import get_scenario
 
     try:
         check_output_folder(args.out, overwrite=args.overwrite)
@@ -156,8 +156,8 @@ def run(args: argparse.Namespace) -> int:
     except UsageError as exc:
         print(f"fp4sim report: error: {exc}", file=sys.stderr)
         return 2
-    from reports import document, runner, schema, summary
-    from reports.output import ReportFolderError, write_report_folder
+    from fp4sim.reports import document, runner, schema, summary
+    from fp4sim.reports.output import ReportFolderError, write_report_folder
 
     total = len(config.scenarios) * len(config.recipes) * len(config.implementations)
     runner.log(

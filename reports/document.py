@@ -12,10 +12,10 @@ from __future__ import annotations
 import json
 from typing import Any
 
-from reports import figures
-from reports.html import HtmlReport
-from reports.metrics import ELEMENT_GUARD_EPS
-from reports.summary import grad_metric
+from fp4sim.reports import figures
+from fp4sim.reports.html import HtmlReport
+from fp4sim.reports.metrics import ELEMENT_GUARD_EPS
+from fp4sim.reports.summary import grad_metric
 
 METRIC_HEADERS = ("rel L2", "rel L1", "RMSE", "max abs", "cosine", "norm ratio")
 METRIC_KEYS = ("relative_l2", "relative_l1", "rmse", "max_abs", "cosine", "norm_ratio")

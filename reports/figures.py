@@ -19,7 +19,7 @@ from matplotlib.ticker import (
     NullLocator,
 )
 
-from reports.metrics import LOG10_EDGES, histogram_cdf
+from fp4sim.reports.metrics import LOG10_EDGES, histogram_cdf
 
 VARIANT_COLORS: dict[str, str] = {
     "exact": "#6e7781",
@@ -110,7 +110,7 @@ def grouped_bars(
 def principle_figure(cases: Sequence[dict[str, Any]], variants: Sequence[str]) -> Figure:
     """Gradient error vs STE of every backward variant, per scenario: one column per recipe,
     top row max(dQ, dK) (through dS), bottom row dV (through P~)."""
-    from reports.summary import grad_metric, ok_cases
+    from fp4sim.reports.summary import grad_metric, ok_cases
 
     refs = [
         c
@@ -187,7 +187,7 @@ def p_mass_figure(p_rows: Sequence[dict[str, Any]]) -> Figure:
 
 def forward_figure(cases: Sequence[dict[str, Any]]) -> Figure:
     """Relative L2 of O vs exact attention, per scenario and recipe / implementation."""
-    from reports.summary import forward_metric, ok_cases
+    from fp4sim.reports.summary import forward_metric, ok_cases
 
     good = ok_cases(cases)
     scenarios = list(dict.fromkeys(c["scenario"] for c in good))

@@ -27,8 +27,8 @@ from typing import Any
 import numpy as np
 import torch
 
-from reports import metrics
-from reports.scenarios import Scenario, scenario_inputs, scenario_seed
+from fp4sim.reports import metrics
+from fp4sim.reports.scenarios import Scenario, scenario_inputs, scenario_seed
 
 VARIANTS: tuple[str, ...] = ("exact", "drop_in", "p_only", "o_only", "attn_qat", "ste_autograd")
 """Backward variants of ``reference.attention_backward`` in display order."""
@@ -91,8 +91,7 @@ def load_external_kernel(target: str) -> Implementation:
 
 def triton_implementation() -> Implementation:
     """The project's fused Triton kernel (``kernels.attn_qat``), for CUDA devices."""
-    import kernels
-
+    from fp4sim import kernels
     def call(
         q: torch.Tensor,
         k: torch.Tensor,
@@ -226,7 +225,7 @@ def d_identity_summary(residual: torch.Tensor, d_scale: torch.Tensor) -> dict[st
 def quantizer_stats(x: torch.Tensor, spec: Any, axis: int, pad: bool = False) -> dict[str, Any]:
     """Code utilization, scale-byte histogram, saturation and flush counts of one tensor
     quantized with a recipe's ``QuantSpec`` along ``axis``."""
-    from reference.quant_torch import quantize_torch_full
+    from fp4sim.reference.quant_torch import quantize_torch_full
 
     settings = spec.settings()
     if pad:
@@ -350,8 +349,7 @@ class ScenarioTensors:
 
 def prepare_scenario(scenario: Scenario, seed: int, device: str) -> ScenarioTensors:
     """Inputs on ``device`` (float32) and the float64 exact output and gradients."""
-    import reference
-
+    from fp4sim import reference
     q, k, v, do = (torch.from_numpy(a).to(device) for a in scenario_inputs(scenario, seed))
     q64, k64, v64 = (t.to(torch.float64).requires_grad_(True) for t in (q, k, v))
     o64 = reference.attention_exact(
@@ -381,8 +379,7 @@ def reference_case(
     """The reference implementation of one recipe on one scenario.
 
     Returns the case dict, the ForwardResult and the gradients per variant (for kernels)."""
-    import reference
-
+    from fp4sim import reference
     recipe = reference.get_recipe(recipe_name)
     sm_scale = resolved_sm_scale(scenario)
     t = tensors
@@ -633,7 +630,7 @@ def _run_report(
 ) -> dict[str, Any]:
     from datetime import datetime, timezone
 
-    from reports import summary
+    from fp4sim.reports import summary
 
     total = len(config.scenarios) * len(config.recipes) * len(config.implementations)
     counter = [0]

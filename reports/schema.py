@@ -31,7 +31,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from reports.metrics import LOG10_EDGES, QUANTILES, SCALAR_METRICS
+from fp4sim.reports.metrics import LOG10_EDGES, QUANTILES, SCALAR_METRICS
 
 SCHEMA_VERSION = 1
 CASE_STATUSES = ("ok", "error", "skipped")

@@ -34,7 +34,7 @@ def configure_parser(parser: argparse.ArgumentParser) -> None:
                              "trained as variant 'kernel'")
     parser.add_argument("--kernel-dtype", default=None, choices=KERNEL_DTYPES,
                         help="dtype q, k, v are cast to before the kernel is called, the output "
-                             "cast back (default float32; kernels:attn_qat needs bfloat16)")
+                             "cast back (default float32; fp4sim.kernels:attn_qat needs bfloat16)")
     parser.add_argument("--device", default=None, help="cpu or cuda (default: the preset's)")
     parser.add_argument("--task", choices=sorted(TASKS), default=None,
                         help="synthetic task (default: the preset's; recall for gpu, copy for cpu)")
@@ -71,8 +71,8 @@ def _log(line: str) -> None:
 def run(args: argparse.Namespace) -> int:
     import torch
 
+    from fp4sim.reports.output import ReportFolderError, check_output_folder, write_report_folder
     from fp4sim.simulate.runner import run_simulation
-    from reports.output import ReportFolderError, check_output_folder, write_report_folder
 
     cuda = torch.cuda.is_available()
     preset_name = args.config or ("gpu" if cuda else "cpu")

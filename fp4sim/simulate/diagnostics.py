@@ -90,8 +90,7 @@ def d_identity_residual(do: Tensor, o: Tensor, o_hp: Tensor) -> float:
 
 def exact_attention_gradients(q: Tensor, k: Tensor, v: Tensor, do: Tensor,
                               sm_scale: float) -> tuple[Tensor, tuple[Tensor, Tensor, Tensor]]:
-    import reference
-
+    from fp4sim import reference
     leaves = [t.detach().double().requires_grad_(True) for t in (q, k, v)]
     with torch.enable_grad():
         o = reference.attention_exact(*leaves, causal=True, sm_scale=sm_scale)
@@ -102,8 +101,7 @@ def exact_attention_gradients(q: Tensor, k: Tensor, v: Tensor, do: Tensor,
 def first_layer_diagnostics(capture: FirstLayerCapture, recipe: Any,
                             sm_scale: float) -> dict[str, float]:
     """All diagnostics (see the module doc) of one captured step, as a flat dict."""
-    import reference
-
+    from fp4sim import reference
     if not capture.complete:
         raise RuntimeError("the first layer's q, k, v and dO were not captured on this step")
     q, k, v, do = (t.float() for t in (capture.q, capture.k, capture.v, capture.do))

@@ -228,7 +228,7 @@ def _diagnostics_table(run: Any) -> tuple[list[str], list[list[Any]]] | None:
 
 
 def build_html(result: SimulationResult) -> str:
-    from reports.html import HtmlReport
+    from fp4sim.reports.html import HtmlReport
 
     config = result.config
     page = HtmlReport("fp4sim simulate: training stability of FP4 attention backward variants",

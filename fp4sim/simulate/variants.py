@@ -63,8 +63,7 @@ def check_variant_names(names: tuple[str, ...] | list[str], kernel: str | None) 
 def resolve_recipe(name: str, block_n: int | None) -> Any:
     """The reference recipe ``name`` with its P tile width replaced by ``block_n`` and NaN
     inputs propagated (so that a diverging run shows as a non-finite loss, not an error)."""
-    import reference
-
+    from fp4sim import reference
     try:
         recipe = reference.get_recipe(name)
     except (KeyError, ValueError) as error:
@@ -98,8 +97,7 @@ def load_kernel(spec: str) -> Callable[..., Any]:
 
 
 def reference_attention(recipe: Any, backward: str) -> AttentionFn:
-    import reference
-
+    from fp4sim import reference
     def attention(q, k, v, causal, sm_scale):  # noqa: ANN001, ANN202 - AttentionFn
         return reference.fp4_attention(q, k, v, causal=causal, sm_scale=sm_scale,
                                        recipe=recipe, backward=backward)
@@ -112,7 +110,7 @@ KERNEL_DTYPES = ("float32", "bfloat16", "float16")
 
 def kernel_attention(kernel: Callable[..., Any], dtype: str = "float32") -> AttentionFn:
     """``kernel`` called on q, k, v cast to ``dtype`` (kernels that take only 16-bit inputs,
-    such as ``kernels:attn_qat``); its output is cast back to the model's dtype."""
+    such as ``fp4sim.kernels:attn_qat``); its output is cast back to the model's dtype."""
     if dtype not in KERNEL_DTYPES:
         raise SimulationSetupError(f"kernel dtype must be one of {', '.join(KERNEL_DTYPES)}, "
                                    f"got {dtype!r}")

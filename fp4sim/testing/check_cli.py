@@ -125,7 +125,7 @@ class _Usage(Exception):
 
 
 def _build_config(args: argparse.Namespace) -> Any:
-    from fp4sim.testing import check
+    from fp4sim.testing import check_attention, check_quantizer
 
     common: dict[str, Any] = {
         "kernel": args.kernel,
@@ -145,7 +145,7 @@ def _build_config(args: argparse.Namespace) -> Any:
     if args.check_target == "quantizer":
         if args.distributions is not None:
             common["distributions"] = args.distributions
-        return check.QuantizerCheckConfig(
+        return check_quantizer.QuantizerCheckConfig(
             fmt=args.fmt,
             settings=_settings(args),
             input_type=args.input_type,
@@ -165,7 +165,7 @@ def _build_config(args: argparse.Namespace) -> Any:
         if bad:
             raise _Usage(f"--distributions: unknown {bad}; known: {sorted(DISTRIBUTIONS)}")
         common["distributions"] = args.distributions
-    return check.AttentionCheckConfig(
+    return check_attention.AttentionCheckConfig(
         recipe=args.recipe,
         causal=args.causal,
         backward=not args.forward_only,
@@ -175,7 +175,7 @@ def _build_config(args: argparse.Namespace) -> Any:
 
 
 def run(args: argparse.Namespace) -> int:
-    from fp4sim.testing import check
+    from fp4sim.testing import check_attention, check_quantizer, kernel_loading
     from fp4sim.testing.repro import write_repro_script
 
     target = getattr(args, "check_target", None)
@@ -185,10 +185,10 @@ def run(args: argparse.Namespace) -> int:
     try:
         config = _build_config(args)
         if target == "quantizer":
-            result = check.run_quantizer_check(config)
+            result = check_quantizer.run_quantizer_check(config)
         else:
-            result = check.run_attention_check(config)
-    except (check.UsageError, _Usage) as err:
+            result = check_attention.run_attention_check(config)
+    except (kernel_loading.UsageError, _Usage) as err:
         print(f"fp4sim check {target}: usage error: {err}", file=sys.stderr)
         return 2
     if result.ok:

@@ -83,8 +83,7 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
 
 
 def _recipe_names() -> tuple[str, ...]:
-    import reference
-
+    from fp4sim import reference
     return tuple(reference.RECIPE_NAMES)
 
 
@@ -99,16 +98,14 @@ def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
 @pytest.fixture
 def fp4_recipe(fp4_recipe_name: str) -> Any:
     """The reference ``Recipe`` for each preset name (see ``fp4_recipe_name``)."""
-    import reference
-
+    from fp4sim import reference
     return reference.get_recipe(fp4_recipe_name)
 
 
 @pytest.fixture(scope="session")
 def fp4_reference() -> Any:
     """The ``reference`` package (PyTorch FP4 attention reference)."""
-    import reference
-
+    from fp4sim import reference
     return reference
 
 
@@ -132,7 +129,7 @@ def fp4_kernels(fp4_device: str) -> Any:
     if fp4_device != "cuda" and os.environ.get("TRITON_INTERPRET") != "1":
         pytest.skip("Triton kernels need CUDA or TRITON_INTERPRET=1")
     try:
-        import kernels
+        from fp4sim import kernels
     except ImportError as err:  # pragma: no cover - depends on the environment
         pytest.skip(f"kernels not importable: {err}")
     return kernels

@@ -127,18 +127,18 @@ def write_repro_script(
 
 def rerun(what: str, config_json: dict[str, Any], case_json: dict[str, Any]) -> int:
     """Re-run one case of a check; prints the diagnosis; 1 = disagreement, 0 = agreement."""
-    from fp4sim.testing import check
+    from fp4sim.testing import check_attention, check_quantizer, kernel_loading
 
     case = _case_from_json(what, case_json)
     if what == "quantizer":
-        qconfig = check.QuantizerCheckConfig.from_json(config_json)
-        kernel = check.load_kernel(qconfig.kernel, 1)
-        input_type = check.probe_quantizer(kernel, qconfig)
-        text, _ = check.evaluate_quantizer_case(kernel, case, qconfig, input_type)
+        qconfig = check_quantizer.QuantizerCheckConfig.from_json(config_json)
+        kernel = kernel_loading.load_kernel(qconfig.kernel, 1)
+        input_type = check_quantizer.probe_quantizer(kernel, qconfig)
+        text, _ = check_quantizer.evaluate_quantizer_case(kernel, case, qconfig, input_type)
     else:
-        aconfig = check.AttentionCheckConfig.from_json(config_json)
-        kernel = check.load_kernel(aconfig.kernel, 5)
-        outcome = check.evaluate_attention_case(kernel, case, aconfig)
+        aconfig = check_attention.AttentionCheckConfig.from_json(config_json)
+        kernel = kernel_loading.load_kernel(aconfig.kernel, 5)
+        outcome = check_attention.evaluate_attention_case(kernel, case, aconfig)
         text = None if outcome.ok else outcome.describe(case)
     if text is None:
         print(f"{what} check: the kernel agrees on {case!r}")

@@ -1,0 +1,104 @@
+"""The attention check's tolerance inputs: the P-flip step and the accumulation floors."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+
+from fp4sim.testing.strategies import AttentionCase
+
+# One E2M1 code flip of P changes P~ by at most one step (2, between 4 and 6) times the
+# block scale, which is at most amax/6 rounded up to E4M3 (relative step 2^-3): P <= 1, so
+# |dP~| <= 2 * (1/6) * (1 + 2^-3) = 0.375 (FP4_FORMATS.md E2M1 and E4M3).
+P_FLIP_STEP = 2.0 * (1.0 / 6.0) * (1.0 + 2.0**-3)
+
+
+# Operand rounding unit of a kernel working on inputs of each dtype: bf16 / fp16 MMA
+# operands (8 / 11 significant bits), and TF32 (11 bits) for float32, which Triton's tl.dot
+# uses by default on tensor cores (IEEE 754 precisions; NVIDIA TF32 format).
+OPERAND_UNIT: dict[str, float] = {"bfloat16": 2.0**-8, "float16": 2.0**-11, "float32": 2.0**-11}
+
+
+def accumulation_floors(case: AttentionCase, fwd64: Any, do_np: np.ndarray) -> dict[str, Any]:
+    """Componentwise bounds on float32 rounding error of the attention formulas (float64
+    tensors shaped like O, dQ, dK, dV), used as ``floor_abs`` of the FP4 rule.
+
+    Higham, Accuracy and Stability of Numerical Algorithms (2002), eq. 3.13: a float32 matrix
+    product in any summation order satisfies |fl(AB) - AB| <= gamma_n |A||B|,
+    gamma_n = n u / (1 - n u), u = 2^-24. With P the normalized probabilities (float64),
+    E_S = gamma_d tau |Q^||K^|^T + u |S| (error of S and of exp's argument) and
+    P~ <= 2 P (E2M1 rounds a value up by at most a factor 2, FP4_FORMATS.md; P~ itself is
+    exact unless a code flips at a tie, which the row allowance covers):
+
+    * O:  gamma_Lk (2P)|V^| + |O| (gamma_Lk + rowmax E_S + u T)   (T key tiles; l's error)
+    * dS = P (dP - D):  err <= P (gamma_d (|dO||V^|^T + rowsum|dO o O_hp|) + |dP - D| (E_S + u))
+    * dQ: tau (gamma_Lk |dS| + err dS)|K^|;  dK: tau (gamma_Lq' |dS| + err dS)^T |Q^|;
+      dV: gamma_Lq' (2P)^T |dO|   (Lq' = Lq * group, summed over the query heads of a group)
+
+    A kernel may round matmul operands to its operand precision u_op (``OPERAND_UNIT`` of
+    the input dtype): Q^, K^, V^, P~ and dO are exact there (an E2M1 code times an E4M3 scale
+    has at most 6 significant bits), but dS, P and the saved O_hp are not, so the dQ, dK, dV
+    products use gamma_n + 2 u_op and D carries u_op rowsum|dO o O_hp|.
+    """
+    import torch
+
+    u = 2.0**-24
+    u_op = OPERAND_UNIT[case.spec.dtype]
+
+    def gamma(n: int) -> float:
+        return n * u / (1.0 - n * u)
+
+    def product(n: int) -> float:
+        return gamma(n) + 2 * u_op
+
+    spec = case.spec
+    group = spec.heads // spec.kv_heads
+    q_hat = fwd64.q_hat.double()
+    k_hat = fwd64.k_hat.double().repeat_interleave(group, dim=1)
+    v_hat = fwd64.v_hat.double().repeat_interleave(group, dim=1)
+    tau = float(fwd64.sm_scale)
+    lq, lk, d = spec.lq, spec.lk, spec.head_dim
+    s = tau * q_hat @ k_hat.transpose(-1, -2)
+    visible = torch.ones(lq, lk, dtype=torch.bool)
+    if case.causal:  # bottom-right aligned (DESIGN.md): query i sees key j iff j <= i + Lk - Lq
+        visible = torch.arange(lk)[None, :] <= torch.arange(lq)[:, None] + (lk - lq)
+    lse = fwd64.lse.double().unsqueeze(-1)
+    finite = torch.isfinite(lse)
+    p = torch.where(
+        visible & finite,
+        torch.exp(torch.where(visible, s, 0.0) - torch.where(finite, lse, 0.0)),
+        0.0,
+    )
+    e_s = gamma(d) * tau * (q_hat.abs() @ k_hat.abs().transpose(-1, -2)) + u * s.abs()
+    e_s = torch.where(visible, e_s, 0.0)
+    tiles = -(-lk // 64)
+    o = fwd64.o.double()
+    floor_o = gamma(lk) * (2 * p) @ v_hat.abs() + o.abs() * (
+        gamma(lk) + e_s.amax(dim=-1, keepdim=True) + u * tiles
+    )
+    out = {"O": floor_o}
+    do = torch.from_numpy(do_np).double()
+    o_hp = fwd64.o_hp.double()
+    dp = do @ v_hat.transpose(-1, -2)
+    d_row = (do * o_hp).sum(dim=-1, keepdim=True)
+    d_abs = (do.abs() * o_hp.abs()).sum(dim=-1, keepdim=True)
+    ds_abs = (p * (dp - d_row)).abs()
+    ds_err = p * (
+        gamma(d) * (do.abs() @ v_hat.abs().transpose(-1, -2) + d_abs)
+        + u_op * d_abs
+        + (dp - d_row).abs() * (e_s + u)
+    )
+    lq_group = lq * group
+
+    def reduce_group(x: Any) -> Any:
+        b, h, n, dd = x.shape
+        return x.reshape(b, h // group, group, n, dd).sum(dim=2)
+
+    out["dQ"] = tau * (product(lk) * ds_abs + ds_err) @ k_hat.abs()
+    out["dK"] = reduce_group(
+        tau * (product(lq_group) * ds_abs + ds_err).transpose(-1, -2) @ q_hat.abs()
+    ) * (1 + gamma(group))
+    out["dV"] = reduce_group(product(lq_group) * (2 * p).transpose(-1, -2) @ do.abs())
+    return {name: t.numpy() for name, t in out.items()}
+
