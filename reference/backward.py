@@ -11,7 +11,10 @@ ATTN_QAT_MATH.md "Backward variants" (the paper's ablation, arXiv 2603.00040):
 | attn_qat   | Q^, K^    | P~^T dO   | rowsum(dO * O_hp) | dO V^^T   |
 
 then dS = P * (dP - D), dQ = tau dS K(^), dK = tau dS^T Q(^); the STE carries dQ^, dK^, dV^
-to Q, K, V unchanged. ``ste_autograd`` is autograd through the fake-quant forward.
+to Q, K, V unchanged. The two STE ground truths are autograd through the fake-quant forward:
+``ste_autograd`` with the STE on the normalized P (valued as the forward's effective P~/l),
+``ste_tiled`` through the literal tiled loop with the STE on each tile's unnormalized P
+(``fp4sim.reference.ste_tiled``).
 """
 
 from __future__ import annotations
@@ -22,7 +25,7 @@ import torch
 
 from fp4sim.reference.exact import default_sm_scale
 from fp4sim.reference.masks import check_attention_inputs, reduce_kv, visible_mask
-from fp4sim.reference.operands import pad_keys, quantize_operands
+from fp4sim.reference.operands import pad_keys, quantize_operands, straight_through
 from fp4sim.reference.recipes import BACKWARD_VARIANTS, Recipe, get_recipe
 from fp4sim.reference.softmax import (
     effective_p_tilde,
@@ -34,13 +37,14 @@ from fp4sim.reference.softmax import (
     softmax_backward,
     softmax_forward,
 )
+from fp4sim.reference.ste_tiled import ste_tiled_grads
 
 
 @dataclass(frozen=True)
 class BackwardParts:
     """dq (B, H, Lq, d), dk, dv (B, Hkv, Lk, d) in the accum dtype, and the intermediate
     ``ds`` (B, H, Lq, Lkp), ``p`` and ``p_dv`` (the P used for dV), ``d`` (B, H, Lq)
-    (None for ste_autograd)."""
+    (None for the STE ground truths)."""
 
     dq: torch.Tensor
     dk: torch.Tensor
@@ -70,14 +74,6 @@ def _resolve_sm_scale(fwd, d: int, sm_scale: float | None) -> float:
     return float(sm_scale)
 
 
-def _ste_value(x: torch.Tensor, value: torch.Tensor) -> torch.Tensor:
-    """Straight-through: forward value ``value`` exactly, gradient identity to ``x``.
-
-    Same gradient as x + (fq(x) - x).detach() (DESIGN.md), but the value is fq(x) bit for bit.
-    """
-    return value.detach() + (x - x.detach())
-
-
 def _ste_parts(fwd, q, k, v, do, recipe: Recipe, causal: bool, tau: float) -> BackwardParts:
     acc = fwd.o.dtype
     h, lq, lk = q.shape[1], q.shape[2], k.shape[2]
@@ -87,9 +83,9 @@ def _ste_parts(fwd, q, k, v, do, recipe: Recipe, causal: bool, tau: float) -> Ba
         leaves = [t.detach().to(acc).requires_grad_(True) for t in (q, k, v)]
         qg, kg, vg = leaves
         ops = quantize_operands(q.detach(), k.detach(), v.detach(), recipe, acc)
-        q_hat = _ste_value(qg, ops.q_hat)
-        k_hat = _ste_value(kg, ops.k_hat)
-        v_hat = _ste_value(vg, ops.v_hat)
+        q_hat = straight_through(qg, ops.q_hat)
+        k_hat = straight_through(kg, ops.k_hat)
+        v_hat = straight_through(vg, ops.v_hat)
         s = scores(q_hat, pad_keys(k_hat, h, lk_pad), tau, vis)
         mode = getattr(fwd, "mode", "tiled")
         with torch.no_grad():
@@ -100,7 +96,7 @@ def _ste_parts(fwd, q, k, v, do, recipe: Recipe, causal: bool, tau: float) -> Ba
         p = safe_divide_rows(e, e.sum(dim=-1))
         # DESIGN.md STE ground truth: straight-through on the normalized P, valued as the
         # forward's effective P~
-        o = _ste_value(p, p_fwd) @ pad_keys(v_hat, h, lk_pad)
+        o = straight_through(p, p_fwd) @ pad_keys(v_hat, h, lk_pad)
         dq, dk, dv, ds = torch.autograd.grad(o, (qg, kg, vg, s), do.to(acc))
     return BackwardParts(dq, dk, dv, ds, None, None, None)
 
@@ -123,6 +119,9 @@ def backward_parts(
     tau = _resolve_sm_scale(fwd, d, sm_scale)
     if variant == "ste_autograd":
         return _ste_parts(fwd, q, k, v, do, recipe, causal, tau)
+    if variant == "ste_tiled":
+        dq, dk, dv, ds = ste_tiled_grads(q, k, v, do, recipe, causal, tau, fwd.o.dtype)
+        return BackwardParts(dq, dk, dv, ds, None, None, None)
     acc = fwd.o.dtype
     lk_pad = padded_length(lk, recipe.block_n)
     vis = visible_mask(lq, lk, lk_pad, causal, q.device)

@@ -64,6 +64,12 @@ def quantize_operands(
     return QuantizedOperands(hat(q, qq), hat(k, kq), hat(v, vq), qq, kq, vq)
 
 
+def straight_through(x: torch.Tensor, value: torch.Tensor) -> torch.Tensor:
+    """Straight-through estimator: forward value ``value`` bit for bit, gradient identity to
+    ``x``. Same gradient as ``x + (fq(x) - x).detach()`` (Bengio et al. 2013, arXiv 1308.3432)."""
+    return value.detach() + (x - x.detach())
+
+
 def pad_keys(x: torch.Tensor, num_heads: int, lk_pad: int) -> torch.Tensor:
     """(B, Hkv, Lk, d) -> (B, H, lk_pad, d): GQA expansion, zero keys appended."""
     x = expand_kv(x, num_heads)

@@ -8,7 +8,9 @@ from dataclasses import dataclass
 from fp4sim.reference.quant_torch import BLOCK_SIZES
 
 P_POLICIES = ("none", "block", "tile_global", "two_level", "consistent")
-BACKWARD_VARIANTS = ("exact", "drop_in", "p_only", "o_only", "attn_qat", "ste_autograd")
+BACKWARD_VARIANTS = (
+    "exact", "drop_in", "p_only", "o_only", "attn_qat", "ste_autograd", "ste_tiled"
+)
 V_AXES = ("head_dim", "keys")
 NAN_POLICIES = ("raise", "propagate")
 
