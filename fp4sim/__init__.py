@@ -4,6 +4,9 @@ The core imports only NumPy. See docs/DESIGN.md for the API contract and
 fp4sim.quantize for the exact arithmetic and special-value rules.
 """
 
+# The one home of the version: pyproject.toml reads it from here (setuptools dynamic attr).
+__version__ = "0.1.0"
+
 from fp4sim.block_scale import MX_SCALE_RULES, mx_scale_bits, nvfp4_block_scale_bits
 from fp4sim.e2m1 import E2M1_VALUES, e2m1_decode, e2m1_encode, e2m1_nan_code
 from fp4sim.e4m3 import e4m3_decode, e4m3_encode

@@ -29,7 +29,7 @@ def saturate_inf(amax: np.ndarray) -> np.ndarray:
 def nvfp4_block_scale_bits(amax: np.ndarray, tensor_scale: np.float32 | None = None,
                            scale_amax_op: str = "divide",
                            scale_lower_clamp: bool = False) -> np.ndarray:
-    """E4M3 block-scale bytes: E4M3_RNE_sat(amax / 6 [/ tensor_scale]) (FP4_FORMATS.md, NVFP4).
+    """E4M3 block-scale bytes: E4M3_RNE_sat(amax / 6 [/ tensor_scale]) (docs/numerics.md, NVFP4).
 
     float32 op order: v = amax / 6 ('divide') or amax * float32(1/6) ('reciprocal'); then
     v = v / tensor_scale when a tensor scale is used; then max(v, 2^-6) when

@@ -9,8 +9,11 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import os
 import sys
 from collections.abc import Sequence
+
+from fp4sim import __version__
 
 # name -> (module, one-line help)
 SUBCOMMANDS: dict[str, tuple[str, str]] = {
@@ -20,6 +23,27 @@ SUBCOMMANDS: dict[str, tuple[str, str]] = {
     "demo": ("fp4sim.demo", "quantize a small tensor and print codes, scales and errors"),
 }
 
+# optional dependencies (top-level import names) a subcommand may miss
+OPTIONAL_DEPENDENCIES = frozenset({"torch", "triton", "matplotlib", "hypothesis", "safetensors"})
+# what to install for each subcommand, so one `pip install` brings all it needs
+SUBCOMMAND_EXTRAS: dict[str, str] = {
+    "check": "fp4sim[torch,test]",
+    "report": "fp4sim[report]",
+    "simulate": "fp4sim[report]",
+    "demo": "fp4sim",
+}
+
+
+def _install_hint(command: str | None, err: ModuleNotFoundError) -> str | None:
+    """The line to print when ``err`` is a missing optional dependency, else None."""
+    root = (err.name or "").split(".")[0]
+    if root not in OPTIONAL_DEPENDENCIES:
+        return None
+    extra = SUBCOMMAND_EXTRAS.get(command or "", "fp4sim[all]")
+    if root == "safetensors":  # only `check --inputs FILE.safetensors` reads it
+        extra = "safetensors"
+    return f"fp4sim {command}: needs {root}, which is not installed; pip install '{extra}'"
+
 
 def build_parser(command: str | None = None) -> argparse.ArgumentParser:
     """The full parser; only the module of ``command`` (if given) is imported."""
@@ -27,6 +51,7 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
         prog="fp4sim",
         description="Numerical verification and simulation for FP4 (E2M1) attention.",
     )
+    parser.add_argument("--version", action="version", version=f"fp4sim {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     for name, (module_name, help_text) in SUBCOMMANDS.items():
         sub_parser = sub.add_parser(name, help=help_text, description=help_text)
@@ -37,15 +62,40 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
     return parser
 
 
+def _quiet_on_closed_stdout() -> None:
+    """The reader of stdout is gone (`fp4sim ... | head`): it has seen what it wanted, so stop
+    without a traceback. Python's own flush at exit would fail again, so stdout now points
+    at /dev/null."""
+    os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+
+
 def main(argv: Sequence[str] | None = None) -> int:
+    try:
+        code = _main(argv)
+        sys.stdout.flush()  # a closed pipe shows up here, not at interpreter exit
+        return code
+    except BrokenPipeError:
+        _quiet_on_closed_stdout()
+        return 0
+
+
+def _main(argv: Sequence[str] | None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     command = argv[0] if argv and argv[0] in SUBCOMMANDS else None
-    parser = build_parser(command)
-    args = parser.parse_args(argv)
-    if getattr(args, "_run", None) is None:
-        parser.print_help()
+    try:
+        parser = build_parser(command)
+        args = parser.parse_args(argv)
+        if getattr(args, "_run", None) is None:
+            parser.print_help()
+            return 2
+        return int(args._run(args))
+    except ModuleNotFoundError as err:
+        hint = _install_hint(command, err)
+        if hint is None:
+            raise
+        # a missing extra is a usage problem of this install, not a failed check: exit 2
+        print(hint, file=sys.stderr)
         return 2
-    return int(args._run(args))
 
 
 if __name__ == "__main__":

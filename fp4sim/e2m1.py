@@ -60,7 +60,7 @@ def e2m1_nan_code(nan: str, negative: bool = False) -> int:
 
 def _finish_codes(bits: np.ndarray, magnitude: np.ndarray, nan: str) -> np.ndarray:
     """Saturate magnitudes, attach signs and apply the NaN policy."""
-    # PTX .satfinite (FP4_FORMATS.md): |x| > 6 and Inf give 6.
+    # PTX .satfinite (docs/numerics.md): |x| > 6 and Inf give 6.
     codes = np.minimum(magnitude, MAX_MAGNITUDE_CODE).astype(np.uint8)
     codes |= ((bits >> 28) & SIGN_CODE_BIT).astype(np.uint8)
     is_nan = (bits & F32_ABS_MASK) > F32_INF_BITS

@@ -75,7 +75,7 @@ class BlockFormat:
             raise ValueError(f"block_size must be even and >= 2, got {self.block_size}")
 
 
-# FP4_FORMATS.md (NVIDIA NVFP4): 16 elements, E4M3 block scale, optional FP32 tensor scale.
+# docs/numerics.md (NVIDIA NVFP4): 16 elements, E4M3 block scale, optional FP32 tensor scale.
 NVFP4 = BlockFormat(name="nvfp4", block_size=16, element=E2M1, scale=E4M3FN,
                     supports_tensor_scale=True)
 # OCP MX spec v1.0 section 6.3 (MXFP4): 32 elements, E8M0 scale.

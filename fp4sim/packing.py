@@ -1,5 +1,5 @@
 """Packing of unpacked 4-bit codes two per byte: element 2i in the low nibble (bits 0-3),
-element 2i+1 in the high nibble (FP4_FORMATS.md, Packing; torch.float4_e2m1fn_x2 order)."""
+element 2i+1 in the high nibble (docs/numerics.md, Packing; torch.float4_e2m1fn_x2 order)."""
 
 from __future__ import annotations
 

@@ -1,6 +1,6 @@
 """Block quantization to NVFP4 / MXFP4: quantize, dequantize, fake_quantize.
 
-Conventions (FP4_FORMATS.md; each variant is a keyword setting, see QuantizeSettings):
+Conventions (docs/numerics.md; each variant is a keyword setting, see QuantizeSettings):
 
 NVFP4, per block of 16 along ``axis``, all arithmetic in float32:
   amax    = max |x| over the block (bit-pattern max, so a NaN anywhere gives NaN)
@@ -30,8 +30,12 @@ Special values (documented bytes, never garbage):
   - Elements that round to zero keep their sign (code 8) in blocks with a non-zero scale.
 Padding (pad=True): the block axis is padded with +0.0 up to a multiple of the block size;
 ``codes``/``packed``/scales cover the padded length, dequantize returns the original shape.
-Speed: float32 bit operations on chunks of 2^16 elements; inputs of 2^20 elements or more are
-split over up to 4 threads (disjoint slices: the results do not depend on the split).
+Speed and memory: the input is walked in pieces of whole blocks (fp4sim.pieces, at most 2^20
+elements each), with float32 bit operations on chunks of 2^16 elements inside a piece; inputs
+of 2^20 elements or more spread their pieces over up to 4 threads. Every result is per block,
+so it does not depend on the split, and the temporaries are bounded by the piece size:
+fake_quantize needs about 1.15x the input beyond it (the output included), quantize about 0.7x.
+dequantize validates a QuantizedTensor (dtypes, shapes, code range) before reading it.
 """
 
 from __future__ import annotations
@@ -66,12 +70,14 @@ from fp4sim.e8m0 import e8m0_decode
 from fp4sim.float_input import as_float32, normalize_axis
 from fp4sim.formats import E2M1, E4M3FN, E8M0, BlockFormat, get_block_format
 from fp4sim.minifloat import F32_ABS_MASK, F32_INF_BITS, round_magnitude_stochastic
+from fp4sim.pieces import Piece, piece_blocks, piece_target, split_into_pieces, store
 
 SCALE_OPS = ("reciprocal", "divide")
 ZERO_SCALE_CODES = ("zeros", "reciprocal")
-TENSOR_SCALE_DIVISOR = np.float32(448.0 * 6.0)  # FP4_FORMATS.md: s_tensor = amax / (448 * 6)
+TENSOR_SCALE_DIVISOR = np.float32(448.0 * 6.0)  # docs/numerics.md: s_tensor = amax / (448 * 6)
 _ROWS_ELEMENTS = 1 << 16  # elements per chunk of blocks: temporaries stay in L2 cache
 _PARALLEL_MIN_ELEMENTS = 1 << 20  # below this, threads cost more than they save
+_PIECE_ELEMENTS = 1 << 20  # elements per piece (fp4sim.pieces): bounds a call's temporaries
 _MAX_WORKERS = 4
 
 
@@ -199,21 +205,6 @@ def _zero_scale_codes(x_rows: np.ndarray, policy: str, nan: str) -> np.ndarray:
     return np.where(is_zero, np.uint8(e2m1_nan_code(nan)), sign | np.uint8(MAX_MAGNITUDE_CODE))
 
 
-def _run_in_parts(task, nblocks: int, width: int) -> None:
-    """Run ``task(r0, r1)`` over contiguous block ranges covering [0, nblocks): in threads
-    for large inputs (NumPy releases the GIL inside its loops, and the parts write disjoint
-    slices, so results do not depend on the split), else in one call."""
-    workers = min(os.cpu_count() or 1, _MAX_WORKERS)
-    if workers < 2 or nblocks * width < _PARALLEL_MIN_ELEMENTS:
-        task(0, nblocks)
-        return
-    bounds = [nblocks * i // workers for i in range(workers + 1)]
-    with ThreadPoolExecutor(max_workers=workers) as pool:
-        futures = [pool.submit(task, a, b) for a, b in zip(bounds[:-1], bounds[1:], strict=True)]
-        for future in futures:
-            future.result()
-
-
 def _block_amax_bits_into(bits: np.ndarray, out: np.ndarray) -> None:
     """Pass 1: per-block max of |x| as uint32 patterns into ``out`` (NaN patterns exceed
     Inf's, so a NaN anywhere makes the block's max a NaN pattern)."""
@@ -225,13 +216,6 @@ def _block_amax_bits_into(bits: np.ndarray, out: np.ndarray) -> None:
         abs_rows = abs_buf[: r1 - r0]
         np.bitwise_and(bits[r0:r1], np.uint32(F32_ABS_MASK), out=abs_rows)
         _row_max_bits(abs_rows, out[r0:r1])
-
-
-def _block_amax_bits(bits: np.ndarray) -> np.ndarray:
-    nblocks, width = bits.shape
-    out = np.empty(nblocks, dtype=np.uint32)
-    _run_in_parts(lambda a, b: _block_amax_bits_into(bits[a:b], out[a:b]), nblocks, width)
-    return out
 
 
 def _tensor_scale_value(amax_bits: np.ndarray, settings: QuantizeSettings) -> np.float32 | None:
@@ -279,8 +263,9 @@ def _encode_stochastic_into(y: np.ndarray, words: np.ndarray, out: np.ndarray, n
 
 def _encode_blocks_into(blocks: np.ndarray, s_eff: np.ndarray, multiplier: np.ndarray | None,
                         settings: QuantizeSettings, rbits: np.ndarray | None,
-                        codes: np.ndarray, packed: np.ndarray) -> None:
-    """Pass 2: codes = E2M1(x * multiplier) (or x / s_eff), and their packed bytes."""
+                        codes: np.ndarray, packed: np.ndarray | None) -> None:
+    """Pass 2: codes = E2M1(x * multiplier) (or x / s_eff), and their packed bytes (skipped
+    when ``packed`` is None: fake_quantize does not need them)."""
     nblocks, width = blocks.shape
     rows = max(1, _ROWS_ELEMENTS // width)
     y_buf = np.empty((min(rows, nblocks), width), dtype=np.float32)
@@ -299,7 +284,9 @@ def _encode_blocks_into(blocks: np.ndarray, s_eff: np.ndarray, multiplier: np.nd
                                       settings.nan)
             else:
                 _encode_stochastic_into(y, rbits[r0 * width:r1 * width], out, settings.nan)
-            # FP4_FORMATS.md packing: little-endian byte pairs, element 2i in the low nibble.
+            if packed is None:
+                continue
+            # docs/numerics.md packing: little-endian byte pairs, element 2i in the low nibble.
             pairs = out.view("<u2")
             pair = pair_buf[: r1 - r0]
             np.right_shift(pairs, 4, out=pair)
@@ -307,23 +294,7 @@ def _encode_blocks_into(blocks: np.ndarray, s_eff: np.ndarray, multiplier: np.nd
             np.copyto(packed[r0:r1], pair, casting="unsafe")
 
 
-def _encode_blocks(blocks: np.ndarray, s_eff: np.ndarray, multiplier: np.ndarray | None,
-                   settings: QuantizeSettings, rbits: np.ndarray | None):
-    nblocks, width = blocks.shape
-    codes = np.empty((nblocks, width), dtype=np.uint8)
-    packed = np.empty((nblocks, width // 2), dtype=np.uint8)
-
-    def task(a: int, b: int) -> None:
-        _encode_blocks_into(blocks[a:b], s_eff[a:b],
-                            None if multiplier is None else multiplier[a:b], settings,
-                            None if rbits is None else rbits[a * width:b * width],
-                            codes[a:b], packed[a:b])
-
-    _run_in_parts(task, nblocks, width)
-    return codes, packed
-
-
-def _fix_special_blocks(blocks: np.ndarray, codes: np.ndarray, packed: np.ndarray,
+def _fix_special_blocks(blocks: np.ndarray, codes: np.ndarray, packed: np.ndarray | None,
                         amax_bits: np.ndarray, s_eff: np.ndarray,
                         multiplier: np.ndarray | None, fmt: BlockFormat,
                         settings: QuantizeSettings, tensor_scale: np.float32 | None) -> None:
@@ -362,7 +333,8 @@ def _fix_special_blocks(blocks: np.ndarray, codes: np.ndarray, packed: np.ndarra
     for mask, make_codes in fixes:
         new_codes = make_codes(blocks[mask])
         codes[mask] = new_codes
-        packed[mask] = new_codes[:, 0::2] | (new_codes[:, 1::2] << 4)
+        if packed is not None:
+            packed[mask] = new_codes[:, 0::2] | (new_codes[:, 1::2] << 4)
 
 
 def _block_flags(amax: np.ndarray, s_eff: np.ndarray, settings: QuantizeSettings):
@@ -381,6 +353,152 @@ def _block_flags(amax: np.ndarray, s_eff: np.ndarray, settings: QuantizeSettings
     return flushed, saturated
 
 
+
+
+@dataclass(frozen=True)
+class _Plan:
+    """One call's input seen with its block axis last, and the pieces to walk it in."""
+
+    x32: np.ndarray
+    moved: np.ndarray
+    axis: int
+    fmt: BlockFormat
+    settings: QuantizeSettings
+    padded_shape: tuple[int, ...]
+    pieces: list[Piece]
+    workers: int
+
+    @property
+    def nblocks(self) -> int:
+        return int(np.prod(self.padded_shape)) // self.fmt.block_size
+
+    def in_input_order(self, moved_shape: tuple[int, ...]) -> tuple[int, ...]:
+        """A shape given with the block axis last, in the input's axis order."""
+        order = list(moved_shape[:-1])
+        order.insert(self.axis, moved_shape[-1])
+        return tuple(order)
+
+
+def _piece_budget(total: int) -> tuple[int, int]:
+    """(elements per piece, worker threads): pieces of at most _PIECE_ELEMENTS bound the
+    temporaries; large inputs are spread over up to _MAX_WORKERS threads (NumPy releases the
+    GIL inside its loops, and pieces write disjoint slices)."""
+    workers = min(os.cpu_count() or 1, _MAX_WORKERS)
+    if workers < 2 or total < _PARALLEL_MIN_ELEMENTS:
+        return _PIECE_ELEMENTS, 1
+    return min(_PIECE_ELEMENTS, max(_ROWS_ELEMENTS, -(-total // workers))), workers
+
+
+def _for_each_piece(task, pieces: list[Piece], workers: int) -> None:
+    if workers < 2 or len(pieces) < 2:
+        for piece in pieces:
+            task(piece)
+        return
+    with ThreadPoolExecutor(max_workers=min(workers, len(pieces))) as pool:
+        for future in [pool.submit(task, piece) for piece in pieces]:
+            future.result()
+
+
+def _plan(x: object, fmt: str | BlockFormat, axis: int, settings: QuantizeSettings) -> _Plan:
+    block_format = get_block_format(fmt)
+    settings.check_format(block_format)
+    x32 = as_float32(x)
+    if x32.ndim == 0:
+        raise ValueError("x must have at least one dimension")
+    ax = normalize_axis(axis, x32.ndim)
+    bs = block_format.block_size
+    moved = np.moveaxis(x32, ax, -1)
+    length = moved.shape[-1]
+    if length % bs and not settings.pad:
+        raise ValueError(f"axis {ax} of x has length {length}, not a multiple of the "
+                         f"{block_format.name} block size {bs}; pass pad=True to pad "
+                         "with zeros")
+    padded_length = -(-length // bs) * bs
+    budget, workers = _piece_budget(moved.size)
+    pieces = split_into_pieces(moved.shape[:-1], length, padded_length, bs, budget)
+    return _Plan(x32, moved, ax, block_format, settings, moved.shape[:-1] + (padded_length,),
+                 pieces, workers)
+
+
+def _random_words(rbits: object, plan: _Plan):
+    """Validated random words seen with the block axis last, and a function giving one
+    piece's words (uint32, flat); None for RNE."""
+    if plan.settings.rounding != "stochastic":
+        if rbits is not None:
+            raise ValueError("rbits is only used with rounding='stochastic'")
+        return None
+    if rbits is None:
+        raise ValueError("rounding='stochastic' needs explicit random bits (rbits)")
+    rb = np.asarray(rbits)
+    if rb.dtype not in (np.uint32, np.uint8):
+        raise TypeError(f"rbits must be a uint32 or uint8 array, got dtype {rb.dtype}")
+    # Words are given in x's axis order, for x or for x padded along the block axis;
+    # padding elements (zeros) get word 0, which cannot change a zero's code.
+    moved = np.moveaxis(rb, plan.axis, -1) if rb.ndim == plan.x32.ndim else rb
+    padded = moved.shape == plan.padded_shape
+    if not padded and moved.shape != plan.moved.shape:
+        raise ValueError(f"rbits must have shape {plan.padded_shape} (one word per element), "
+                         f"got {moved.shape}")
+
+    def piece_words(piece: Piece) -> np.ndarray:
+        words = moved[piece.dst] if padded else moved[piece.src]
+        if not padded and piece.pad:
+            words = np.pad(words, [(0, 0)] * (words.ndim - 1) + [(0, piece.pad)])
+        words = np.ascontiguousarray(words)
+        return as_random_words(words, words.shape).reshape(-1)
+
+    return piece_words
+
+
+def _amax_and_tensor_scale(plan: _Plan, amax_bits: np.ndarray) -> tuple[np.float32 | None, bool]:
+    """The tensor scale, and whether ``amax_bits`` is already filled: 'amax' needs every
+    block's amax before any block can be encoded (one extra pass over the input)."""
+    if not isinstance(plan.settings.tensor_scale, str):
+        return _tensor_scale_value(amax_bits, plan.settings), False
+    bs = plan.fmt.block_size
+
+    def task(piece: Piece) -> None:
+        blocks = piece_blocks(plan.moved, piece, bs)
+        _block_amax_bits_into(blocks.view(np.uint32), amax_bits[piece.blocks])
+
+    _for_each_piece(task, plan.pieces, plan.workers)
+    return _tensor_scale_value(amax_bits, plan.settings), True
+
+
+def _encode_piece(plan: _Plan, piece: Piece, ts: np.float32 | None, amax_bits: np.ndarray,
+                  amax_ready: bool, words, codes: np.ndarray, packed: np.ndarray | None):
+    """Quantize one piece into ``codes``/``packed``; returns (scale bytes, scales, s_eff)."""
+    blocks = piece_blocks(plan.moved, piece, plan.fmt.block_size)
+    bits = amax_bits[piece.blocks]
+    if not amax_ready:
+        _block_amax_bits_into(blocks.view(np.uint32), bits)
+    scale_bits, scales, s_eff, multiplier = _block_scales(bits.view(np.float32), plan.fmt,
+                                                          plan.settings, ts)
+    _encode_blocks_into(blocks, s_eff, multiplier, plan.settings,
+                        None if words is None else words(piece), codes, packed)
+    _fix_special_blocks(blocks, codes, packed, bits, s_eff, multiplier, plan.fmt,
+                        plan.settings, ts)
+    return scale_bits, scales, s_eff
+
+
+def _dequantize_into(codes: np.ndarray, s_eff: np.ndarray, dest: np.ndarray, index: tuple,
+                     pad: int) -> None:
+    """dest[index] = e2m1(codes) * s_eff per block (float32), padding dropped."""
+    view = dest[index]
+    direct = not pad and view.flags.c_contiguous
+    values = view.reshape(codes.shape) if direct else np.empty(codes.shape, np.float32)
+    nblocks, width = codes.shape
+    rows = max(1, _ROWS_ELEMENTS // width)  # np.take makes an intp copy of its indices
+    with np.errstate(invalid="ignore", over="ignore"):
+        for r0 in range(0, nblocks, rows):
+            out = values[r0:r0 + rows]
+            # Codes are known to lie in 0..15 here; 'clip' lets np.take write into ``out``.
+            np.take(E2M1_VALUES, codes[r0:r0 + rows], out=out, mode="clip")
+            np.multiply(out, s_eff[r0:r0 + rows, None], out=out)
+    if not direct:
+        store(dest, index, values, pad)
+
+
 def quantize(x: object, fmt: str | BlockFormat = "nvfp4", axis: int = -1, *,
              rounding: str = "rne", rbits: object = None, nan: str = "ptx",
              scale_rule: str = "rceil", tensor_scale: str | float | None = None,
@@ -394,84 +512,169 @@ def quantize(x: object, fmt: str | BlockFormat = "nvfp4", axis: int = -1, *,
     the shape of x or of x padded along ``axis``; element i's word rounds x_i / s_eff as in
     fp4sim.minifloat.round_magnitude_stochastic.
     """
-    block_format = get_block_format(fmt)
     settings = QuantizeSettings(rounding=rounding, nan=nan, scale_rule=scale_rule,
                                 tensor_scale=tensor_scale, scale_op=scale_op,
                                 scale_amax_op=scale_amax_op, scale_lower_clamp=scale_lower_clamp,
                                 zero_scale_codes=zero_scale_codes, pad=pad)
-    settings.check_format(block_format)
-    x32 = as_float32(x)
-    if x32.ndim == 0:
-        raise ValueError("x must have at least one dimension")
-    ax = normalize_axis(axis, x32.ndim)
-    bs = block_format.block_size
-    moved = np.moveaxis(x32, ax, -1)
-    length = moved.shape[-1]
-    if length % bs:
-        if not pad:
-            raise ValueError(f"axis {ax} of x has length {length}, not a multiple of the "
-                             f"{block_format.name} block size {bs}; pass pad=True to pad "
-                             "with zeros")
-        widths = [(0, 0)] * (moved.ndim - 1) + [(0, bs - length % bs)]
-        moved = np.pad(moved, widths)
-    padded_shape = moved.shape
-    blocks = np.ascontiguousarray(moved).reshape(-1, bs)
-    words = None
-    if rounding == "stochastic":
-        if rbits is None:
-            raise ValueError("rounding='stochastic' needs explicit random bits (rbits)")
-        rb = np.asarray(rbits)
-        if rb.ndim == x32.ndim:
-            # Words are given in x's axis order, for x or for x padded along the block axis;
-            # padding elements (zeros) get word 0, which cannot change a zero's code.
-            rb = np.moveaxis(rb, ax, -1)
-            if rb.shape[-1] == length and rb.shape != padded_shape:
-                rb = np.pad(rb, [(0, 0)] * (rb.ndim - 1) + [(0, padded_shape[-1] - length)])
-        words = as_random_words(np.ascontiguousarray(rb), padded_shape).reshape(-1)
-    elif rbits is not None:
-        raise ValueError("rbits is only used with rounding='stochastic'")
-    amax_bits = _block_amax_bits(blocks.view(np.uint32))
-    ts = _tensor_scale_value(amax_bits, settings)
-    amax = amax_bits.view(np.float32)
-    scale_bits, scales, s_eff, multiplier = _block_scales(amax, block_format, settings, ts)
-    codes, packed = _encode_blocks(blocks, s_eff, multiplier, settings, words)
-    _fix_special_blocks(blocks, codes, packed, amax_bits, s_eff, multiplier, block_format,
-                        settings, ts)
+    plan = _plan(x, fmt, axis, settings)
+    words = _random_words(rbits, plan)
+    bs = plan.fmt.block_size
+    amax_bits = np.empty(plan.nblocks, dtype=np.uint32)
+    scale_bits = np.empty(plan.nblocks, dtype=np.uint8)
+    scales = np.empty(plan.nblocks, dtype=np.float32)
+    # Codes and packed bytes are written in place, in the input's axis order.
+    packed_moved_shape = plan.padded_shape[:-1] + (plan.padded_shape[-1] // 2,)
+    codes = np.empty(plan.in_input_order(plan.padded_shape), dtype=np.uint8)
+    packed = np.empty(plan.in_input_order(packed_moved_shape), dtype=np.uint8)
+    codes_moved = np.moveaxis(codes, plan.axis, -1)
+    packed_moved = np.moveaxis(packed, plan.axis, -1)
+    ts, amax_ready = _amax_and_tensor_scale(plan, amax_bits)
 
-    scale_shape = padded_shape[:-1] + (padded_shape[-1] // bs,)
-    packed_shape = padded_shape[:-1] + (padded_shape[-1] // 2,)
-    scale_bits = scale_bits.reshape(scale_shape)
+    def task(piece: Piece) -> None:
+        piece_codes, codes_direct = piece_target(codes_moved, piece.dst, bs)
+        piece_packed, packed_direct = piece_target(packed_moved, piece.pdst, bs // 2)
+        sb, sc, _ = _encode_piece(plan, piece, ts, amax_bits, amax_ready, words, piece_codes,
+                                  piece_packed)
+        scale_bits[piece.blocks] = sb
+        scales[piece.blocks] = sc
+        if not codes_direct:
+            store(codes_moved, piece.dst, piece_codes)
+        if not packed_direct:
+            store(packed_moved, piece.pdst, piece_packed)
+
+    _for_each_piece(task, plan.pieces, plan.workers)
+    scale_shape = plan.padded_shape[:-1] + (plan.padded_shape[-1] // bs,)
 
     def back(a: np.ndarray) -> np.ndarray:
-        return np.ascontiguousarray(np.moveaxis(a, -1, ax))
+        return np.ascontiguousarray(np.moveaxis(a.reshape(scale_shape), -1, plan.axis))
 
     return QuantizedTensor(
-        codes=back(codes.reshape(padded_shape)),
-        packed=back(packed.reshape(packed_shape)),
+        codes=codes,
+        packed=packed,
         scale_bits=back(scale_bits),
-        scales=back(scales.reshape(scale_shape)),
+        scales=back(scales),
         tensor_scale=ts,
-        fmt=block_format,
+        fmt=plan.fmt,
         settings=settings,
-        axis=ax,
-        shape=tuple(x32.shape),
-        block_amax=back(amax.reshape(scale_shape)),
+        axis=plan.axis,
+        shape=tuple(plan.x32.shape),
+        block_amax=back(amax_bits.view(np.float32)),
     )
 
 
+def _check_quantized(q: object) -> None:
+    """Reject a QuantizedTensor whose arrays do not fit together (e.g. one built by hand):
+    dtypes, shapes against ``shape``/``axis``/``fmt``, codes in 0..15, the tensor scale."""
+    if not isinstance(q, QuantizedTensor):
+        raise TypeError(f"dequantize expects a QuantizedTensor, got {type(q).__name__}")
+    if not isinstance(q.fmt, BlockFormat):
+        raise TypeError(f"QuantizedTensor.fmt must be a BlockFormat, got {q.fmt!r}")
+    shape = q.shape
+    if not (isinstance(shape, tuple) and shape
+            and all(isinstance(n, (int, np.integer)) and n >= 0 for n in shape)):
+        raise ValueError(f"QuantizedTensor.shape must be a non-empty tuple of sizes, got "
+                         f"{shape!r}")
+    if not (isinstance(q.axis, (int, np.integer)) and 0 <= q.axis < len(shape)):
+        raise ValueError(f"QuantizedTensor.axis={q.axis!r} is out of range for shape {shape}")
+    ax, bs = int(q.axis), q.fmt.block_size
+
+    def along_axis(length: int) -> tuple[int, ...]:
+        return shape[:ax] + (length,) + shape[ax + 1:]
+
+    padded = -(-shape[ax] // bs) * bs
+    expected = {
+        "codes": (np.uint8, along_axis(padded)),
+        "packed": (np.uint8, along_axis(padded // 2)),
+        "scale_bits": (np.uint8, along_axis(padded // bs)),
+        "scales": (np.float32, along_axis(padded // bs)),
+        "block_amax": (np.float32, along_axis(padded // bs)),
+    }
+    for name, (dtype, want) in expected.items():
+        arr = getattr(q, name)
+        if not isinstance(arr, np.ndarray) or arr.dtype != dtype:
+            got = arr.dtype if isinstance(arr, np.ndarray) else type(arr).__name__
+            raise TypeError(f"QuantizedTensor.{name} must be a {np.dtype(dtype)} array, "
+                            f"got {got}")
+        if arr.shape != want:
+            raise ValueError(f"QuantizedTensor.{name} has shape {arr.shape}, but shape {shape} "
+                             f"with {q.fmt.name} blocks of {bs} along axis {ax} needs {want}")
+    if q.codes.size and int(q.codes.max()) > 15:
+        raise ValueError(f"QuantizedTensor.codes must be 4-bit E2M1 codes 0..15, got "
+                         f"{int(q.codes.max())}")
+    # dequantize reads ``scales`` and ``codes``; their twins must say the same, or one of the
+    # two would be silently ignored. Small (one value per block), so checked whole.
+    decoded = (e4m3_decode if q.fmt.scale is E4M3FN else e8m0_decode)(q.scale_bits)
+    differ = (decoded != q.scales) & ~(np.isnan(decoded) & np.isnan(q.scales))
+    if differ.any():
+        raise ValueError(f"QuantizedTensor.scales disagree with scale_bits (decoded as "
+                         f"{q.fmt.scale.name}) in {int(differ.sum())} block(s)")
+    ts = q.tensor_scale
+    if ts is not None:
+        if not q.fmt.supports_tensor_scale:
+            raise ValueError(f"{q.fmt.name} has no tensor scale; QuantizedTensor.tensor_scale "
+                             f"must be None, got {ts!r}")
+        if isinstance(ts, (bool, np.bool_)) or not isinstance(ts, (float, int, np.number)):
+            raise TypeError(f"QuantizedTensor.tensor_scale must be a float32 scalar or None, "
+                            f"got {ts!r}")
+        # NaN is a legitimate tensor scale ('amax' of a tensor with a NaN); <= 0 and Inf are not.
+        if np.float32(ts) <= 0 or np.isinf(np.float32(ts)):
+            raise ValueError(f"QuantizedTensor.tensor_scale must be > 0 and finite (or NaN), "
+                             f"got {ts!r}")
+
+
 def dequantize(q: QuantizedTensor) -> np.ndarray:
-    """float32 values e2m1(code) * s_eff, in the input's shape (padding removed)."""
+    """float32 values e2m1(code) * s_eff, in the input's shape (padding removed).
+
+    ``q`` is validated first (see _check_quantized): a hand-built QuantizedTensor with
+    inconsistent arrays raises TypeError/ValueError instead of returning garbage."""
+    _check_quantized(q)
     bs = q.fmt.block_size
-    codes = np.moveaxis(q.codes, q.axis, -1)
-    s_eff = np.moveaxis(q.effective_scales, q.axis, -1)
-    values = E2M1_VALUES.take(codes).reshape(codes.shape[:-1] + (-1, bs))
-    with np.errstate(invalid="ignore", over="ignore"):
-        values = values * s_eff[..., None]
-    values = values.reshape(codes.shape)[..., : q.shape[q.axis]]
-    return np.ascontiguousarray(np.moveaxis(values, -1, q.axis))
+    codes_moved = np.moveaxis(q.codes, q.axis, -1)
+    s_eff = np.ascontiguousarray(np.moveaxis(q.effective_scales, q.axis, -1)).reshape(-1)
+    out = np.empty(q.shape, dtype=np.float32)
+    out_moved = np.moveaxis(out, q.axis, -1)
+    budget, workers = _piece_budget(codes_moved.size)
+    pieces = split_into_pieces(codes_moved.shape[:-1], out_moved.shape[-1],
+                               codes_moved.shape[-1], bs, budget)
+
+    packed_moved = np.moveaxis(q.packed, q.axis, -1)
+
+    def task(piece: Piece) -> None:
+        codes = np.ascontiguousarray(codes_moved[piece.dst]).reshape(-1, bs)
+        # packed must hold the same codes (element 2i in the low nibble); checked piece by
+        # piece so that the check adds no array of the input's size.
+        packed = packed_moved[piece.pdst].reshape(-1, bs // 2)
+        if not np.array_equal(packed, codes[:, 0::2] | (codes[:, 1::2] << 4)):
+            raise ValueError("QuantizedTensor.packed disagrees with codes (element 2i in the "
+                             "low nibble along axis)")
+        _dequantize_into(codes, s_eff[piece.blocks], out_moved, piece.src, piece.pad)
+
+    _for_each_piece(task, pieces, workers)
+    return out
 
 
 def fake_quantize(x: object, fmt: str | BlockFormat = "nvfp4", axis: int = -1,
                   **settings: object) -> np.ndarray:
-    """dequantize(quantize(x, fmt, axis, **settings)): float32, shape of x."""
-    return dequantize(quantize(x, fmt, axis, **settings))
+    """dequantize(quantize(x, fmt, axis, **settings)): float32, shape of x.
+
+    Computed piece by piece (bit-identical to the composition), so the extra memory is the
+    output plus a few pieces' temporaries rather than several copies of x."""
+    rbits = settings.pop("rbits", None)
+    unknown = sorted(set(settings) - set(QuantizeSettings.__dataclass_fields__))
+    if unknown:
+        raise TypeError(f"fake_quantize() got unexpected keyword argument(s) {unknown}")
+    plan = _plan(x, fmt, axis, QuantizeSettings(**settings))
+    words = _random_words(rbits, plan)
+    bs = plan.fmt.block_size
+    amax_bits = np.empty(plan.nblocks, dtype=np.uint32)
+    out = np.empty(plan.x32.shape, dtype=np.float32)
+    out_moved = np.moveaxis(out, plan.axis, -1)
+    ts, amax_ready = _amax_and_tensor_scale(plan, amax_bits)
+
+    def task(piece: Piece) -> None:
+        codes = np.empty((piece.blocks.stop - piece.blocks.start, bs), dtype=np.uint8)
+        _, _, s_eff = _encode_piece(plan, piece, ts, amax_bits, amax_ready, words, codes, None)
+        _dequantize_into(codes, s_eff, out_moved, piece.src, piece.pad)
+
+    _for_each_piece(task, plan.pieces, plan.workers)
+    return out

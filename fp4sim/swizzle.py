@@ -1,4 +1,4 @@
-"""The Blackwell block-scaled MMA scale layout (FP4_FORMATS.md, "Layouts a kernel may expect").
+"""The Blackwell block-scaled MMA scale layout (docs/numerics.md, "The swizzled scale layout").
 
 A [rows, cols] scale-byte matrix is padded to multiples of (128, 4); scale (i, j) goes to
   512 * ((i // 128) * ceil(cols / 4) + j // 4) + (i % 32) * 16 + ((i % 128) // 32) * 4 + j % 4

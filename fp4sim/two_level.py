@@ -1,4 +1,4 @@
-"""Two-level quantization (SageAttention3 style, FP4_FORMATS.md "Two-level P quantization").
+"""Two-level quantization (SageAttention3 style, docs/numerics.md "Two-level P quantization").
 
 Per row r (the elements sharing every index except ``row_axis``):
   s1_r = float32(rowmax_r / 2688)    (2688 = 448 * 6; rowmax = max |x|, Inf -> FLT_MAX;
@@ -17,7 +17,10 @@ import numpy as np
 from fp4sim.block_scale import saturate_inf
 from fp4sim.float_input import as_float32, normalize_axis
 from fp4sim.formats import NVFP4
-from fp4sim.quantize import QuantizedTensor, dequantize, quantize
+from fp4sim.pieces import split_into_pieces
+from fp4sim.quantize import QuantizedTensor, dequantize, fake_quantize, quantize
+
+_PIECE_ELEMENTS = 1 << 20  # fake_quantize_two_level walks pieces of this size (fp4sim.pieces)
 
 ROW_SCALE_DIVISOR = np.float32(448.0 * 6.0)
 
@@ -36,7 +39,10 @@ def row_scales(x: np.ndarray, row_axis: int) -> np.ndarray:
     """float32 s1 = rowmax(|x|) / 2688 per row (keepdims); 1 where that is 0 (zero rows and
     row maxima below about 1.9e-42, where the float32 division underflows); NaN rows NaN."""
     with np.errstate(invalid="ignore"):
-        rowmax = np.max(np.abs(x), axis=row_axis, keepdims=True) if x.size else \
+        # max |x| as max(max x, -min x): the same value (only the sign of a zero may differ,
+        # and s1 = 0 becomes 1 below) without a temporary |x| the size of x.
+        rowmax = np.maximum(np.max(x, axis=row_axis, keepdims=True),
+                            -np.min(x, axis=row_axis, keepdims=True)) if x.size else \
             np.zeros(x.shape[:row_axis] + (1,) + x.shape[row_axis + 1:], np.float32)
     s1 = saturate_inf(rowmax).reshape(rowmax.shape) / ROW_SCALE_DIVISOR
     # A zero row, or a row max so small that s1 underflows to 0, gets s1 = 1 (never / 0).
@@ -64,11 +70,54 @@ def quantize_two_level(x: object, axis: int = -1, row_axis: int | None = None,
 
 def dequantize_two_level(tq: TwoLevelQuantized) -> np.ndarray:
     """float32 dequantize(inner) * s1."""
+    out = dequantize(tq.inner)
     with np.errstate(invalid="ignore", over="ignore"):
-        return (dequantize(tq.inner) * tq.row_scales).astype(np.float32)
+        return np.multiply(out, tq.row_scales, out=out)  # float32 * float32, in place
 
 
 def fake_quantize_two_level(x: object, axis: int = -1, row_axis: int | None = None,
                             **settings: object) -> np.ndarray:
-    """dequantize_two_level(quantize_two_level(...))."""
-    return dequantize_two_level(quantize_two_level(x, axis, row_axis, **settings))
+    """dequantize_two_level(quantize_two_level(...)), bit for bit.
+
+    Large inputs are walked in pieces of whole blocks (fp4sim.pieces): every step is per
+    element or per block once s1 is known, so the extra memory is the output plus a few
+    pieces' temporaries instead of x / s1, its codes and two float32 products."""
+    x32 = as_float32(x)
+    if x32.ndim == 0 or x32.size <= _PIECE_ELEMENTS:
+        return dequantize_two_level(quantize_two_level(x32, axis, row_axis, **settings))
+    if "tensor_scale" in settings and settings["tensor_scale"] is not None:
+        raise ValueError("quantize_two_level uses its per-row scale; tensor_scale must be None")
+    ax = normalize_axis(axis, x32.ndim)
+    rax = ax if row_axis is None else normalize_axis(row_axis, x32.ndim, "row_axis")
+    bs = NVFP4.block_size
+    moved = np.moveaxis(x32, ax, -1)
+    length = moved.shape[-1]
+    padded_length = -(-length // bs) * bs
+    rbits = settings.pop("rbits", None)
+    rb_moved, rb_padded = None, False
+    if rbits is not None:
+        rb = np.asarray(rbits)
+        rb_moved = np.moveaxis(rb, ax, -1) if rb.ndim == x32.ndim else rb
+        rb_padded = rb_moved.shape == moved.shape[:-1] + (padded_length,)
+        if not rb_padded and rb_moved.shape != moved.shape:
+            raise ValueError(f"rbits must have shape {moved.shape[:-1] + (padded_length,)} (one "
+                             f"word per element, block axis last), got {rb_moved.shape}")
+    if length % bs and not settings.get("pad", False):  # before any work, as quantize does
+        raise ValueError(f"axis {ax} of x has length {length}, not a multiple of the "
+                         f"{NVFP4.name} block size {bs}; pass pad=True to pad with zeros")
+    # s1 seen like x (a broadcast view, no copy), so a piece of x indexes its own s1.
+    s1 = np.broadcast_to(np.moveaxis(row_scales(x32, rax), ax, -1), moved.shape)
+    out = np.empty(x32.shape, np.float32)
+    out_moved = np.moveaxis(out, ax, -1)
+    for piece in split_into_pieces(moved.shape[:-1], length, padded_length, bs, _PIECE_ELEMENTS):
+        s1_piece = s1[piece.src]
+        with np.errstate(invalid="ignore", over="ignore"):
+            scaled = moved[piece.src] / s1_piece
+        words = None if rb_moved is None else rb_moved[piece.dst if rb_padded else piece.src]
+        # Pieces hold whole blocks (a cut row is cut at a block boundary; its padding falls
+        # in its last piece), so each block is quantized exactly as in one pass.
+        fq = fake_quantize(scaled, NVFP4, -1, **settings,
+                           **({} if words is None else {"rbits": words}))
+        with np.errstate(invalid="ignore", over="ignore"):
+            np.multiply(fq, s1_piece, out=out_moved[piece.src])
+    return out

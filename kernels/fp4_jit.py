@@ -1,7 +1,7 @@
 """In-register FP4 numerics as ``@triton.jit`` device functions (E2M1, E4M3, E8M0, NVFP4, MXFP4).
 
 Every function here is exact: it reproduces fp4sim's default settings bit for bit
-(``docs/DESIGN.md``, 'Defaults'; ``shared/FP4_FORMATS.md``). Rounding is decided with integer
+(``docs/DESIGN.md``, 'Defaults'; ``docs/numerics.md``). Rounding is decided with integer
 operations on the float32 bit pattern or with exact comparisons, never with approximate
 division (Triton's ``/`` on float32 lowers to the approximate ``div.full.f32``; every division
 below is ``tl.math.div_rn``, IEEE round-to-nearest-even).
@@ -110,7 +110,7 @@ def e4m3_decode(bits):
     b = bits.to(tl.uint32) & 0xFF
     e = (b >> 3) & 15
     m = b & 7
-    # E4M3FN: bias 7; e == 0 is subnormal m * 2^-9 (FP4_FORMATS.md, 'Scale formats').
+    # E4M3FN: bias 7; e == 0 is subnormal m * 2^-9 (docs/numerics.md, 'Scale formats').
     normal = (((e + 120) << 23) | (m << 20)).to(tl.float32, bitcast=True)
     val = tl.where(e == 0, m.to(tl.float32) * 0.001953125, normal)
     val = (val.to(tl.uint32, bitcast=True) | ((b >> 7) << 31)).to(tl.float32, bitcast=True)
@@ -125,7 +125,7 @@ def e8m0_decode(bits):
 
 @triton.jit
 def unpack_fp4_rows(packed):
-    """uint8 (R, C/2) -> codes uint8 (R, C): element 2i from the low nibble (FP4_FORMATS.md)."""
+    """uint8 (R, C/2) -> codes uint8 (R, C): element 2i from the low nibble (docs/numerics.md)."""
     R: tl.constexpr = packed.shape[0]
     C2: tl.constexpr = packed.shape[1]
     lo = packed & 15
@@ -135,7 +135,7 @@ def unpack_fp4_rows(packed):
 
 @triton.jit
 def pack_fp4_rows(codes):
-    """codes uint8 (R, C) -> uint8 (R, C/2): element 2i in the low nibble (FP4_FORMATS.md)."""
+    """codes uint8 (R, C) -> uint8 (R, C/2): element 2i in the low nibble (docs/numerics.md)."""
     R: tl.constexpr = codes.shape[0]
     C: tl.constexpr = codes.shape[1]
     lo, hi = tl.split(tl.reshape(codes, (R, C // 2, 2)))
@@ -154,8 +154,10 @@ def dequantize_rows(codes, scale, BLOCK: tl.constexpr):
 @triton.jit
 def _e4m3_round(x):
     """Shared E4M3FN RNE-saturating rounding: (r, ee, sign) with |value| = r * 2^(ee - 3)."""
-    # Saturate first: 448 is the largest finite E4M3FN value (FP4_FORMATS.md, 'Scale formats').
-    a = tl.minimum(tl.abs(x), 448.0)
+    # Saturate first: 448 is the largest finite E4M3FN value (docs/numerics.md, 'Scale formats').
+    # NaN lanes (overridden by the callers) round as 0 so that nothing overflows: PTX min.f32
+    # already returns 448 for them, the interpreter's np.minimum a NaN.
+    a = tl.where(x != x, 0.0, tl.minimum(tl.abs(x), 448.0))
     bits = a.to(tl.uint32, bitcast=True)
     exp_unb = ((bits >> 23) & 0xFF).to(tl.int32) - 127
     ee = tl.maximum(exp_unb, -6)  # E4M3 min normal exponent -6; below it step 2^-9
@@ -199,8 +201,9 @@ def e8m0_rceil_bits(amax):
 
     +Inf counts as the largest finite float32 (byte 253); NaN -> 0xFF; amax = 0 -> byte 0.
     """
-    # rceil (FP4_FORMATS.md, MXFP4): PTX cvt.rp.satfinite.ue8m0x2.f32 on the float32 amax/6.
+    # rceil (docs/numerics.md, MXFP4): PTX cvt.rp.satfinite.ue8m0x2.f32 on the float32 amax/6.
     a = tl.minimum(amax, 3.4028234663852886e38)  # fp4sim: Inf saturates to FLT_MAX first
+    a = tl.where(amax != amax, 0.0, a)  # NaN lanes (byte set below) divide nothing invalid
     q = tl.math.div_rn(a, tl.full(a.shape, 6.0, tl.float32))
     qb = q.to(tl.uint32, bitcast=True)
     byte = ((qb + 0x7FFFFF) >> 23) & 0xFF  # round the power of two up (mantissa != 0 carries)
@@ -258,9 +261,10 @@ def nvfp4_quantize_rows(x, BLOCK: tl.constexpr):
     NB: tl.constexpr = COLS // BLOCK
     xb = tl.reshape(x, (ROWS, NB, BLOCK))
     amax = _block_amax(xb)
-    # Block scale amax/6 in float32 then RNE to E4M3 (FP4_FORMATS.md, NVFP4; fp4sim default).
+    # Block scale amax/6 in float32 then RNE to E4M3 (docs/numerics.md, NVFP4; fp4sim default).
     scale = e4m3_rne_sat(tl.math.div_rn(amax, tl.full(amax.shape, 6.0, tl.float32)))
-    recip = tl.math.div_rn(tl.full(scale.shape, 1.0, tl.float32), scale)
+    # Zero-scale blocks get codes 0 below; dividing by 1 there keeps 1/0 out of every lane.
+    recip = tl.math.div_rn(tl.full(scale.shape, 1.0, tl.float32), tl.where(scale == 0, 1.0, scale))
     codes = e2m1_rne_codes(xb * recip[:, :, None])
     codes = tl.where(scale[:, :, None] == 0, 0, codes)  # zero_scale_codes="zeros"
     codes = tl.reshape(codes, (ROWS, COLS))
@@ -284,9 +288,10 @@ def nvfp4_quantize_rows_tensor_scale(x, tensor_scale, BLOCK: tl.constexpr):
     amax = _block_amax(xb)
     t = tl.full(amax.shape, 1.0, tl.float32) * tensor_scale
     s6 = tl.math.div_rn(amax, tl.full(amax.shape, 6.0, tl.float32))
-    scale = e4m3_rne_sat(tl.math.div_rn(s6, t))  # FP4_FORMATS.md: E4M3(amax/6/s_tensor)
+    scale = e4m3_rne_sat(tl.math.div_rn(s6, t))  # docs/numerics.md: E4M3(amax/6/s_tensor)
     total = scale * t
-    recip = tl.math.div_rn(tl.full(total.shape, 1.0, tl.float32), total)
+    # As above: zero-scale blocks get codes 0, so they divide by 1 instead of 0.
+    recip = tl.math.div_rn(tl.full(total.shape, 1.0, tl.float32), tl.where(total == 0, 1.0, total))
     codes = e2m1_rne_codes(xb * recip[:, :, None])
     codes = tl.where(total[:, :, None] == 0, 0, codes)  # zero_scale_codes="zeros"
     codes = tl.reshape(codes, (ROWS, COLS))
@@ -417,7 +422,8 @@ def nvfp4_fake_quantize_probs(x, BLOCK: tl.constexpr, HW_CVT: tl.constexpr):
         y = libdevice.mul_rn(xb, tl.broadcast_to(recip[:, :, None], xb.shape))
     else:
         scale = e4m3_rne_sat(tl.math.div_rn(amax, tl.full(amax.shape, 6.0, tl.float32)))
-        recip = tl.math.div_rn(tl.full(scale.shape, 1.0, tl.float32), scale)
+        safe = tl.where(scale == 0, 1.0, scale)  # no 1/0 lane; selected away just below
+        recip = tl.math.div_rn(tl.full(scale.shape, 1.0, tl.float32), safe)
         recip = tl.where(scale == 0, 0.0, recip)
         y = xb * recip[:, :, None]  # NumPy's float32 multiply (interpreter): rounded
     exp_bits = tl.maximum(y.to(tl.uint32, bitcast=True) & 0x7F800000, 0x3F800000)

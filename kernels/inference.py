@@ -1,7 +1,7 @@
 """FP4 inference attention on packed FP4 Q, K, V (NVFP4 or MXFP4), P quantized in registers.
 
 Forward only, flash-style over key tiles of ``BLOCK_N = 64`` keys; the math is
-``shared/ATTN_QAT_MATH.md`` "Forward" with V blocked along the key axis (the contraction axis of
+``docs/attention-math.md`` "Forward" with V blocked along the key axis (the contraction axis of
 P.V, as an FP4 tensor-core product needs) and P quantized per tile against the running row max:
 the reference recipes ``infer-nvfp4`` / ``infer-mxfp4`` (``reference.fp4_attention_forward(...,
 mode="tiled")`` with ``block_n = 64``).

@@ -3,12 +3,12 @@
 ``quantize_fp4(x, fmt, tensor_scale)`` reproduces ``fp4sim.quantize(x, fmt, axis=-1)`` with
 the emulator's default settings bit for bit (codes, packed bytes, scale bytes, tensor scale);
 the numerics are the device functions of ``kernels.fp4_jit`` (their docstring lists the exact
-op order). Layout: element 2i of a row goes to the low nibble of byte i (FP4_FORMATS.md,
+op order). Layout: element 2i of a row goes to the low nibble of byte i (docs/numerics.md,
 'Packing'); scale bytes have the input's shape with the last axis divided by the block size
 (16 NVFP4 / E4M3, 32 MXFP4 / E8M0).
 
 Tensor scale (NVFP4 only, ``tensor_scale="amax"``): ``t = float32(max |x|) / 2688.0`` over the
-whole tensor, one IEEE float32 division (448 * 6 = 2688 exactly; FP4_FORMATS.md, NVFP4),
+whole tensor, one IEEE float32 division (448 * 6 = 2688 exactly; docs/numerics.md, NVFP4),
 computed with torch, as fp4sim: an Inf counts as the largest finite float32, a NaN anywhere gives
 t = NaN (every code 7, every scale byte 0x7F), and an all-zero tensor gives t = 1. A float
 ``tensor_scale`` is rounded to float32 and used as given.
@@ -28,8 +28,8 @@ import triton.language as tl
 
 from fp4sim.kernels import fp4_jit
 
-BLOCK_SIZES = {"nvfp4": 16, "mxfp4": 32}  # FP4_FORMATS.md: NVFP4 16, MXFP4 32 (OCP MX v1.0 6.3)
-NVFP4_TENSOR_SCALE_DIVISOR = 448.0 * 6.0  # FP4_FORMATS.md: amax_tensor / (448 * 6)
+BLOCK_SIZES = {"nvfp4": 16, "mxfp4": 32}  # docs/numerics.md: NVFP4 16, MXFP4 32 (OCP MX v1.0 6.3)
+NVFP4_TENSOR_SCALE_DIVISOR = 448.0 * 6.0  # docs/numerics.md: amax_tensor / (448 * 6)
 SUPPORTED_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
 __all__ = ["BLOCK_SIZES", "check_device", "format_name", "quantize_fp4"]
@@ -92,7 +92,7 @@ def _quantize_rows_kernel(
         codes, scale_bits, _s = fp4_jit.nvfp4_quantize_rows_tensor_scale(x, t, BLOCK)
     else:
         codes, scale_bits, _s = fp4_jit.nvfp4_quantize_rows(x, BLOCK)
-    # Element 2i in the low nibble, 2i + 1 in the high nibble (FP4_FORMATS.md, 'Packing').
+    # Element 2i in the low nibble, 2i + 1 in the high nibble (docs/numerics.md, 'Packing').
     packed = fp4_jit.pack_fp4_rows(codes)
     pcols = pid_c * (BLOCK_C // 2) + tl.arange(0, BLOCK_C // 2)
     pmask = (rows[:, None] < n_rows) & (pcols[None, :] < n_cols // 2)
@@ -110,15 +110,20 @@ def _tensor_scale_value(x: torch.Tensor, tensor_scale: object) -> torch.Tensor |
     if isinstance(tensor_scale, str):
         if tensor_scale != "amax":
             raise ValueError(f"tensor_scale must be None, 'amax' or a float, got {tensor_scale!r}")
-        if x.numel() == 0:
-            raise ValueError("tensor_scale='amax' needs a non-empty tensor")
+        if x.numel() == 0:  # an empty tensor has amax 0: t = 1, as in fp4sim.quantize
+            return torch.ones((), dtype=torch.float32, device=x.device)
         amax = x.abs().amax().to(torch.float32)  # NaN propagates (torch.amax)
         amax = torch.clamp(amax, max=torch.finfo(torch.float32).max)  # Inf counts as FLT_MAX
         t = amax / torch.tensor(NVFP4_TENSOR_SCALE_DIVISOR, dtype=torch.float32, device=x.device)
         t = torch.where(amax == 0, torch.ones_like(t), t)  # all-zero tensor: t = 1 (fp4sim)
         return torch.where(torch.isnan(t), torch.full_like(t, float("nan")), t)  # canonical NaN
     if isinstance(tensor_scale, (int, float)) and not isinstance(tensor_scale, bool):
-        return torch.tensor(float(tensor_scale), dtype=torch.float32, device=x.device)
+        t = torch.tensor(float(tensor_scale), dtype=torch.float32)
+        if not (torch.isfinite(t) and t > 0):  # as fp4sim.QuantizeSettings: finite, > 0
+            raise ValueError(
+                f"tensor_scale must be finite and > 0 in float32, got {tensor_scale!r}"
+            )
+        return t.to(x.device)
     if isinstance(tensor_scale, torch.Tensor) and tensor_scale.numel() == 1:
         return tensor_scale.detach().reshape(()).to(device=x.device, dtype=torch.float32)
     raise TypeError(f"tensor_scale must be None, 'amax' or a float, got {type(tensor_scale)}")

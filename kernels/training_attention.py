@@ -17,7 +17,7 @@ Non-contiguous inputs are copied (``.contiguous()``). CUDA tensors, or CPU tenso
 The causal mask is bottom-right aligned (query i sees key j iff ``j <= i + Lk - Lq``, as
 FlashAttention >= 2.1); a query row that sees no key gets output 0, ``m = lse = -inf``, ``l = 0``.
 
-Recipes (``shared/ATTN_QAT_MATH.md``; arXiv 2603.00040):
+Recipes (``docs/attention-math.md``; arXiv 2603.00040):
 
 - ``bf16``: no quantizer; ordinary FlashAttention-2 forward/backward through the same kernels.
 - ``attn-qat``: Q, K, V fake-quantized NVFP4 along d (blocks of 16, E4M3 scale RNE(amax/6),
@@ -74,7 +74,7 @@ RECIPES = ("bf16", "attn-qat", "attn-qat-consistent")
 SUPPORTED_HEAD_DIMS = (64, 128)
 SUPPORTED_DTYPES = (torch.bfloat16, torch.float16)
 
-# NVFP4 block length (FP4_FORMATS.md, NVFP4: 16-element blocks).
+# NVFP4 block length (docs/numerics.md, NVFP4: 16-element blocks).
 NVFP4_BLOCK = 16
 # Key tile of the forward: the paper's P~ depends on the running max per tile, so the tile
 # width is part of the recipe (reference presets use block_n = 64).
@@ -162,7 +162,7 @@ def _load_tile(ptr, offs_rows, n_rows, HEAD_DIM: tl.constexpr, QUANT: tl.constex
     offs = offs_rows.to(tl.int64)[:, None] * HEAD_DIM + cols[None, :]
     x = tl.load(ptr + offs, mask=offs_rows[:, None] < n_rows, other=0.0)
     if QUANT:
-        # Q^, K^, V^: NVFP4 along d (ATTN_QAT_MATH.md forward 1-2); exact in bf16/fp16.
+        # Q^, K^, V^: NVFP4 along d (docs/attention-math.md forward 1-2); exact in bf16/fp16.
         x = nvfp4_fake_quantize_rows(x.to(tl.float32), 16).to(ptr.dtype.element_ty)
     return x
 
@@ -228,7 +228,7 @@ def _attn_fwd_kernel(
     acc_hp = tl.zeros([BLOCK_M, HEAD_DIM], tl.float32)
 
     if CONSISTENT:
-        # Pass 1 (ATTN_QAT_MATH.md, consistent policy): the final row max m and l from the
+        # Pass 1 (docs/attention-math.md, consistent policy): the final row max m and l from the
         # unquantized P, by the online-softmax recurrence (FlashAttention-2, Alg. 1).
         for start_n in range(0, STATIC_END if STATIC_END else hi, BLOCK_N):
             offs_n = start_n + tl.arange(0, BLOCK_N)
@@ -244,7 +244,7 @@ def _attn_fwd_kernel(
         offs_n = start_n + tl.arange(0, BLOCK_N)
         k = _load_tile(k_base, offs_n, Lk, HEAD_DIM, QUANT_QKV)
         v = _load_tile(v_base, offs_n, Lk, HEAD_DIM, QUANT_QKV)
-        # S = tau Q^ K^T (ATTN_QAT_MATH.md forward 3), float32 accumulation.
+        # S = tau Q^ K^T (docs/attention-math.md forward 3), float32 accumulation.
         s = _dot(q, tl.trans(k), UPCAST) * sm_scale
         # Padded / causally hidden keys -> -inf -> P = 0 before the P block amax, so they never
         # enter a valid block's scale.
@@ -265,7 +265,7 @@ def _attn_fwd_kernel(
             lq_i = lq_i * alpha
             m_i = m_new
         if QUANT_P:
-            # P~ = FQ(P), blocks of 16 along keys, E4M3 scale, no tensor scale (ATTN_QAT_MATH.md).
+            # P~ = FQ(P), blocks of 16 along keys, E4M3 scale, no tensor scale (attention-math.md).
             pq = _fake_quantize_probs(p, UPCAST)
         else:
             pq = p
@@ -283,7 +283,7 @@ def _attn_fwd_kernel(
 
     if not QUANT_P:
         acc_hp = acc
-    # O = acc / l, O_hp = acc_hp / l, LSE = m + log l (ATTN_QAT_MATH.md forward 4); rows that
+    # O = acc / l, O_hp = acc_hp / l, LSE = m + log l (docs/attention-math.md forward 4); rows that
     # see no key: l = 0 -> output 0, LSE = -inf.
     inv_l = tl.where(l_i > 0, 1.0 / l_i, 0.0)
     lse = tl.where(l_i > 0, m_i + tl.log(l_i), float("-inf"))
@@ -307,7 +307,7 @@ def _attn_fwd_kernel(
 
 @triton.jit
 def _bwd_preprocess_kernel(DO, OHP, DELTA, n_rows, HEAD_DIM: tl.constexpr, BLOCK_R: tl.constexpr):
-    """D = rowsum(dO * O_hp) (ATTN_QAT_MATH.md backward, principle 2), float32."""
+    """D = rowsum(dO * O_hp) (docs/attention-math.md backward, principle 2), float32."""
     rows = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
     cols = tl.arange(0, HEAD_DIM)
     offs = rows.to(tl.int64)[:, None] * HEAD_DIM + cols[None, :]
@@ -405,7 +405,7 @@ def _attn_bwd_dkdv_kernel(
             m_row = tl.load(M_IN + bh * Lq + offs_m, mask=row_ok, other=float("-inf"))
             l_row = tl.load(L_IN + bh * Lq + offs_m, mask=row_ok, other=0.0)
             delta = tl.load(DELTA + bh * Lq + offs_m, mask=row_ok, other=0.0)
-            # Principle 1: S recomputed from Q^, K^ (ATTN_QAT_MATH.md backward).
+            # Principle 1: S recomputed from Q^, K^ (docs/attention-math.md backward).
             s = _dot(q, tl.trans(k), UPCAST) * sm_scale
             s = tl.where(_visible(offs_m, offs_n, Lq, Lk, CAUSAL, CAUSAL_SHIFT), s, float("-inf"))
             p, pq = _bwd_probabilities(s, m_row, l_row, lse_row, QUANT_P, CONSISTENT, UPCAST)
@@ -484,7 +484,7 @@ def _attn_bwd_dq_kernel(
         p, _pq = _bwd_probabilities(s, m_row, l_row, lse_row, False, CONSISTENT, UPCAST)
         dp = _dot(do, tl.trans(v), UPCAST)
         ds = p * (dp - delta[:, None])
-        # dQ = tau dS K^ (ATTN_QAT_MATH.md backward).
+        # dQ = tau dS K^ (docs/attention-math.md backward).
         dq += _dot(_cast(ds, k.dtype, UPCAST), k, UPCAST)
     dq = dq * sm_scale
     offs = bh * Lq * HEAD_DIM + offs_m.to(tl.int64)[:, None] * HEAD_DIM + offs_d[None, :]
@@ -597,6 +597,11 @@ def _check_inputs(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, recipe: str
         )
     if k.shape[0] != batch or k.shape[3] != head_dim:
         raise ValueError(f"k/v shape {tuple(k.shape)} does not match q {tuple(q.shape)} in B or d")
+    if heads == 0 or q.shape[2] == 0 or k.shape[2] == 0:
+        # B = 0 runs (empty results); no heads, queries or keys has no attention to compute
+        raise ValueError(
+            f"empty attention: H={heads}, Lq={q.shape[2]}, Lk={k.shape[2]} (each must be >= 1)"
+        )
     if k.shape[1] == 0 or heads % k.shape[1] != 0:
         raise ValueError(
             f"the number of query heads {heads} must be a multiple of the number "
@@ -776,6 +781,8 @@ def _prepare(q, k, v, recipe, sm_scale):
     q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
     if sm_scale is None:
         sm_scale = 1.0 / math.sqrt(q.shape[-1])
+    if not math.isfinite(float(sm_scale)):
+        raise ValueError(f"sm_scale must be finite, got {sm_scale!r}")
     return q, k, v, float(sm_scale)
 
 

@@ -28,7 +28,7 @@ BLOCK = {"nvfp4": 16, "mxfp4": 32}
 # --- independent references ---------------------------------------------------------------
 
 def nan_code(nan: str, negative: bool = False) -> int:
-    """FP4_FORMATS.md: PTX NaN -> +6 (7); ml_dtypes NaN -> zero with the sign flipped."""
+    """docs/numerics.md: PTX NaN -> +6 (7); ml_dtypes NaN -> zero with the sign flipped."""
     if nan == "ptx":
         return 7
     return 0 if negative else 8
@@ -231,7 +231,7 @@ def check_e2m1_stochastic_unbiased(impl, x: np.ndarray) -> None:
 
 
 def check_pack_nibble_order(impl, codes: np.ndarray) -> None:
-    """Element 2i in the low nibble, 2i+1 in the high nibble (FP4_FORMATS.md, Packing)."""
+    """Element 2i in the low nibble, 2i+1 in the high nibble (docs/numerics.md, Packing)."""
     codes = np.asarray(codes, dtype=np.uint8)
     packed = impl.pack_fp4(codes, axis=-1)
     want = (codes[..., 0::2] | (codes[..., 1::2] << 4)).astype(np.uint8)
@@ -328,7 +328,7 @@ def check_block_monotone(impl, x: np.ndarray, fmt: str = "nvfp4") -> None:
 
 
 def check_nvfp4_flush_threshold(impl, exponent_shift: int = 0) -> None:
-    """FP4_FORMATS.md: with no tensor scale a block with amax/6 <= 2^-10 (half the smallest
+    """docs/numerics.md: with no tensor scale a block with amax/6 <= 2^-10 (half the smallest
     E4M3 subnormal; the tie goes to 0) gets scale 0 and dequantizes to 0; just above, the
     scale is 2^-9 and the block survives."""
     threshold = np.float32(6 * 2.0**-10)

@@ -48,7 +48,7 @@ def test_e2m1_saturation(x):
 
 
 def test_e2m1_ties_go_to_even_and_one_ulp_above_goes_up():
-    # FP4_FORMATS.md: 0.25->0, 0.75->1, 1.25->1, 1.75->2, 2.5->2, 3.5->4, 5->4.
+    # docs/numerics.md: 0.25->0, 0.75->1, 1.25->1, 1.75->2, 2.5->2, 3.5->4, 5->4.
     ties = np.array([0.25, 0.75, 1.25, 1.75, 2.5, 3.5, 5.0], dtype=np.float32)
     np.testing.assert_array_equal(fp4sim.e2m1_decode(fp4sim.e2m1_encode(ties)),
                                   [0, 1, 1, 2, 2, 4, 4])

@@ -45,7 +45,7 @@ def test_pack_errors():
 
 
 def test_swizzle_offsets_hand_derived():
-    # FP4_FORMATS.md formula, worked by hand for a 256 x 8 scale matrix (C = 8: 2 column tiles):
+    # docs/numerics.md formula, worked by hand for a 256 x 8 scale matrix (C = 8: 2 column tiles):
     # (0,0) -> 0; (0,3) -> 3; (1,0) -> 16; (31,0) -> 496; (32,0) -> 4; (96,1) -> 13;
     # (0,4) -> 512 (next column tile); (128,0) -> 512*2 = 1024; (130,5) -> 512*3+2*16+1 = 1569.
     off = blackwell_scale_offsets(256, 8)

@@ -117,7 +117,7 @@ def test_nvfp4_saturation_flags_and_codes(x):
 
 
 def test_mx_floor_rule_clips_and_rceil_does_not():
-    # FP4_FORMATS.md: with `floor`, amax in (6*2^k, 8*2^k) saturates; `rceil` never does.
+    # docs/numerics.md: with `floor`, amax in (6*2^k, 8*2^k) saturates; `rceil` never does.
     x = np.zeros(32, np.float32)
     x[0] = 7.0
     floor = fp4sim.quantize(x, "mxfp4", scale_rule="floor")

@@ -1,6 +1,6 @@
 """Fused Attn-QAT training attention (``kernels.attn_qat``) against the PyTorch reference.
 
-What is checked (issue 4, part 2; ``shared/ATTN_QAT_MATH.md``):
+What is checked (issue 4, part 2; ``docs/attention-math.md``):
 
 (a) P codes per key tile against the reference's tiled mode: equal except where the exact
     (float64) pre-quantization value lies within a derived window ``delta`` of a rounding

@@ -59,7 +59,7 @@ RULE_B_ROW_FRACTION = 0.02
 
 
 def _unpack(packed: torch.Tensor) -> torch.Tensor:
-    """Low nibble = element 2i (FP4_FORMATS.md, 'Packing')."""
+    """Low nibble = element 2i (docs/numerics.md, 'Packing')."""
     lo, hi = packed & 0xF, packed >> 4
     return torch.stack([lo, hi], dim=-1).reshape(*packed.shape[:-1], 2 * packed.shape[-1])
 

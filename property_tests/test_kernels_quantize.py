@@ -45,7 +45,7 @@ _DISTRIBUTIONS = (
 
 
 def _unpack(packed: np.ndarray) -> np.ndarray:
-    """Low nibble = element 2i (FP4_FORMATS.md, 'Packing')."""
+    """Low nibble = element 2i (docs/numerics.md, 'Packing')."""
     out = np.empty((*packed.shape[:-1], packed.shape[-1] * 2), np.uint8)
     out[..., 0::2] = packed & 0xF
     out[..., 1::2] = packed >> 4

@@ -17,11 +17,12 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 
-# The emulator core: NumPy only.
-# The three implementations on the ground, each independent of the other two.
+# The three implementations on the ground, each independent of the other two; the emulator
+# core is NumPy only. The comparison layers sit above them (docs/DESIGN.md).
 REFERENCE, KERNELS = "fp4sim.reference", "fp4sim.kernels"
+HARNESS = "fp4sim.harness"  # the kernel contract: the base of the comparison layers
 TOP_LAYER = ("fp4sim.testing", "fp4sim.simulate", "fp4sim.cli", "fp4sim.demo", "fp4sim.reports",
-             "fp4sim.adapters", "fp4sim.__main__")
+             "fp4sim.adapters", "fp4sim.__main__", HARNESS)
 CORE_FORBIDDEN = ("torch", "triton", REFERENCE, KERNELS, "hypothesis", "matplotlib",
                   "ml_dtypes") + TOP_LAYER
 
@@ -73,6 +74,16 @@ def test_kernels_stand_alone(module: str) -> None:
     forbidden = (REFERENCE,) + TOP_LAYER
     bad = sorted(m for m in loaded for f in forbidden if _is_under(m, f))
     assert not bad, f"{module} (kernels) imports {bad}; only fp4sim.formats constants are shared"
+
+
+@pytest.mark.parametrize("module", [HARNESS] + _submodules(HARNESS))
+def test_harness_sits_below_the_comparison_layers(module: str) -> None:
+    # check, report and simulate all load user kernels through it: it must not need them,
+    # nor any of the three implementations it is used to compare.
+    loaded = _modules_loaded_by(module)
+    forbidden = (REFERENCE, KERNELS) + tuple(t for t in TOP_LAYER if t != HARNESS)
+    bad = sorted(m for m in loaded for f in forbidden if _is_under(m, f))
+    assert not bad, f"{module} (harness) imports {bad}"
 
 
 def test_layer_check_can_fail() -> None:

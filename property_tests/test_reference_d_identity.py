@@ -1,4 +1,4 @@
-"""The D identity (ATTN_QAT_MATH.md "Why D matters"), both directions.
+"""The D identity (docs/attention-math.md "The D identity"), both directions.
 
 With D = rowsum(dO * O_hp) (attn_qat, p_only) the row sums of dS vanish and dQ is invariant to
 adding one constant vector to every key. With the quantized O (drop_in, o_only) they do not:

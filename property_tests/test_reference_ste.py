@@ -1,4 +1,6 @@
-"""STE ground truth vs the explicit Attn-QAT backward (ATTN_QAT_MATH.md "STE autograd").
+"""STE ground truth vs the explicit Attn-QAT backward.
+
+Where the STE sits: docs/attention-math.md, "Two placements of the STE".
 
 Under the ``consistent`` P policy the backward quantizes exactly the numbers the forward did,
 so attn_qat == ste_autograd to float64 rounding. Under the paper's ``block`` policy the
@@ -86,7 +88,7 @@ def _forward_p_tilde(q, k, recipe, causal):
 
 
 def test_long_uniform_row_backward_flushes_what_the_forward_kept():
-    # ATTN_QAT_MATH.md: normalized P of a long row ~ 1/L is below the flush threshold 6 * 2^-10
+    # attention-math.md: normalized P of a long row ~ 1/L is below the flush threshold 6 * 2^-10
     lk = 1024
     gen = torch.Generator().manual_seed(0)
     q = torch.randn(1, 1, 8, 16, generator=gen, dtype=torch.float64) * 0.05

@@ -1,6 +1,6 @@
 """Tiled forward: a literal flash loop with fp4sim quantizers, dense mode, and padding.
 
-The literal loop walks the key tiles one by one (FlashAttention online softmax, ATTN_QAT_MATH.md
+The literal loop walks the key tiles one by one (FlashAttention online softmax, attention-math.md
 "Forward" step 3) and quantizes each tile's valid P with the NumPy emulator (``pad=True``, so
 padded keys are zeros the emulator adds itself). The vectorized reference must give the same P
 codes and scale bytes bit for bit, and O, O_hp, LSE to float64 rounding.

@@ -1,6 +1,6 @@
 """Each backward variant against an independent dense implementation of its table row.
 
-ATTN_QAT_MATH.md "Backward variants": the test rebuilds S, P, P~, D, dV from the inputs with
+docs/attention-math.md "Backward variants": the test rebuilds S, P, P~, D, dV from the inputs with
 plain dense torch (P~ quantized per row of the normalized P with ``quantize_torch`` and
 ``pad=True``, independent of the tiled P code), then compares with
 ``reference.attention_backward`` to float64 rounding.

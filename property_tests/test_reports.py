@@ -14,6 +14,7 @@ import json
 import math
 import os
 import textwrap
+import time
 from html.parser import HTMLParser
 from pathlib import Path
 
@@ -453,8 +454,11 @@ def test_output_folder_rules(tmp_path):
         (["--scenarios", "no-such-scenario"], ["unknown scenario", "gaussian", "key-bias-4"]),
         (["--recipes", "fp3"], ["unknown recipe", "attn-qat-consistent"]),
         (["--kernel", "no_such_module_xyz:attn"], ["cannot import module", "no_such_module_xyz"]),
-        (["--kernel", "reports.metrics:nope"], ["has no attribute", "relative_l2"]),
+        (["--kernel", "fp4sim.reports.metrics:nope"], ["has no attribute", "nope"]),
         (["--kernel", "nocolon"], ["MODULE:ATTR"]),
+        (["--claims", "fp3", "--kernel", "x:y"], ["--claims", "unknown recipe", "attn-qat"]),
+        (["--claims", "bf16"], ["no --kernel"]),
+        (["--seed", "-5"], ["--seed must be >= 0"]),
         (["--fail-on", "speed<=1"], ["unknown --fail-on metric", "grad_rel_l2_vs_ste"]),
         (["--fail-on", "fwd_rel_l2<1"], ["METRIC<=BOUND"]),
     ],
@@ -465,7 +469,20 @@ def test_unknown_names_exit_2_with_valid_names(tmp_path, capsys, args, expected)
     assert code == 2
     for text in expected:
         assert text in err
+    assert len(err.strip().splitlines()) == 1, err  # one line, no traceback
     assert not (tmp_path / "x").exists()
+
+
+@pytest.mark.parametrize("out", ["/proc/fp4sim-x", "/nonexistent-fp4sim/x"])
+def test_unwritable_out_exits_2_before_any_work(out, capsys):
+    start = time.perf_counter()
+    code = run_cli("--out", out, "--scenarios", "smoke")
+    err = capsys.readouterr().err
+    assert code == 2
+    assert len(err.strip().splitlines()) == 1, err
+    assert "cannot write into" in err or "does not exist" in err, err
+    assert "[1/" not in err  # no case ran
+    assert time.perf_counter() - start < 10
 
 
 KERNEL_MODULE = """
@@ -494,6 +511,12 @@ def test_external_kernels_good_and_crashing(tmp_path, monkeypatch):
         "my_fp4_kernels:good",
         "--kernel",
         "my_fp4_kernels:crashing",
+        "--kernel-dtype",
+        "float32",
+        "--claims",
+        "attn-qat",
+        "--timeout",
+        "120",
     )
     assert code == 1
     report = json.loads((out / "report.json").read_text())
@@ -511,6 +534,12 @@ def test_external_kernels_good_and_crashing(tmp_path, monkeypatch):
     page = (out / "index.html").read_text()
     assert "kernel exploded on purpose" in page and "crashed" in page
     assert report["errors"][0]["implementation"] == "kernel:my_fp4_kernels:crashing"
+    # the reference's own autograd wrapper agrees with its recipe under the tolerance rule
+    verdicts = {v["implementation"]: v for v in report["verdicts"]}
+    assert good["rule"]["agrees"] is True
+    assert verdicts["kernel:my_fp4_kernels:good"]["passed"] is True
+    assert verdicts["kernel:my_fp4_kernels:crashing"]["passed"] is False
+    assert "kernel exploded on purpose" in verdicts["kernel:my_fp4_kernels:crashing"]["text"]
 
 
 def test_scenario_sets():
@@ -562,3 +591,26 @@ def test_default_quick_report_shows_the_findings(tmp_path):
     findings = {f["id"]: f for f in report["summary"]["findings"]}
     assert findings["principles"]["holds"] is True
     assert findings["p_mass"]["holds"] is True
+
+
+def test_inputs_file_adds_a_captured_scenario(tmp_path):
+    rng = np.random.default_rng(0)
+    q, k, v = (rng.standard_normal((1, 2, 16, 32)).astype(np.float32) for _ in range(3))
+    np.savez(tmp_path / "acts.npz", q=q, k=k[:, :1], v=v[:, :1])  # GQA: one kv head
+    out = tmp_path / "captured"
+    code = run_cli(
+        "--out", str(out), "--scenarios", "smoke", "--recipes", "attn-qat",
+        "--inputs", str(tmp_path / "acts.npz"),
+    )
+    assert code == 0
+    report = json.loads((out / "report.json").read_text())
+    assert report["settings"]["scenarios"] == ["smoke", "inputs:acts.npz"]
+    case = case_of(report, "inputs:acts.npz", "attn-qat")
+    assert case["status"] == "ok"
+    # the captured q (rounded to bfloat16) is what ran: O against exact attention recomputed
+    bf16 = [torch.from_numpy(a).bfloat16().double() for a in (q, k[:, :1], v[:, :1])]
+    o_exact = reference.attention_exact(*bf16, causal=False, sm_scale=32**-0.5)
+    fwd = reference.fp4_attention_forward(*(t.float() for t in bf16), "attn-qat", mode="tiled")
+    assert close(case["forward"]["o_vs_exact"]["metrics"]["relative_l2"],
+                 rel_l2(fwd.o, o_exact), rtol=1e-6)
+    assert run_cli("--out", str(tmp_path / "y"), "--inputs", str(tmp_path / "none.npz")) == 2

@@ -121,7 +121,7 @@ def test_zero_blocks_and_below_flush() -> None:
     assert (amax == 0).any() and (amax > 0).any()
     f = generate_tensor(np.random.default_rng(5), (32, 64), "below_flush")
     amax = np.abs(f.reshape(32, 4, 16)).max(axis=-1)
-    threshold = 6 * 2.0**-10  # FP4_FORMATS.md: NVFP4 blocks below this flush to 0
+    threshold = 6 * 2.0**-10  # docs/numerics.md: NVFP4 blocks below this flush to 0
     assert (amax < threshold).any() and (amax > threshold).any()
 
 

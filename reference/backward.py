@@ -1,6 +1,6 @@
 """Backward variants of FP4 attention as explicit formulas of the saved tensors.
 
-ATTN_QAT_MATH.md "Backward variants" (the paper's ablation, arXiv 2603.00040):
+docs/attention-math.md "Backward variants" (the paper's ablation, arXiv 2603.00040):
 
 | variant    | S, P from | dV        | D                 | dP        |
 |------------|-----------|-----------|-------------------|-----------|
@@ -19,6 +19,7 @@ to Q, K, V unchanged. The two STE ground truths are autograd through the fake-qu
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 
 import torch
@@ -62,6 +63,25 @@ def _check(variant, fwd, q, do, causal):
         raise ValueError(f"do shape {tuple(do.shape)} differs from q shape {tuple(q.shape)}")
     if getattr(fwd, "causal", None) is not None and fwd.causal != causal:
         raise ValueError(f"forward was computed with causal={fwd.causal}, backward got {causal}")
+
+
+def _check_matches_forward(fwd, recipe: Recipe, q: torch.Tensor, k: torch.Tensor) -> None:
+    """The backward recomputes from the forward's saved tensors: its recipe and shapes must be
+    the forward's (a different recipe would mix two quantizations silently)."""
+    saved = getattr(fwd, "recipe", None)
+    if saved is not None and saved != recipe:
+        diff = [f.name for f in dataclasses.fields(Recipe)
+                if getattr(saved, f.name) != getattr(recipe, f.name)]
+        raise ValueError(
+            f"forward was computed with recipe {saved.name!r}, backward got {recipe.name!r} "
+            f"(differs in {', '.join(diff)}); pass fwd.recipe"
+        )
+    for name, t, saved_t in (("q", q, fwd.o), ("k", k, fwd.k_hat)):
+        if tuple(t.shape) != tuple(saved_t.shape):
+            raise ValueError(
+                f"{name} shape {tuple(t.shape)} differs from the forward's "
+                f"{tuple(saved_t.shape)}"
+            )
 
 
 def _resolve_sm_scale(fwd, d: int, sm_scale: float | None) -> float:
@@ -115,6 +135,7 @@ def backward_parts(
     """Gradients and intermediates of one backward variant (module docstring has the table)."""
     recipe = get_recipe(recipe)
     _check(variant, fwd, q, do, causal)
+    _check_matches_forward(fwd, recipe, q, k)
     _, h, hkv, lq, lk, d = check_attention_inputs(q, k, v, nan_policy="propagate")
     tau = _resolve_sm_scale(fwd, d, sm_scale)
     if variant == "ste_autograd":
@@ -129,7 +150,7 @@ def backward_parts(
     if variant in ("exact", "drop_in"):
         q_use, k_use, v_use = q.to(acc), k.to(acc), v.to(acc)
     else:
-        # ATTN_QAT_MATH.md principle (1): recompute S from the quantized Q^, K^
+        # docs/attention-math.md principle (1): recompute S from the quantized Q^, K^
         q_use, k_use, v_use = fwd.q_hat, fwd.k_hat, fwd.v_hat
     k_pad = pad_keys(k_use, h, lk_pad)
     v_pad = pad_keys(v_use, h, lk_pad)
@@ -142,13 +163,13 @@ def backward_parts(
         p_dv = p
         o_for_d = p @ v_pad
     elif variant == "drop_in":
-        p = normalized_p(s, fwd.lse)  # ATTN_QAT_MATH.md drop-in: LSE of the FP4 forward
+        p = normalized_p(s, fwd.lse)  # docs/attention-math.md drop-in: LSE of the FP4 forward
         p_dv, o_for_d = p, fwd.o
     else:
         sb = softmax_backward(s, fwd.lse, fwd.m, fwd.l, recipe)
         p = sb.p
         p_dv = sb.p if variant == "p_only" else sb.p_tilde
-        # ATTN_QAT_MATH.md principle (2): D from O_hp
+        # docs/attention-math.md principle (2): D from O_hp
         o_for_d = fwd.o_hp if variant in ("p_only", "attn_qat") else fwd.o
     d_row = (do_a * o_for_d).sum(dim=-1)
     dv = p_dv.transpose(-1, -2) @ do_a
@@ -188,13 +209,15 @@ def d_identity_residual(
     causal: bool = False,
     sm_scale: float | None = None,
 ) -> dict:
-    """Stats of rowsum(dS) (zero when D matches the P used, ATTN_QAT_MATH.md "Why D matters").
+    """Stats of rowsum(dS) (zero when D matches the P used, attention-math.md "The D identity").
 
     Also ``predicted_max_abs`` = max |dO . (O_hp - O)|, the residual drop_in/o_only should show.
     """
     parts = backward_parts(variant, fwd, q, k, v, do, recipe, causal, sm_scale)
     r = parts.ds.sum(dim=-1)
     pred = (do.to(fwd.o.dtype) * (fwd.o_hp - fwd.o)).sum(dim=-1)
+    if r.numel() == 0:  # an empty batch has no residual
+        return {"max_abs": 0.0, "mean_abs": 0.0, "rms": 0.0, "predicted_max_abs": 0.0}
     return {
         "max_abs": float(r.abs().max()),
         "mean_abs": float(r.abs().mean()),

@@ -8,7 +8,7 @@ from fp4sim.reference.p_quant import PQuantized
 from fp4sim.reference.recipes import Recipe
 from fp4sim.reference.softmax import SoftmaxForward, softmax_backward
 
-FP4_CODES = 16  # E2M1: 16 codes (FP4_FORMATS.md)
+FP4_CODES = 16  # E2M1: 16 codes (docs/numerics.md)
 
 
 def code_histogram(codes: torch.Tensor, mask: torch.Tensor | None = None) -> list[int]:
@@ -21,6 +21,12 @@ def _row_mass_kept(p_tilde: torch.Tensor, p: torch.Tensor) -> torch.Tensor:
     """Per row sum P~ / sum P (rows without keys excluded: returned as NaN)."""
     den = p.sum(dim=-1)
     return torch.where(den > 0, p_tilde.sum(dim=-1) / torch.where(den > 0, den, 1.0), torch.nan)
+
+
+def _row_min(kept: torch.Tensor) -> float:
+    """Smallest row of a mass-kept tensor; rows without keys (NaN), and an empty batch, count
+    as 1 (nothing lost)."""
+    return float(torch.nan_to_num(kept, nan=1.0).min()) if kept.numel() else 1.0
 
 
 def _p_block_stats(pq: PQuantized, prefix: str) -> dict:
@@ -41,7 +47,7 @@ def forward_diagnostics(ops, sm: SoftmaxForward, s, lse, visible, recipe: Recipe
     as the forward accumulates them), ``p_mass_kept_fwd_row_min`` its smallest row;
     ``p_mass_kept_bwd`` the same for the backward's P~ against P = exp(S - LSE);
     ``p_code_mismatch_rate`` the fraction of visible P entries whose forward and backward codes
-    differ (ATTN_QAT_MATH.md "STE autograd").
+    differ (docs/attention-math.md "Two placements of the STE").
     """
     out: dict = {}
     for name in ("q", "k", "v"):
@@ -55,7 +61,7 @@ def forward_diagnostics(ops, sm: SoftmaxForward, s, lse, visible, recipe: Recipe
     vis = visible.expand(b, h, lq, lkp)
     kept_fwd = _row_mass_kept(sm.p_tilde, sm.p_hp)
     out["p_mass_kept_fwd"] = float(kept_fwd.nanmean())
-    out["p_mass_kept_fwd_row_min"] = float(torch.nan_to_num(kept_fwd, nan=1.0).min())
+    out["p_mass_kept_fwd_row_min"] = _row_min(kept_fwd)
     if sm.pq is None:
         return out
     codes_fwd = sm.pq.codes.reshape(s.shape)
@@ -64,7 +70,7 @@ def forward_diagnostics(ops, sm: SoftmaxForward, s, lse, visible, recipe: Recipe
     bwd = softmax_backward(s, lse, sm.m, sm.l, recipe)
     kept_bwd = _row_mass_kept(bwd.p_tilde, bwd.p)
     out["p_mass_kept_bwd"] = float(kept_bwd.nanmean())
-    out["p_mass_kept_bwd_row_min"] = float(torch.nan_to_num(kept_bwd, nan=1.0).min())
+    out["p_mass_kept_bwd_row_min"] = _row_min(kept_bwd)
     out.update(_p_block_stats(bwd.pq, "p_bwd"))
     codes_bwd = bwd.pq.codes.reshape(s.shape)
     n_vis = int(vis.sum())

@@ -10,8 +10,13 @@ from fp4sim.reference.masks import causal_visible, check_attention_inputs, expan
 
 
 def default_sm_scale(d: int, sm_scale: float | None) -> float:
-    """Softmax scale tau = 1/sqrt(d) unless given (ATTN_QAT_MATH.md notation)."""
-    return 1.0 / math.sqrt(d) if sm_scale is None else float(sm_scale)
+    """Softmax scale tau = 1/sqrt(d) unless given (docs/attention-math.md notation)."""
+    if sm_scale is None:
+        return 1.0 / math.sqrt(d)
+    value = float(sm_scale)
+    if not math.isfinite(value):  # a NaN/Inf scale would turn every score non-finite
+        raise ValueError(f"sm_scale must be finite, got {sm_scale!r}")
+    return value
 
 
 def attention_exact(

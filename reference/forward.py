@@ -61,7 +61,7 @@ def fp4_attention_forward(
     accum_dtype: torch.dtype | None = torch.float32,
     diagnostics: bool = False,
 ) -> ForwardResult:
-    """FP4 attention forward (ATTN_QAT_MATH.md "Forward"), tiled as a flash kernel or dense.
+    """FP4 attention forward (docs/attention-math.md "Forward"), tiled as a flash kernel or dense.
 
     q (B, H, Lq, d); k, v (B, Hkv, Lk, d). Tiled mode quantizes each key tile's P against the
     running row max; dense mode against the final row max. Keys are padded to a multiple of
@@ -79,7 +79,7 @@ def fp4_attention_forward(
     s = scores(ops.q_hat, pad_keys(ops.k_hat, h, lk_pad), tau, vis)
     sm = softmax_forward(s, recipe, mode)
     v_pad = pad_keys(ops.v_hat, h, lk_pad)
-    # ATTN_QAT_MATH.md step 3-4: acc = sum P~_j V^_j, acc_hp = sum P_j V^_j, O = acc / l
+    # docs/attention-math.md step 3-4: acc = sum P~_j V^_j, acc_hp = sum P_j V^_j, O = acc / l
     o = safe_divide_rows(sm.p_tilde @ v_pad, sm.l)
     o_hp = safe_divide_rows(sm.p_hp @ v_pad, sm.l)
     lse = log_sum_exp(sm.m, sm.l)

@@ -26,17 +26,21 @@ def check_attention_inputs(
         raise ValueError(f"batch sizes differ: q {b}, k/v {bk}")
     if dk != d:
         raise ValueError(f"head dims differ: q {d}, k/v {dk}")
-    if hkv == 0 or h % hkv:
+    # B = 0 or H = Hkv = 0 is an empty batch: every result is empty (callers return early).
+    if (hkv == 0 and h != 0) or (hkv and h % hkv):
         raise ValueError(f"Hkv={hkv} must divide H={h} (grouped-query attention)")
     if lq == 0 or lk == 0 or d == 0:
         raise ValueError(f"empty attention: Lq={lq}, Lk={lk}, d={d}")
     if not (q.device == k.device == v.device):
         raise ValueError("q, k, v must be on the same device")
     if nan_policy == "raise":
+        # 'raise' rejects every non-finite input: an Inf score gives NaN rows just like a NaN.
         for name, t in (("q", q), ("k", k), ("v", v)):
-            if torch.isnan(t).any():
+            if not torch.isfinite(t).all():
+                what = "NaN" if torch.isnan(t).any() else "Inf"
                 raise ValueError(
-                    f"{name} contains NaN; the recipe's nan_policy='raise' forbids it"
+                    f"{name} contains {what}; the recipe's nan_policy='raise' forbids "
+                    "non-finite inputs (use nan_policy='propagate' to let them through)"
                 )
     return b, h, hkv, lq, lk, d
 
@@ -60,12 +64,14 @@ def visible_mask(lq: int, lk: int, lk_padded: int, causal: bool, device=None) ->
 
 def expand_kv(x: torch.Tensor, num_heads: int) -> torch.Tensor:
     """(B, Hkv, L, d) -> (B, H, L, d): query head h reads kv head h // (H // Hkv)."""
-    group = num_heads // x.shape[1]
-    return x if group == 1 else x.repeat_interleave(group, dim=1)
+    if x.shape[1] == num_heads:  # also H = Hkv = 0 (an empty batch of heads)
+        return x
+    return x.repeat_interleave(num_heads // x.shape[1], dim=1)
 
 
 def reduce_kv(dx: torch.Tensor, num_kv_heads: int) -> torch.Tensor:
     """(B, H, L, d) -> (B, Hkv, L, d): sum gradients over each query-head group."""
     b, h, length, d = dx.shape
-    group = h // num_kv_heads
-    return dx if group == 1 else dx.reshape(b, num_kv_heads, group, length, d).sum(dim=2)
+    if h == num_kv_heads:  # also H = Hkv = 0
+        return dx
+    return dx.reshape(b, num_kv_heads, h // num_kv_heads, length, d).sum(dim=2)

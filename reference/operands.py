@@ -33,7 +33,7 @@ def _quantize_operand(
         raise ValueError(
             f"{name}: {what}={n} must be a multiple of the {spec.fmt} block size {spec.block}"
         )
-    # FP4_FORMATS.md: every quantizer works on the float32 value
+    # docs/numerics.md: every quantizer works on the float32 value
     return quantize_torch_full(x.to(torch.float32), spec.fmt, axis, pad=pad, **spec.settings())
 
 

@@ -1,15 +1,15 @@
 """Quantization of the attention probabilities P under each P policy, on key tiles.
 
 P arrives as tiles of shape (B, H, Lq, T, block_n) (T key tiles of ``block_n`` keys each).
-Scale groups (ATTN_QAT_MATH.md "Forward" step 3, FP4_FORMATS.md):
+Scale groups (docs/attention-math.md "Forward" step 3, docs/numerics.md):
 
 * ``block`` / ``consistent``: FP4 blocks (16 NVFP4 / 32 MXFP4) along keys, block scale from the
   block amax, no tensor scale.
 * ``two_level``: per row segment of a tile (one query row, ``block_n`` keys),
   ``s1 = rowmax / (448 * 6)``; NVFP4 on ``P / s1``; dequantized values times ``s1``
-  (FP4_FORMATS.md "Two-level P quantization").
+  (docs/numerics.md "Two-level P quantization").
 * ``tile_global``: one NVFP4 tensor scale per (``block_m`` query rows x ``block_n`` keys) tile,
-  ``s_t = amax_tile / (448 * 6)``, then NVFP4 blocks with that tensor scale (FP4_FORMATS.md NVFP4).
+  ``s_t = amax_tile / (448 * 6)``, then NVFP4 blocks with that tensor scale (numerics.md NVFP4).
 
 A scale group whose amax is 0 (all masked or padded) quantizes to codes 0 and value 0. One
 deliberate divergence from ``fp4sim.quantize_two_level``: a nonzero row max whose
@@ -88,7 +88,7 @@ def quantize_p_tiles(
             q = nvfp4_blocks(blocks, None, **_nvfp4_kwargs(spec))
         return _finish(q, blocks, shape, dtype)
     if policy == "two_level":
-        # FP4_FORMATS.md two-level: s1 = rowmax(P_r) / (448 * 6), per row segment of a tile
+        # docs/numerics.md two-level: s1 = rowmax(P_r) / (448 * 6), per row segment of a tile
         rowmax = p32.abs().amax(dim=-1, keepdim=True)
         s1 = true_divide(rowmax, E4M3_MAX * E2M1_MAX)
         # zero rows get s1 = 1 (as fp4sim); so do rows whose s1 underflows (module docstring)
@@ -103,7 +103,7 @@ def quantize_p_tiles(
         rt = padded.shape[2] // block_m
         tiles = padded.reshape(b, h, rt, block_m, t, bn)
         amax = tiles.abs().amax(dim=(3, 5), keepdim=True)  # (b, h, rt, 1, t, 1)
-        # FP4_FORMATS.md: s_t = amax / (448 * 6) per tile (1 for an all-zero tile, as fp4sim)
+        # docs/numerics.md: s_t = amax / (448 * 6) per tile (1 for an all-zero tile, as fp4sim)
         ts = tensor_scale_from_amax(amax)
         blocks = _blocked(padded, blk)  # (b, h, rows, t, bn/blk, blk)
         ts_blocks = ts.reshape(b, h, rt, 1, t, 1).expand(b, h, rt, block_m, t, 1)

@@ -1,22 +1,23 @@
 """FP4 quantizers written in torch ops, bit-exact with the NumPy emulator ``fp4sim``.
 
 Everything is vectorized (no Python loops over data) and runs on CPU and CUDA.
-Inputs are cast to float32 first: the rules below are float32 rules (FP4_FORMATS.md).
+Inputs are cast to float32 first: the rules below are float32 rules (docs/numerics.md).
 Independent of ``fp4sim``'s code on purpose; ``property_tests/test_reference_quant.py``
 compares codes and scale bytes with ``fp4sim.quantize`` on every drawn input.
 """
 
 from __future__ import annotations
 
+import numbers
 from dataclasses import dataclass
 
 import torch
 
-E2M1_MAX = 6.0  # FP4_FORMATS.md: largest E2M1 magnitude
-E4M3_MAX = 448.0  # FP4_FORMATS.md: E4M3 "fn" max
-E4M3_MIN_NORMAL = 2.0**-6  # FP4_FORMATS.md: E4M3 min normal
-NVFP4_BLOCK = 16  # FP4_FORMATS.md: NVFP4 block size
-MXFP4_BLOCK = 32  # FP4_FORMATS.md: MXFP4 block size (OCP MX v1.0 section 6.3)
+E2M1_MAX = 6.0  # docs/numerics.md: largest E2M1 magnitude
+E4M3_MAX = 448.0  # docs/numerics.md: E4M3 "fn" max
+E4M3_MIN_NORMAL = 2.0**-6  # docs/numerics.md: E4M3 min normal
+NVFP4_BLOCK = 16  # docs/numerics.md: NVFP4 block size
+MXFP4_BLOCK = 32  # docs/numerics.md: MXFP4 block size (OCP MX v1.0 section 6.3)
 BLOCK_SIZES = {"nvfp4": NVFP4_BLOCK, "mxfp4": MXFP4_BLOCK}
 
 _E2M1_MAGNITUDES = (0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0)  # OCP MX v1.0 section 5.3.3
@@ -71,7 +72,7 @@ def true_divide(x: torch.Tensor, c: float) -> torch.Tensor:
     """Correctly rounded ``x / c`` on every device.
 
     CUDA turns division by a CPU scalar into multiplication by its reciprocal, which changes
-    results on rounding ties (FP4_FORMATS.md: amax/6 vs amax*(1/6) are different rules); a
+    results on rounding ties (docs/numerics.md: amax/6 vs amax*(1/6) are different rules); a
     0-dim tensor on x's device takes the ordinary division kernel.
     """
     return x / torch.tensor(c, dtype=x.dtype, device=x.device)
@@ -92,7 +93,7 @@ def e2m1_encode_torch(x: torch.Tensor, nan: str = "ptx") -> torch.Tensor:
         raise ValueError(f"nan must be 'ptx' or 'ml_dtypes', got {nan!r}")
     x = x.to(torch.float32)
     a = x.abs()
-    # OCP MX v1.0 5.3.3 / FP4_FORMATS.md: RNE thresholds; ties go to 0, 1, 2, 4 (even codes).
+    # OCP MX v1.0 5.3.3 / docs/numerics.md: RNE thresholds; ties go to 0, 1, 2, 4 (even codes).
     mag = (
         (a > 0.25).to(torch.uint8)
         + (a >= 0.75).to(torch.uint8)
@@ -100,14 +101,14 @@ def e2m1_encode_torch(x: torch.Tensor, nan: str = "ptx") -> torch.Tensor:
         + (a >= 1.75).to(torch.uint8)
         + (a > 2.5).to(torch.uint8)
         + (a >= 3.5).to(torch.uint8)
-        + (a > 5.0).to(torch.uint8)  # FP4_FORMATS.md: satfinite, |x| > 6 and Inf give 6
+        + (a > 5.0).to(torch.uint8)  # docs/numerics.md: satfinite, |x| > 6 and Inf give 6
     )
     sign = _sign_bit(x)
-    codes = mag | (sign.to(torch.uint8) << 3)  # FP4_FORMATS.md: negatives rounding to 0 keep sign
+    codes = mag | (sign.to(torch.uint8) << 3)  # docs/numerics.md: negatives rounding to 0 keep sign
     if nan == "ptx":
-        nan_codes = torch.full_like(codes, 7)  # FP4_FORMATS.md: PTX cvt gives +6 for NaN
+        nan_codes = torch.full_like(codes, 7)  # docs/numerics.md: PTX cvt gives +6 for NaN
     else:
-        # FP4_FORMATS.md: ml_dtypes gives zero with the sign flipped
+        # docs/numerics.md: ml_dtypes gives zero with the sign flipped
         nan_codes = torch.where(sign, 0, 8).to(torch.uint8)
     return torch.where(torch.isnan(x), nan_codes, codes)
 
@@ -123,17 +124,17 @@ def e4m3_encode_torch(x: torch.Tensor) -> torch.Tensor:
     """E4M3 "fn" bytes of ``x``: RNE, saturating to 448 (Inf too); NaN gives 0x7F."""
     x = x.to(torch.float32)
     sign = _sign_bit(x)
-    a = x.abs().clamp(max=E4M3_MAX)  # FP4_FORMATS.md: clamp to 448 before casting
+    a = x.abs().clamp(max=E4M3_MAX)  # docs/numerics.md: clamp to 448 before casting
     bits = a.contiguous().view(torch.int32)
     # Normal range: round the 23-bit mantissa to 3 bits, ties to even; a carry bumps the exponent.
     lsb = (bits >> 20) & 1
     rounded = (bits + 0x7FFFF + lsb) >> 20
-    normal = rounded - ((127 - 7) << 3)  # FP4_FORMATS.md: E4M3 exponent bias 7
+    normal = rounded - ((127 - 7) << 3)  # docs/numerics.md: E4M3 exponent bias 7
     # Subnormals: multiples of 2^-9; a * 2^9 is exact, torch.round is half-to-even.
     sub = torch.round(a * 512.0).to(torch.int32)
     code = torch.where(a < E4M3_MIN_NORMAL, sub, normal)
     code = code | (sign.to(torch.int32) << 7)
-    code = torch.where(torch.isnan(x), 0x7F, code)  # FP4_FORMATS.md: 0x7F is NaN
+    code = torch.where(torch.isnan(x), 0x7F, code)  # docs/numerics.md: 0x7F is NaN
     return code.to(torch.uint8)
 
 
@@ -155,7 +156,7 @@ def e4m3_decode_torch(bits: torch.Tensor) -> torch.Tensor:
 
 
 def e8m0_decode_torch(bits: torch.Tensor) -> torch.Tensor:
-    """float32 values 2^(b-127) of E8M0 bytes; 0xFF is NaN (FP4_FORMATS.md)."""
+    """float32 values 2^(b-127) of E8M0 bytes; 0xFF is NaN (docs/numerics.md)."""
     return _pow2_float32(bits.to(torch.int32) - 127, nan_mask=bits == 0xFF)
 
 
@@ -187,12 +188,41 @@ def _move_block_axis(x: torch.Tensor, axis: int, block: int, pad: bool) -> tuple
 
 
 def _restore(blocks: torch.Tensor, axis: int, ndim: int, n: int) -> torch.Tensor:
-    flat = blocks.reshape(*blocks.shape[:-2], -1)[..., :n]
+    # explicit length, not -1: an empty tensor cannot infer it
+    flat = blocks.reshape(*blocks.shape[:-2], blocks.shape[-2] * blocks.shape[-1])[..., :n]
     return torch.movedim(flat, -1, axis % ndim)
 
 
 def _restore_scales(s: torch.Tensor, axis: int, ndim: int) -> torch.Tensor:
     return torch.movedim(s, -1, axis % ndim)
+
+
+def _check_input(x: torch.Tensor, axis: int) -> int:
+    """Reject what the emulator rejects (non-float input, an axis out of range) instead of
+    converting or wrapping it silently; returns the axis in [0, ndim)."""
+    if not isinstance(x, torch.Tensor):
+        raise TypeError(f"x must be a torch.Tensor, got {type(x).__name__}")
+    if not x.is_floating_point():
+        raise TypeError(f"x must be a floating-point tensor, got dtype {x.dtype}")
+    if not isinstance(axis, int) or isinstance(axis, bool):
+        raise TypeError(f"axis must be an int, got {type(axis).__name__}")
+    if x.dim() == 0:
+        raise ValueError("cannot block-quantize a scalar")
+    if not -x.dim() <= axis < x.dim():
+        raise ValueError(f"axis={axis} is out of range for a tensor with {x.dim()} dimensions")
+    return axis % x.dim()
+
+
+def _check_tensor_scale(value) -> float | str | None:
+    """None, 'amax', or a finite float32 value > 0 (docs/numerics.md: s_tensor > 0)."""
+    if value is None or value == "amax":
+        return value
+    if isinstance(value, (str, bool)) or not isinstance(value, numbers.Real):
+        raise ValueError(f"tensor_scale must be None, 'amax' or a float: {value!r}")
+    v32 = torch.tensor(float(value), dtype=torch.float32)
+    if not (torch.isfinite(v32) and v32 > 0):
+        raise ValueError(f"tensor_scale must be finite and > 0 in float32, got {value!r}")
+    return value
 
 
 def _check_settings(fmt: str, settings: dict) -> dict:
@@ -207,6 +237,11 @@ def _check_settings(fmt: str, settings: dict) -> dict:
         raise NotImplementedError("quantize_torch implements rounding='rne' only")
     if full["nan"] not in ("ptx", "ml_dtypes"):
         raise ValueError(f"nan must be 'ptx' or 'ml_dtypes', got {full['nan']!r}")
+    for name in ("pad", "scale_lower_clamp"):
+        if name in full and not isinstance(full[name], bool):
+            raise TypeError(f"{name} must be a bool, got {full[name]!r}")
+    if "tensor_scale" in full:
+        _check_tensor_scale(full["tensor_scale"])
     return full
 
 
@@ -230,22 +265,22 @@ def nvfp4_blocks(
     nanblock = torch.isnan(blocks).any(dim=-1)
     amax = torch.where(nanblock, float("nan"), _saturate_inf(amax))
     if scale_amax_op == "divide":
-        s = true_divide(amax, 6.0)  # FP4_FORMATS.md: block scale amax/6 (float32 division)
+        s = true_divide(amax, 6.0)  # docs/numerics.md: block scale amax/6 (float32 division)
     elif scale_amax_op == "reciprocal":
-        # FP4_FORMATS.md: amax * float32(1/6)
+        # docs/numerics.md: amax * float32(1/6)
         s = amax * torch.tensor(1.0 / 6.0, dtype=torch.float32, device=amax.device)
     else:
         raise ValueError(f"scale_amax_op must be 'divide' or 'reciprocal', got {scale_amax_op!r}")
     if tensor_scale is not None:
-        s = s / tensor_scale  # FP4_FORMATS.md: s_block = E4M3(amax/6/s_tensor)
+        s = s / tensor_scale  # docs/numerics.md: s_block = E4M3(amax/6/s_tensor)
     if scale_lower_clamp:
-        s = torch.clamp(s, min=E4M3_MIN_NORMAL)  # FP4_FORMATS.md: optional clamp to 2^-6
+        s = torch.clamp(s, min=E4M3_MIN_NORMAL)  # docs/numerics.md: optional clamp to 2^-6
     scale_bits = e4m3_encode_torch(s)
     scales = e4m3_decode_torch(scale_bits)
     total = scales if tensor_scale is None else scales * tensor_scale
     total_e = total.unsqueeze(-1)
     if scale_op == "reciprocal":
-        scaled = blocks * reciprocal(total_e)  # FP4_FORMATS.md: x * (1/s) default
+        scaled = blocks * reciprocal(total_e)  # docs/numerics.md: x * (1/s) default
     elif scale_op == "divide":
         scaled = blocks / total_e
     else:
@@ -294,7 +329,7 @@ def _f32_bits(x: torch.Tensor) -> torch.Tensor:
 
 
 def _saturate_inf(amax: torch.Tensor) -> torch.Tensor:
-    """+Inf amax counts as the largest finite float32 (FP4_FORMATS.md: Inf saturates)."""
+    """+Inf amax counts as the largest finite float32 (docs/numerics.md: Inf saturates)."""
     return torch.where(torch.isinf(amax), torch.finfo(torch.float32).max, amax)
 
 
@@ -302,15 +337,15 @@ def mx_scale_bytes(amax: torch.Tensor, rule: str) -> torch.Tensor:
     """E8M0 scale bytes (int64, NaN not handled) of float32 block amax under an MX rule."""
     a = _saturate_inf(amax)
     if rule == "rceil":
-        # FP4_FORMATS.md: ceil(log2(amax / 6)) on the float32 quotient (PTX cvt.rp ue8m0)
+        # docs/numerics.md: ceil(log2(amax / 6)) on the float32 quotient (PTX cvt.rp ue8m0)
         byte = _biased_log2(_f32_bits(true_divide(a, 6.0)), ceil=True)
     elif rule == "floor":
         byte = _biased_log2(_f32_bits(a), ceil=False) - 2  # OCP MX 6.3: floor(log2 amax) - 2
     elif rule == "even":
-        # FP4_FORMATS.md "even": round amax to one mantissa bit (add 2^21 to the pattern)
+        # docs/numerics.md "even": round amax to one mantissa bit (add 2^21 to the pattern)
         byte = _biased_log2(_f32_bits(a).to(torch.int64) + (1 << 21), ceil=False) - 2
     elif rule == "ceil":
-        byte = _biased_log2(_f32_bits(a), ceil=True) - 2  # FP4_FORMATS.md: ceil(log2 amax) - 2
+        byte = _biased_log2(_f32_bits(a), ceil=True) - 2  # docs/numerics.md: ceil(log2 amax) - 2
     else:
         raise ValueError(f"scale_rule must be 'rceil', 'floor', 'even' or 'ceil', got {rule!r}")
     return byte.clamp(0, 254)
@@ -341,13 +376,13 @@ def _positive_nan(x: torch.Tensor) -> torch.Tensor:
 
 
 def _flushed(amax: torch.Tensor, s_eff: torch.Tensor, scaled_max: torch.Tensor) -> torch.Tensor:
-    """Blocks with a nonzero finite amax whose values all dequantize to 0 (FP4_FORMATS.md)."""
+    """Blocks with a nonzero finite amax whose values all dequantize to 0 (docs/numerics.md)."""
     usable = ~torch.isnan(amax) & torch.isfinite(s_eff) & (s_eff > 0)
     return (amax > 0) & torch.isfinite(amax) & ((s_eff == 0) | (usable & (scaled_max <= 0.25)))
 
 
 def tensor_scale_from_amax(amax: torch.Tensor) -> torch.Tensor:
-    """NVFP4 tensor scale float32(amax_tensor / (448 * 6)) (FP4_FORMATS.md); an all-zero
+    """NVFP4 tensor scale float32(amax_tensor / (448 * 6)) (docs/numerics.md); an all-zero
     tensor gets 1, Inf counts as the largest float32, NaN gives NaN (every block NaN)."""
     a = _saturate_inf(amax.to(torch.float32))
     return torch.where(a == 0, 1.0, true_divide(a, E4M3_MAX * E2M1_MAX))
@@ -358,6 +393,7 @@ def quantize_torch_full(x: torch.Tensor, fmt="nvfp4", axis: int = -1, **settings
     fmt = _check_fmt(fmt)
     full = _check_settings(fmt, settings)
     blk = BLOCK_SIZES[fmt]
+    axis = _check_input(x, axis)
     x32 = x.to(torch.float32)
     blocks, n = _move_block_axis(x32, axis, blk, full["pad"])
     if fmt == "nvfp4":
@@ -367,7 +403,9 @@ def quantize_torch_full(x: torch.Tensor, fmt="nvfp4", axis: int = -1, **settings
         elif isinstance(ts_setting, str):
             if ts_setting != "amax":
                 raise ValueError(f"tensor_scale must be None, 'amax' or a float: {ts_setting!r}")
-            ts = tensor_scale_from_amax(x32.abs().amax())
+            # an empty tensor has amax 0 (tensor scale 1), as in fp4sim.quantize
+            amax = x32.abs().amax() if x32.numel() else x32.new_zeros(())
+            ts = tensor_scale_from_amax(amax)
         else:
             ts = torch.tensor(float(ts_setting), dtype=torch.float32, device=x.device)
         q = nvfp4_blocks(

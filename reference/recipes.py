@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import math
 from dataclasses import dataclass
 
 from fp4sim.reference.quant_torch import BLOCK_SIZES
@@ -13,6 +14,15 @@ BACKWARD_VARIANTS = (
 )
 V_AXES = ("head_dim", "keys")
 NAN_POLICIES = ("raise", "propagate")
+
+
+_SETTING_CHOICES = {
+    "scale_op": ("reciprocal", "divide"),
+    "scale_amax_op": ("divide", "reciprocal"),
+    "zero_scale_codes": ("zeros", "reciprocal"),
+    "nan": ("ptx", "ml_dtypes"),
+}
+_NVFP4_ONLY = ("scale_op", "scale_amax_op", "scale_lower_clamp", "zero_scale_codes")
 
 
 @dataclass(frozen=True)
@@ -39,6 +49,22 @@ class QuantSpec:
             self.tensor_scale == "amax" or isinstance(self.tensor_scale, float)
         ):
             raise ValueError(f"tensor_scale must be None, 'amax' or a float: {self.tensor_scale!r}")
+        if isinstance(self.tensor_scale, float) and not 0 < self.tensor_scale < math.inf:
+            raise ValueError(f"tensor_scale must be finite and > 0, got {self.tensor_scale!r}")
+        for name, allowed in _SETTING_CHOICES.items():
+            if getattr(self, name) not in allowed:
+                raise ValueError(f"QuantSpec.{name} must be one of {allowed}, "
+                                 f"got {getattr(self, name)!r}")
+        if not isinstance(self.scale_lower_clamp, bool):
+            raise TypeError(f"QuantSpec.scale_lower_clamp must be a bool, "
+                            f"got {self.scale_lower_clamp!r}")
+        # A setting of the other format would be dropped by settings(): reject it instead
+        # (as fp4sim.QuantizeSettings.check_format does).
+        defaults = {f.name: f.default for f in dataclasses.fields(QuantSpec)}
+        ignored = _NVFP4_ONLY if self.fmt == "mxfp4" else ("scale_rule",)
+        changed = [n for n in ignored if getattr(self, n) != defaults[n]]
+        if changed:
+            raise ValueError(f"QuantSpec setting(s) {changed} do not apply to {self.fmt}")
 
     @property
     def block(self) -> int:
@@ -75,7 +101,7 @@ class Recipe:
     product needs); P along keys in tiles of ``block_n`` keys (and ``block_m`` query rows for the
     ``tile_global`` policy). ``backward`` is the default backward variant. ``v_pad_keys``: pad V
     with zero keys up to a block multiple when blocked along keys (else an error at call time).
-    ``nan_policy``: 'raise' (NaN input raises ValueError) or 'propagate'.
+    ``nan_policy``: 'raise' (NaN or Inf input raises ValueError) or 'propagate'.
     """
 
     name: str = "custom"
@@ -120,7 +146,7 @@ class Recipe:
                 raise ValueError(f"p_policy {self.p_policy!r} needs an NVFP4 P format")
         for field in ("block_n", "block_m"):
             val = getattr(self, field)
-            if not isinstance(val, int) or val <= 0:
+            if not isinstance(val, int) or isinstance(val, bool) or val <= 0:
                 raise ValueError(f"Recipe.{field} must be a positive int, got {val!r}")
         blocks = [s.block for s in (self.p,) if s is not None]
         if self.v is not None and self.v_axis == "keys":
@@ -163,6 +189,22 @@ PRESETS: dict[str, Recipe] = {
     ),
     "infer-mxfp4": Recipe(
         name="infer-mxfp4", q=MXFP4, k=MXFP4, v=MXFP4, p=MXFP4, v_axis="keys", p_policy="block"
+    ),
+    # FastVideo attn_qat_train (github.com/hao-ai-lab/FastVideo @2f3d4074, fastvideo-kernel/
+    # python/fastvideo_kernel/triton_kernels/attn_qat_train.py) with its training backend's flags
+    # (fastvideo/attention/backends/attn_qat_train.py:75-90): plain NVFP4 blocks for Q, K, V
+    # along d and for P along keys (nvfp4_utils.py:54-58: E4M3(amax/6), data x * (1/s)); the
+    # forward walks 32-key tiles on its Hopper path (attn_qat_train.py:1169), so P is quantized
+    # against a running max updated every 32 keys; l sums the unquantized P (:153); the
+    # backward re-quantizes the normalized P for dV (:497) and takes D from O_hp (:1308).
+    "fastvideo-attn-qat": dataclasses.replace(_ATTN_QAT, name="fastvideo-attn-qat", block_n=32),
+    # FastVideo attn_qat_infer (same commit, fastvideo-kernel/attn_qat_infer/): V blocked
+    # along keys (quantization/fp4_quantization_4d.cu:266), single-level P blocks (api.py:163)
+    # against a running max over 128-key tiles (blackwell/block_config.h:26). Not expressed:
+    # its P data is divided by the unrounded block scale (blackwell/softmax_fused.h:142-151).
+    "fastvideo-attn-qat-infer": Recipe(
+        name="fastvideo-attn-qat-infer", q=NVFP4, k=NVFP4, v=NVFP4, p=NVFP4, v_axis="keys",
+        p_policy="block", block_n=128,
     ),
 }
 RECIPE_NAMES: tuple[str, ...] = tuple(PRESETS)

@@ -2,7 +2,7 @@
 
 A flash kernel walks key tiles j = 0..T-1 keeping a running row max ``m``. Its tile-j
 probabilities are ``P_j = exp(S_j - m_j)`` with ``m_j = max(m_{j-1}, rowmax S_j)``, i.e. the
-cumulative max of the tile maxima (ATTN_QAT_MATH.md "Forward" step 3). Every accumulator is
+cumulative max of the tile maxima (docs/attention-math.md "Forward" step 3). Every accumulator is
 later rescaled by ``exp(m_j - m_final)``, so the kernel's final sums equal
 ``sum_j exp(m_j - m_final) * (tile-j term)``; this module computes all tiles at once that way.
 ``dense`` mode uses ``m_j = m_final`` for every tile (no running-max effect); with one tile
@@ -29,7 +29,7 @@ def padded_length(lk: int, block_n: int) -> int:
 def scores(
     q_hat: torch.Tensor, k_pad: torch.Tensor, sm_scale: float, visible: torch.Tensor
 ) -> torch.Tensor:
-    """S = tau Q K^T with invisible (causal or padded) keys at -inf (ATTN_QAT_MATH.md)."""
+    """S = tau Q K^T with invisible (causal or padded) keys at -inf (docs/attention-math.md)."""
     s = sm_scale * (q_hat @ k_pad.transpose(-1, -2))
     return s.masked_fill(~visible, NEG_INF)
 
@@ -75,13 +75,13 @@ def softmax_forward(s: torch.Tensor, recipe: Recipe, mode: str) -> SoftmaxForwar
         # dense mode, and the consistent policy's second pass: every tile against m_final
         m_tiles = m.unsqueeze(-1).expand_as(tile_max)
     p_t = torch.exp(s_t - _finite_or(m_tiles, 0.0).unsqueeze(-1))
-    # ATTN_QAT_MATH.md step 3: accumulators rescaled by exp(m_j - m_final)
+    # docs/attention-math.md step 3: accumulators rescaled by exp(m_j - m_final)
     rescale = torch.where(
         torch.isfinite(m_tiles),
         torch.exp(m_tiles - _finite_or(m, 0.0).unsqueeze(-1)),
         torch.zeros_like(m_tiles),
     ).unsqueeze(-1)
-    # ATTN_QAT_MATH.md step 3: l accumulates the high-precision P
+    # docs/attention-math.md step 3: l accumulates the high-precision P
     l = (p_t.sum(dim=-1) * rescale.squeeze(-1)).sum(dim=-1)
     if recipe.p is None:
         pq = None
@@ -108,7 +108,7 @@ def safe_divide_rows(x: torch.Tensor, l: torch.Tensor) -> torch.Tensor:
 
 
 def log_sum_exp(m: torch.Tensor, l: torch.Tensor) -> torch.Tensor:
-    """LSE = m + log l (ATTN_QAT_MATH.md step 4); -inf for rows without keys."""
+    """LSE = m + log l (docs/attention-math.md step 4); -inf for rows without keys."""
     empty = l == 0
     return torch.where(empty, NEG_INF, m + torch.log(torch.where(empty, torch.ones_like(l), l)))
 
@@ -124,7 +124,7 @@ class SoftmaxBackward:
 
 
 def normalized_p(s: torch.Tensor, lse: torch.Tensor) -> torch.Tensor:
-    """P = exp(S - LSE) (ATTN_QAT_MATH.md "Backward variants"); rows without keys give 0."""
+    """P = exp(S - LSE) (docs/attention-math.md "Backward variants"); rows without keys give 0."""
     p = torch.exp(s - _finite_or(lse, 0.0).unsqueeze(-1))
     return torch.where(torch.isfinite(lse).unsqueeze(-1), p, 0.0)
 
@@ -143,7 +143,7 @@ def softmax_backward(
         pq = quantize_p_tiles(_tiles(e, bn), recipe.p, "consistent", recipe.block_m)
         p_tilde = safe_divide_rows(pq.values.reshape(s.shape), l)
     else:
-        # ATTN_QAT_MATH.md principle (1): P~ = FQ_P(P) of the normalized P
+        # docs/attention-math.md principle (1): P~ = FQ_P(P) of the normalized P
         pq = quantize_p_tiles(_tiles(p, bn), recipe.p, recipe.p_policy, recipe.block_m)
         p_tilde = pq.values.reshape(s.shape)
     return SoftmaxBackward(p=p, p_tilde=p_tilde, pq=pq)

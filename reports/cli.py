@@ -1,13 +1,21 @@
 """``fp4sim report``: the FP4 attention error and gradient-error report.
 
     fp4sim report [--out DIR] [--overwrite] [--device cpu|cuda] [--recipes R ...]
-                  [--kernel MODULE:ATTR ...] [--scenarios S ...] [--quick | --full]
-                  [--seed N] [--fail-on METRIC<=BOUND ...]
+                  [--scenarios S ...] [--quick | --full] [--seed N] [--fail-on METRIC<=BOUND ...]
+                  [--kernel MODULE:ATTR ...] [--kernel-dtype DTYPE ...] [--timeout SECONDS]
+                  [--claims RECIPE] [--no-gqa ...] [--inputs FILE]
 
-Writes ``index.html``, ``report.json`` and ``summary.md`` into ``--out`` (atomically;
-an existing folder only with ``--overwrite``). Progress goes to stderr. Exit codes:
-0 all cases ran and every threshold holds, 1 a case crashed or a threshold is broken
-(the report is still written), 2 usage error (unknown names, existing folder, ...).
+External kernels are loaded and run through ``fp4sim.harness`` (the loader and options of
+``fp4sim check``), each in a worker process: a hang or a crash fails only its cases.
+
+The pipeline runs once, in order: validate every argument (before any work), compute the
+cases, analyse them (ranking, findings, thresholds, kernel verdicts), validate the report,
+render ``index.html`` and ``summary.md``, write the folder (atomically; an existing folder
+only with ``--overwrite``). Progress goes to stderr. Exit codes (the rule of every fp4sim
+command): 0 all cases ran, every threshold holds and every kernel's verdict passes;
+1 a case failed to run (exception, time-out, crash), a threshold is broken, or a kernel
+disagrees with its recipe or returns NaN/Inf where the reference is finite (the report is
+still written); 2 usage error, reported in one line before any work.
 """
 
 from __future__ import annotations
@@ -17,14 +25,30 @@ import sys
 import time
 from typing import Any
 
-from fp4sim.reports.scenarios import ALL_SCENARIOS, FULL_SCENARIOS, QUICK_SCENARIOS
+import torch
+
+from fp4sim import reference
+from fp4sim.harness import (
+    KernelWorker,
+    UsageError,
+    add_kernel_options,
+    kernel_spec_from_args,
+    load_inputs_file,
+)
+from fp4sim.reports import document, runner, schema, summary
+from fp4sim.reports.output import ReportFolderError, check_output_folder, write_report_folder
+from fp4sim.reports.scenarios import (
+    ALL_SCENARIOS,
+    FULL_SCENARIOS,
+    QUICK_SCENARIOS,
+    get_scenario,
+    inputs_scenario,
+)
 
 QUICK_RECIPES = ("attn-qat", "attn-qat-consistent")
 
 
 def configure_parser(parser: argparse.ArgumentParser) -> None:
-    from fp4sim.reports.summary import THRESHOLD_METRICS
-
     parser.add_argument(
         "--out", default="fp4sim-report", help="output folder (default: %(default)s)"
     )
@@ -37,20 +61,15 @@ def configure_parser(parser: argparse.ArgumentParser) -> None:
         "--device",
         default="cpu",
         choices=("cpu", "cuda"),
-        help="where the reference (and kernels) run; cuda adds the Triton kernels",
+        help="where the reference and kernels run; cuda adds the project's Triton kernels "
+        "(default: %(default)s)",
     )
     parser.add_argument(
         "--recipes",
         nargs="+",
         metavar="RECIPE",
-        help=f"recipes to evaluate (default: {' '.join(QUICK_RECIPES)}; with --full: all)",
-    )
-    parser.add_argument(
-        "--kernel",
-        action="append",
-        default=[],
-        metavar="MODULE:ATTR",
-        help="an external kernel fn(q, k, v, causal, sm_scale) -> o with autograd (repeatable)",
+        help=f"recipes to evaluate (default: {' '.join(QUICK_RECIPES)}; with --full: all; a "
+        "recipe a kernel claims is added)",
     )
     parser.add_argument(
         "--scenarios",
@@ -64,7 +83,7 @@ def configure_parser(parser: argparse.ArgumentParser) -> None:
         dest="preset",
         action="store_const",
         const="quick",
-        help="the embedded default set (a few minutes on a 2-core CPU)",
+        help="the embedded default set (about 40 s on an idle 2-core CPU, without --kernel)",
     )
     preset.add_argument(
         "--full",
@@ -74,30 +93,56 @@ def configure_parser(parser: argparse.ArgumentParser) -> None:
         help="more strengths, lengths and head dims, and every recipe",
     )
     parser.set_defaults(preset="quick")
-    parser.add_argument("--seed", type=int, default=0, help="input seed (default: %(default)s)")
+    parser.add_argument(
+        "--seed", type=int, default=0, help="input seed, >= 0 (default: %(default)s)"
+    )
     parser.add_argument(
         "--fail-on",
         action="append",
         default=[],
         metavar="METRIC<=BOUND",
         help="exit 1 if the worst case breaks the bound; METRIC[@RECIPE]<=X or >=X; "
-        f"metrics: {', '.join(THRESHOLD_METRICS)}",
+        f"metrics: {', '.join(summary.THRESHOLD_METRICS)}",
+    )
+    add_kernel_options(parser, what="attention", repeatable=True)
+    parser.epilog = (
+        "External kernels (--kernel, repeatable) run in a worker process at each "
+        "--kernel-dtype (default: bfloat16 if the kernel takes it, else its first declared "
+        "dtype); each gets a verdict against the recipe it claims (--claims or its "
+        "fp4sim_spec) or, unclaimed, the recipe it matches best. Exit 0 ok, 1 a case failed, "
+        "a threshold broke or a kernel's verdict failed (report still written), 2 usage error."
     )
 
 
-class UsageError(Exception):
-    pass
+def _check_recipe(name: str, what: str) -> None:
+    if name not in reference.RECIPE_NAMES:
+        raise UsageError(
+            f"{what}: unknown recipe {name!r}; valid recipes: {', '.join(reference.RECIPE_NAMES)}"
+        )
 
 
-def _resolve(args: argparse.Namespace) -> Any:
-    """Validate every name before any computation; a ReportConfig or UsageError."""
-    import torch
+def _start_kernels(args: argparse.Namespace, workers: list[KernelWorker]) -> list[Any]:
+    """Load every --kernel in its worker (appended to ``workers`` as they start)."""
+    overrides = kernel_spec_from_args(args)
+    implementations: list[Any] = []
+    for target in dict.fromkeys(args.kernel or []):
+        worker = KernelWorker(
+            target, spec_overrides=overrides, timeout=args.timeout, device=args.device
+        )
+        workers.append(worker)
+        assert worker.spec is not None
+        runner.log(f"fp4sim report: loaded {target} in a worker process")
+        if worker.spec.claims is not None:
+            _check_recipe(worker.spec.claims, f"{target} claims")
+        implementations += runner.external_implementations(worker, args.kernel_dtype)
+    return implementations
 
-    from fp4sim import reference
-    from fp4sim.reports import runner, summary
-    from fp4sim.reports.output import ReportFolderError, check_output_folder
-    from fp4sim.reports.scenarios import get_scenario
 
+def _resolve(args: argparse.Namespace, workers: list[KernelWorker]) -> runner.ReportConfig:
+    """Validate every argument, in order, before any computation; UsageError otherwise.
+    Kernel workers are started last (appended to ``workers``, for the caller to close)."""
+    if args.seed < 0:
+        raise UsageError(f"--seed must be >= 0 (a NumPy generator seed), got {args.seed}")
     try:
         check_output_folder(args.out, overwrite=args.overwrite)
     except ReportFolderError as exc:
@@ -117,20 +162,24 @@ def _resolve(args: argparse.Namespace) -> Any:
             f"unknown recipe(s) {', '.join(map(repr, unknown))}; valid recipes: "
             f"{', '.join(reference.RECIPE_NAMES)}"
         )
+    if args.claims is not None:
+        _check_recipe(args.claims, "--claims")
+        if not args.kernel:
+            raise UsageError("--claims names the recipe of a --kernel; no --kernel was given")
     if args.device == "cuda" and not torch.cuda.is_available():
         raise UsageError("--device cuda: no CUDA device is available (use --device cpu)")
-    implementations = [runner.REFERENCE]
-    if args.device == "cuda":
-        implementations.append(runner.triton_implementation())
-    for target in dict.fromkeys(args.kernel):
-        try:
-            implementations.append(runner.load_external_kernel(target))
-        except ValueError as exc:
-            raise UsageError(str(exc)) from None
     try:
         thresholds = tuple(summary.parse_threshold(t) for t in args.fail_on)
     except ValueError as exc:
         raise UsageError(str(exc)) from None
+    if args.inputs:
+        scenarios = (*scenarios, inputs_scenario(args.inputs, load_inputs_file(args.inputs)))
+    implementations = [runner.REFERENCE]
+    if args.device == "cuda":
+        implementations.append(runner.triton_implementation())
+    implementations += _start_kernels(args, workers)
+    claimed = [i.spec.claims for i in implementations if i.spec is not None and i.spec.claims]
+    recipes = tuple(dict.fromkeys((*recipes, *claimed)))
     names = set(recipes) | {i.name for i in implementations}
     for t in thresholds:
         if t.recipe and t.recipe not in names:
@@ -144,21 +193,27 @@ def _resolve(args: argparse.Namespace) -> Any:
         implementations=tuple(implementations),
         seed=args.seed,
         device=args.device,
-        preset=args.preset if not args.scenarios else "custom",
+        preset=args.preset if not (args.scenarios or args.inputs) else "custom",
         thresholds=thresholds,
     )
 
 
 def run(args: argparse.Namespace) -> int:
     start = time.perf_counter()
+    workers: list[KernelWorker] = []
     try:
-        config = _resolve(args)
-    except UsageError as exc:
-        print(f"fp4sim report: error: {exc}", file=sys.stderr)
-        return 2
-    from fp4sim.reports import document, runner, schema, summary
-    from fp4sim.reports.output import ReportFolderError, write_report_folder
+        try:
+            config = _resolve(args, workers)
+        except UsageError as exc:
+            print(f"fp4sim report: error: {exc}", file=sys.stderr)
+            return 2
+        return _run(args, config, start)
+    finally:
+        for worker in workers:
+            worker.close()
 
+
+def _run(args: argparse.Namespace, config: runner.ReportConfig, start: float) -> int:
     total = len(config.scenarios) * len(config.recipes) * len(config.implementations)
     runner.log(
         f"fp4sim report: {len(config.scenarios)} scenarios x {len(config.recipes)} recipes x "
@@ -166,21 +221,14 @@ def run(args: argparse.Namespace) -> int:
         f"seed {config.seed}"
     )
     report = runner.run_report(config)
+    report["timing"]["total_seconds_before_render"] = round(time.perf_counter() - start, 3)
+    schema.assert_valid_report(report)
     runner.log("fp4sim report: rendering the page")
     html_text = document.build_page(report)
-    report["timing"]["total_seconds_before_write"] = round(time.perf_counter() - start, 3)
-    schema.assert_valid_report(report)
-    try:
-        out = write_report_folder(
-            args.out,
-            index_html=html_text,
-            report_json=report,
-            summary_md=summary.summary_markdown(report),
-            overwrite=args.overwrite,
-        )
-    except ReportFolderError as exc:
-        print(f"fp4sim report: error: {exc}", file=sys.stderr)
-        return 2
+    summary_md = summary.summary_markdown(report)
+    # print the verdicts before writing anything, so a failed write loses no diagnosis
+    for verdict in report["verdicts"]:
+        runner.log(f"  {verdict['text']}")
     for finding in report["summary"]["findings"]:
         runner.log(f"  - {finding['text']}")
     for t in report["thresholds"]:
@@ -189,7 +237,18 @@ def run(args: argparse.Namespace) -> int:
             f"{'pass' if t['passed'] else 'FAIL'}"
         )
     if report["errors"]:
-        runner.log(f"  {len(report['errors'])} case(s) crashed; tracebacks in the report")
+        runner.log(f"  {len(report['errors'])} case(s) failed to run; details in the report")
+    try:
+        out = write_report_folder(
+            args.out,
+            index_html=html_text,
+            report_json=report,
+            summary_md=summary_md,
+            overwrite=args.overwrite,
+        )
+    except (ReportFolderError, OSError) as exc:
+        print(f"fp4sim report: error: cannot write {args.out}: {exc}", file=sys.stderr)
+        return 2
     runner.log(
         f"fp4sim report: wrote {out}/index.html, report.json, summary.md "
         f"in {time.perf_counter() - start:.1f} s (exit {report['exit_code']})"

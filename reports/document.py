@@ -15,7 +15,7 @@ from typing import Any
 from fp4sim.reports import figures
 from fp4sim.reports.html import HtmlReport
 from fp4sim.reports.metrics import ELEMENT_GUARD_EPS
-from fp4sim.reports.summary import grad_metric
+from fp4sim.reports.summary import grad_metric, problem_line
 
 METRIC_HEADERS = ("rel L2", "rel L1", "RMSE", "max abs", "cosine", "norm ratio")
 METRIC_KEYS = ("relative_l2", "relative_l1", "rmse", "max_abs", "cosine", "norm_ratio")
@@ -115,10 +115,56 @@ def _p_mass_block(page: HtmlReport, finding: dict[str, Any]) -> None:
         )
 
 
+def _verdicts_block(page: HtmlReport, report: dict[str, Any]) -> None:
+    """Per external kernel: the tolerance-rule verdict, then its statistical comparison."""
+    for verdict in report["verdicts"]:
+        page.callout(
+            verdict["headline"],
+            kind="good" if verdict["passed"] else "bad",
+            points=verdict["points"],
+        )
+        tallies = verdict["recipes"]
+        page.table(
+            ["recipe", "scenarios in agreement", "worst error / bound"],
+            [[r["recipe"], f"{r['agree']}/{r['of']}", r["worst_ratio"]] for r in tallies],
+            row_classes=["good" if 0 < r["agree"] == r["of"] else "bad" for r in tallies],
+            text_columns=2,
+            caption=f"{verdict['implementation']}: the FP4 tolerance rule of `fp4sim check` "
+            "(|out - ref64| <= 2x (forward) or 3x (backward) the float32 reference's error + "
+            "floors) per recipe",
+        )
+        stats = verdict.get("statistics")
+        if stats and stats["tensors"]:
+            page.table(
+                ["tensor", "rows", "label", "KS p", "mean diff", "CI low", "CI high",
+                 "median diff", "CI low", "CI high"],
+                [
+                    [
+                        name,
+                        t["rows"],
+                        t["label"],
+                        t["ks_pvalue"],
+                        t["mean_difference"],
+                        *(t["mean_difference_ci"] or [None, None]),
+                        t["median_difference"],
+                        *(t["median_difference_ci"] or [None, None]),
+                    ]
+                    for name, t in stats["tensors"].items()
+                ],
+                text_columns=3,
+                caption=f"{verdict['implementation']} vs recipe {verdict['recipe']}: per-row "
+                "relative error against exact attention, kernel minus the recipe's reference "
+                f"(overall: {stats['label']})",
+            )
+    page.bullets(["Statistical tests: " + a for a in report.get("statistics_assumptions", [])])
+
+
 def _case_block(page: HtmlReport, case: dict[str, Any]) -> None:
     if case["status"] == "error":
         page.traceback_block(
-            "This case crashed; the rest of the report is unaffected.", case["error"] or ""
+            f"This case failed to run: {problem_line(case['error'])}. The rest of the report "
+            "is unaffected.",
+            case["error"] or "",
         )
         return
     if case["status"] == "skipped":
@@ -268,10 +314,14 @@ def build_page(report: dict[str, Any]) -> str:
     errors = [c for c in report["cases"] if c["status"] == "error"]
     if errors:
         page.callout(
-            f"{len(errors)} case(s) crashed: "
-            + ", ".join(f"{c['scenario']} / {c['recipe']} / {c['implementation']}" for c in errors)
-            + ". Their tracebacks are in their sections; every other number is complete.",
+            f"{len(errors)} case(s) failed to run (crashed, timed out or raised); details in "
+            "their sections, every other number is complete.",
             kind="bad",
+            points=[
+                f"{c['scenario']} / {c['recipe']} / {c['implementation']}: "
+                f"{problem_line(c['error'])}"
+                for c in errors
+            ],
         )
     failed = [t for t in report["thresholds"] if not t["passed"]]
     if failed:
@@ -279,6 +329,9 @@ def build_page(report: dict[str, Any]) -> str:
 
     findings = {f["id"]: f for f in report["summary"]["findings"]}
     page.heading("Findings")
+    if report.get("verdicts"):
+        page.heading("Kernel verdicts", 3)
+        _verdicts_block(page, report)
     if "principles" in findings:
         page.heading("Drop-in QAT vs Attn-QAT against the STE ground truth", 3)
         _principle_block(page, report, findings["principles"])
@@ -386,6 +439,8 @@ def build_page(report: dict[str, Any]) -> str:
             title = (
                 f"{name} · recipe {case['recipe']} · {case['implementation']} · {case['status']}"
             )
+            if case.get("rule"):  # an external kernel under the FP4 tolerance rule
+                title += " · " + ("agrees" if case["rule"]["agrees"] else "DISAGREES")
             with page.collapsible(title, open=case["status"] == "error"):
                 _case_block(page, case)
 

@@ -229,6 +229,8 @@ def _hist_line(
     total = max(h["total"], 1)
     edges = np.power(10.0, np.asarray(LOG10_EDGES))
     frac = np.asarray(h["counts"], dtype=float) / total
+    if not np.any(frac > 0):  # all NaN, exact or out of range: nothing to draw on a log axis
+        return
     ax.stairs(frac, edges, label=label, color=color, linestyle=style, linewidth=1.3)
 
 
@@ -285,8 +287,9 @@ def case_error_figure(case: dict[str, Any]) -> Figure:
             if c == 0:
                 ax.set_ylabel(rows[r][2], fontsize=8)
             _style(ax)
-    axes[0][0].legend(fontsize=6.5, loc="upper left")
-    axes[0][1].legend(fontsize=6.5, loc="upper left")
+    for ax in (axes[0][0], axes[0][1]):
+        if ax.get_legend_handles_labels()[0]:  # a case of NaN outputs draws no line
+            ax.legend(fontsize=6.5, loc="upper left")
     return fig
 
 

@@ -76,6 +76,14 @@ def check_output_folder(out_dir: str | os.PathLike[str], *, overwrite: bool = Fa
     parent = out.parent if str(out.parent) else Path(".")
     if not parent.is_dir():
         raise ReportFolderError(f"the parent folder {parent} of {out} does not exist")
+    # Permission bits do not tell (root, read-only mounts, /proc): create and remove the
+    # kind of temporary sibling folder the write will use.
+    try:
+        os.rmdir(tempfile.mkdtemp(prefix=f".{out.name}.probe-", dir=parent))
+    except OSError as err:
+        raise ReportFolderError(
+            f"cannot write into {parent} ({err.strerror or err}); choose another --out"
+        ) from None
     return out
 
 

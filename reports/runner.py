@@ -15,20 +15,20 @@ caught, its traceback stored in the case (``status: "error"``) and the run goes 
 
 from __future__ import annotations
 
-import importlib
 import math
 import sys
 import time
 import traceback
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
 import torch
 
-from fp4sim.reports import metrics
+from fp4sim.reports import error_statistics, metrics, schema, summary, verdicts
 from fp4sim.reports.scenarios import Scenario, scenario_inputs, scenario_seed
+from fp4sim.testing.generators import round_to_dtype
 
 VARIANTS: tuple[str, ...] = ("exact", "drop_in", "p_only", "o_only", "attn_qat", "ste_autograd")
 """Backward variants of ``reference.attention_backward`` in display order."""
@@ -51,42 +51,59 @@ GRAD_NAMES: tuple[str, ...] = ("dq", "dk", "dv")
 
 @dataclass(frozen=True)
 class Implementation:
-    """One implementation under test. ``kind``: reference, triton or external."""
+    """One implementation under test. ``kind``: reference, triton or external.
+
+    An external kernel runs in ``worker`` (a ``fp4sim.harness.KernelWorker``: a child
+    process, so a hang or a crash is that case's failure) on inputs cast to ``dtype``."""
 
     name: str
     kind: str
     function: Callable[..., Any] | None = None
+    target: str | None = None
+    dtype: str | None = None
+    worker: Any = field(default=None, compare=False, repr=False)
+
+    @property
+    def spec(self) -> Any:
+        return None if self.worker is None else self.worker.spec
 
     def to_json(self) -> dict[str, Any]:
-        return {"name": self.name, "kind": self.kind}
+        out: dict[str, Any] = {"name": self.name, "kind": self.kind}
+        if self.kind == "external":
+            spec = self.spec
+            out |= {
+                "target": self.target,
+                "dtype": self.dtype,
+                "claims": None if spec is None else spec.claims,
+                "spec": None if spec is None else spec.to_json(),
+                "untested": [] if spec is None else spec.untested(),
+            }
+        return out
 
 
 REFERENCE = Implementation("reference", "reference")
 
+# Preference when no --kernel-dtype is given: the scenarios' dtype first (their inputs are
+# bfloat16-exact, so a bf16 kernel sees exactly the reference's inputs).
+DTYPE_PREFERENCE: tuple[str, ...] = ("bfloat16", "float16", "float32")
 
-def load_external_kernel(target: str) -> Implementation:
-    """``MODULE:ATTR`` -> an external Implementation; ``ValueError`` with the reason otherwise."""
-    module_name, sep, attr = target.partition(":")
-    if not sep or not module_name or not attr:
-        raise ValueError(
-            f"--kernel expects MODULE:ATTR (e.g. mypkg.attn:flash_fp4), got {target!r}"
+
+def external_implementations(worker: Any, dtypes: Sequence[str] | None) -> list[Implementation]:
+    """One Implementation per dtype the kernel runs at: ``dtypes`` (from --kernel-dtype,
+    already merged into the worker's spec) or, by default, its preferred declared dtype."""
+    declared = tuple(worker.spec.dtypes)
+    chosen = list(dtypes) if dtypes else [next(d for d in DTYPE_PREFERENCE if d in declared)]
+    base = f"kernel:{worker.target}"
+    return [
+        Implementation(
+            base if len(chosen) == 1 else f"{base}:{dtype}",
+            "external",
+            target=worker.target,
+            dtype=dtype,
+            worker=worker,
         )
-    try:
-        module = importlib.import_module(module_name)
-    except Exception as exc:  # noqa: BLE001 - any import failure is a usage error here
-        raise ValueError(f"--kernel {target}: cannot import module {module_name!r}: {exc}") from exc
-    obj: Any = module
-    for part in attr.split("."):
-        if not hasattr(obj, part):
-            public = sorted(n for n in dir(module) if not n.startswith("_"))
-            raise ValueError(
-                f"--kernel {target}: module {module_name!r} has no attribute {attr!r}; "
-                f"its public names: {', '.join(public) or '(none)'}"
-            )
-        obj = getattr(obj, part)
-    if not callable(obj):
-        raise ValueError(f"--kernel {target}: {attr!r} is not callable")
-    return Implementation(f"kernel:{target}", "external", obj)
+        for dtype in chosen
+    ]
 
 
 def triton_implementation() -> Implementation:
@@ -152,7 +169,7 @@ def reduce_kv_grad(grad: torch.Tensor, kv_heads: int) -> torch.Tensor:
 
 
 # ---------------------------------------------------------------------------------------
-# D identity: rowsum(dS) per backward variant, from the formulas of ATTN_QAT_MATH.md
+# D identity: rowsum(dS) per backward variant, from the formulas of docs/attention-math.md
 # ---------------------------------------------------------------------------------------
 
 # variant -> (S from quantized Q^,K^?, dP from V^?, D from O_hp?)
@@ -360,12 +377,16 @@ def prepare_scenario(scenario: Scenario, seed: int, device: str) -> ScenarioTens
     return ScenarioTensors(q, k, v, do, o64.detach(), (dq, dk, dv), d_exact)
 
 
-def _compare(a: torch.Tensor, r: torch.Tensor) -> dict[str, Any]:
-    return metrics.compare(to_numpy(a), to_numpy(r))
+def _as_numpy(x: torch.Tensor | np.ndarray) -> np.ndarray:
+    return x if isinstance(x, np.ndarray) else to_numpy(x)
+
+
+def _compare(a: torch.Tensor | np.ndarray, r: torch.Tensor | np.ndarray) -> dict[str, Any]:
+    return metrics.compare(_as_numpy(a), _as_numpy(r))
 
 
 def _grad_block(
-    grads: Sequence[torch.Tensor], refs: dict[str, Sequence[torch.Tensor]]
+    grads: Sequence[torch.Tensor | np.ndarray], refs: dict[str, Sequence[torch.Tensor]]
 ) -> dict[str, Any]:
     block: dict[str, Any] = {}
     for i, name in enumerate(GRAD_NAMES):
@@ -490,6 +511,223 @@ def kernel_case(
     }
 
 
+
+# ---------------------------------------------------------------------------------------
+# external kernels: one call per case in the worker, judged by the FP4 tolerance rule of
+# `fp4sim check attention` (fp4sim.testing.check_attention, imported where used: it pulls
+# in Hypothesis, which a report without --kernel does not need)
+# ---------------------------------------------------------------------------------------
+
+
+class _RecordingKernel:
+    """The worker as ``evaluate_attention_case`` sees it, keeping the call's result, so the
+    kernel runs once per case for both the tolerance rule and the report's metrics."""
+
+    def __init__(self, worker: Any) -> None:
+        self.worker = worker
+        self.spec = worker.spec
+        self.last: Any = None
+
+    def attention(self, *args: Any, **kwargs: Any) -> Any:
+        self.last = self.worker.attention(*args, **kwargs)
+        return self.last
+
+
+def unsupported_reason(spec: Any, scenario: Scenario, dtype: str) -> str | None:
+    """Why a scenario is outside what the kernel declares it supports (None if inside)."""
+    s = scenario.spec
+    if spec.supports(
+        heads=s.heads,
+        kv_heads=s.kv_heads,
+        lq=s.lq,
+        lk=s.lk,
+        head_dim=s.head_dim,
+        dtype=dtype,
+        causal=scenario.causal,
+    ):
+        return None
+    reasons = []
+    if s.heads != s.kv_heads and not spec.gqa:
+        reasons.append("grouped-query inputs (no GQA support declared)")
+    if scenario.causal and not spec.causal:
+        reasons.append("a causal mask (no causal support declared)")
+    elif scenario.causal and s.lq != s.lk and not spec.causal_unequal:
+        reasons.append("causal with Lq != Lk (equal lengths only declared)")
+    if spec.head_dims is not None and s.head_dim not in spec.head_dims:
+        reasons.append(f"head dim {s.head_dim} (declared {', '.join(map(str, spec.head_dims))})")
+    m = spec.length_multiple
+    if s.lq % m or s.lk % m:
+        reasons.append(f"Lq {s.lq}, Lk {s.lk} not multiples of {m}")
+    if min(s.lq, s.lk) < spec.min_length:
+        reasons.append(f"lengths below {spec.min_length}")
+    return "outside the kernel's declared support: " + ("; ".join(reasons) or "unsupported")
+
+
+def judge_external(
+    impl: Implementation,
+    scenario: Scenario,
+    recipe: str,
+    arrays: Sequence[np.ndarray],
+    seed: int,
+    device: str,
+    diagnose: bool,
+) -> tuple[Any, Any]:
+    """Run the kernel on (q, k, v, dO) cast to its dtype and apply the tolerance rule
+    (``evaluate_attention_case`` of `fp4sim check`); (AttentionOutcome, KernelCallResult)."""
+    from fp4sim.testing.check_attention import AttentionCheckConfig, evaluate_attention_case
+    from fp4sim.testing.strategies import AttentionCase
+
+    assert impl.dtype is not None and impl.target is not None
+    q, k, v, do = (round_to_dtype(np.asarray(a, np.float32), impl.dtype) for a in arrays)
+    case = AttentionCase(
+        scenario.spec.replace(dtype=impl.dtype),
+        seed,
+        scenario.causal,
+        resolved_sm_scale(scenario),
+        q,
+        k,
+        v,
+        do=do,
+        source=scenario.source,
+    )
+    config = AttentionCheckConfig(
+        kernel=impl.target,
+        recipe=recipe,
+        device=device,
+        dtypes=(impl.dtype,),
+        backward=bool(impl.spec.backward),
+        timeout=impl.worker.timeout,
+    )
+    recorder = _RecordingKernel(impl.worker)
+    outcome = evaluate_attention_case(recorder, case, config, diagnose=diagnose)
+    return outcome, recorder.last
+
+
+def rule_block(outcome: Any, dtype: str) -> dict[str, Any]:
+    """The FP4 tolerance rule's result per tensor (O, dQ, dK, dV) of one kernel case."""
+    tensors = []
+    for r in outcome.reports:
+        if r.bound > 0:
+            ratio = r.worst_error / r.bound
+        else:
+            ratio = 0.0 if r.worst_error == 0 else math.inf
+        tensors.append(
+            {
+                "name": r.name,
+                "ok": bool(r.ok),
+                "max_error": r.max_error,
+                "worst_error": r.worst_error,
+                "bound": r.bound,
+                "ratio": ratio,
+                "worst_index": list(r.worst_index),
+                "rows_over": r.n_rows_over,
+                "rows": r.n_rows,
+                "relative_l2": r.relative_l2,
+                "nonfinite": r.nonfinite,
+                "text": r.describe(),
+            }
+        )
+    worst = max(tensors, key=lambda t: t["ratio"]) if tensors else None
+    return {
+        "agrees": bool(outcome.ok),
+        "dtype": dtype,
+        "nonfinite": sum(t["nonfinite"] for t in tensors),
+        "tensors": tensors,
+        "worst_tensor": None if worst is None else worst["name"],
+        "worst_ratio": None if worst is None else worst["ratio"],
+    }
+
+
+ErrorSamples = dict[tuple[str, str], dict[str, dict[str, list[float]]]]
+"""(implementation, recipe) -> {"kernel" | "reference": {tensor: per-row relative errors}}."""
+
+
+def external_case(
+    scenario: Scenario,
+    recipe_name: str,
+    implementation: Implementation,
+    tensors: ScenarioTensors,
+    ref_fwd: Any,
+    ref_grads: dict[str, tuple[torch.Tensor, ...]],
+    recipe_backward: str,
+    *,
+    seed: int,
+    device: str,
+    samples: ErrorSamples,
+) -> dict[str, Any]:
+    """An external kernel in its worker: the tolerance rule against the recipe, the
+    metrics against exact, STE and the recipe's reference, and the error samples of the
+    statistical verdict. A time-out, a crash or an exception is the case's error."""
+    t = tensors
+    arrays = [to_numpy(x).astype(np.float32) for x in (t.q, t.k, t.v, t.do)]
+    outcome, result = judge_external(
+        implementation, scenario, recipe_name, arrays, seed, device, diagnose=False
+    )
+    if outcome.error is not None:
+        text = outcome.error
+        if result is not None and result.traceback:
+            text += "\n" + result.traceback
+        failure = None if result is None else result.failure
+        return {"status": "error", "error": text, "failure": failure}
+    out = result.outputs
+    backward = bool(implementation.spec.backward)
+    refs: dict[str, Sequence[torch.Tensor]] = {"vs_exact": t.grads_exact}
+    if GROUND_TRUTH in ref_grads:
+        refs["vs_ste"] = ref_grads[GROUND_TRUTH]
+    if recipe_backward in ref_grads:
+        refs["vs_recipe_variant"] = ref_grads[recipe_backward]
+    grads = tuple(out[n] for n in ("dQ", "dK", "dV")) if backward else ()
+    gradients = (
+        {"kernel": {"error": None, **_grad_block(grads, refs)}}
+        if backward
+        else {"kernel": {"error": "not run: the kernel declares no backward (forward only)"}}
+    )
+    # error samples: the kernel, and the recipe's reference rounded to the kernel's dtype
+    dtype = getattr(torch, implementation.dtype or "float32")
+    entry = samples.setdefault((implementation.name, recipe_name), {"kernel": {}, "reference": {}})
+    pairs: list[tuple[str, np.ndarray, torch.Tensor, torch.Tensor]] = [
+        ("O", out["O"], t.o_exact, ref_fwd.o)
+    ]
+    if backward and recipe_backward in ref_grads:
+        pairs += list(
+            zip(("dQ", "dK", "dV"), grads, t.grads_exact, ref_grads[recipe_backward], strict=True)
+        )
+    for name, kernel_out, exact, ref in pairs:
+        exact_np = to_numpy(exact)
+        ref_np = to_numpy(ref.detach().to("cpu").to(dtype))
+        entry["kernel"].setdefault(name, []).extend(
+            metrics.row_relative_error(kernel_out, exact_np).tolist()
+        )
+        entry["reference"].setdefault(name, []).extend(
+            metrics.row_relative_error(ref_np, exact_np).tolist()
+        )
+    return {
+        "forward": {
+            "o_vs_exact": _compare(out["O"], t.o_exact),
+            "o_hp_vs_exact": None,
+            "o_vs_recipe_reference": _compare(out["O"], ref_fwd.o),
+        },
+        "gradients": gradients,
+        "d_identity": {},
+        "diagnostics": None,
+        "recipe_backward": recipe_backward,
+        "rule": rule_block(outcome, implementation.dtype or ""),
+    }
+
+
+def diagnose_external(
+    implementation: Implementation, scenario: Scenario, recipe: str, seed: int, device: str
+) -> list[str]:
+    """Likely causes of a disagreement (`fp4sim check`'s diagnosis: reference emulations of
+    known bugs), for one case; runs the kernel once more."""
+    outcome, _ = judge_external(
+        implementation, scenario, recipe, scenario_inputs(scenario, seed), seed, device, True
+    )
+    if outcome.error is not None:
+        return [outcome.error]
+    return list(outcome.causes)
+
+
 def run_scenario(
     scenario: Scenario,
     recipes: Sequence[str],
@@ -501,10 +739,13 @@ def run_scenario(
     progress: Callable[[str], None] = log,
     counter: list[int] | None = None,
     total: int | None = None,
+    samples: ErrorSamples | None = None,
 ) -> list[dict[str, Any]]:
-    """Every case of one scenario (one dict per recipe × implementation)."""
+    """Every case of one scenario (one dict per recipe × implementation); external kernels'
+    error samples are added to ``samples``."""
     cases: list[dict[str, Any]] = []
     counter = counter if counter is not None else [0]
+    samples = samples if samples is not None else {}
 
     def base(recipe: str, impl: Implementation) -> dict[str, Any]:
         return {
@@ -544,23 +785,44 @@ def run_scenario(
                         "status": "skipped",
                         "error": f"kernels.attn_qat supports recipes {', '.join(TRITON_RECIPES)}",
                     }
+                elif impl.kind == "external" and (
+                    reason := unsupported_reason(impl.spec, scenario, impl.dtype or "")
+                ):
+                    body = {"status": "skipped", "error": reason}
                 else:
                     if ref_fwd is None:
                         raise RuntimeError(
                             "the reference case of this recipe failed; nothing to compare to"
                         )
-                    body = kernel_case(
-                        scenario, recipe, impl, tensors, ref_fwd, ref_grads, recipe_backward
-                    )
+                    if impl.kind == "external":
+                        body = external_case(
+                            scenario,
+                            recipe,
+                            impl,
+                            tensors,
+                            ref_fwd,
+                            ref_grads,
+                            recipe_backward,
+                            seed=seed,
+                            device=device,
+                            samples=samples,
+                        )
+                    else:
+                        body = kernel_case(
+                            scenario, recipe, impl, tensors, ref_fwd, ref_grads, recipe_backward
+                        )
                 case.update(body)
             except Exception:  # noqa: BLE001 - recorded in the report
                 case["status"] = "error"
                 case["error"] = traceback.format_exc()
             case["seconds"] = round(time.perf_counter() - start, 3)
             status = case["status"]
+            rule = case.get("rule")
+            if rule is not None:
+                status += " (agrees)" if rule["agrees"] else " (disagrees)"
             progress(f"{label}: {status} ({case['seconds']:.1f} s)")
-            if status == "error":
-                progress("    " + (case["error"] or "").strip().splitlines()[-1])
+            if case["status"] == "error":
+                progress("    " + summary.problem_line(case["error"]))
             cases.append(case)
     return cases
 
@@ -609,6 +871,36 @@ class ReportConfig:
     thresholds: tuple[Any, ...] = ()
 
 
+def judge_kernels(
+    config: ReportConfig,
+    cases: Sequence[dict[str, Any]],
+    samples: ErrorSamples,
+    progress: Callable[[str], None] = log,
+) -> list[dict[str, Any]]:
+    """The verdict of every external kernel: tolerance-rule tally, a diagnosis of its worst
+    disagreeing case, and the statistical comparison of its errors with the recipe's."""
+    externals = {i.name: i for i in config.implementations if i.kind == "external"}
+    scenarios = {s.name: s for s in config.scenarios}
+    out = verdicts.kernel_verdicts(
+        cases, [i.to_json() for i in externals.values()], config.recipes
+    )
+    for verdict in out:
+        impl = externals[verdict["implementation"]]
+        worst = verdict["worst"]
+        if not verdict["agrees"] and worst is not None and worst["status"] == "ok":
+            progress(f"fp4sim report: diagnosing {impl.name} on {worst['scenario']}")
+            verdict["causes"] = diagnose_external(
+                impl, scenarios[worst["scenario"]], verdict["recipe"], config.seed, config.device
+            )
+        pair = samples.get((impl.name, verdict["recipe"]))
+        if pair is not None:
+            verdict["statistics"] = error_statistics.distribution_verdict(
+                pair["kernel"], pair["reference"]
+            )
+        verdicts.finish(verdict)
+    return out
+
+
 def run_report(config: ReportConfig, progress: Callable[[str], None] = log) -> dict[str, Any]:
     """Run every case and assemble the report dict (``reports.schema`` layout)."""
 
@@ -630,11 +922,10 @@ def _run_report(
 ) -> dict[str, Any]:
     from datetime import datetime, timezone
 
-    from fp4sim.reports import summary
-
     total = len(config.scenarios) * len(config.recipes) * len(config.implementations)
     counter = [0]
     cases: list[dict[str, Any]] = []
+    samples: ErrorSamples = {}
     scenario_seconds: dict[str, float] = {}
     for scenario in config.scenarios:
         t0 = time.perf_counter()
@@ -648,8 +939,10 @@ def _run_report(
             progress=progress,
             counter=counter,
             total=total,
+            samples=samples,
         )
         scenario_seconds[scenario.name] = round(time.perf_counter() - t0, 3)
+    kernel_verdicts = judge_kernels(config, cases, samples, progress)
     scenarios = {
         s.name: {**s.to_json(), "seed": case_seed_info(s, config.seed)} for s in config.scenarios
     }
@@ -664,12 +957,16 @@ def _run_report(
         for c in cases
         if c["status"] == "error"
     ]
-    exit_code = 1 if errors or any(not t["passed"] for t in thresholds) else 0
+    failed = (
+        errors
+        or any(not t["passed"] for t in thresholds)
+        or any(not v["passed"] for v in kernel_verdicts)
+    )
     return {
-        "schema_version": 1,
+        "schema_version": schema.SCHEMA_VERSION,
         "tool": "fp4sim report",
         "created_utc": datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"),
-        "exit_code": exit_code,
+        "exit_code": 1 if failed else 0,
         "versions": collect_versions(),
         "settings": {
             "seed": config.seed,
@@ -678,6 +975,7 @@ def _run_report(
             "recipes": list(config.recipes),
             "scenarios": [s.name for s in config.scenarios],
             "implementations": [i.name for i in config.implementations],
+            "kernels": [i.to_json() for i in config.implementations if i.kind == "external"],
             "variants": list(config.variants),
             "ground_truth": GROUND_TRUTH,
             "fail_on": [t.text for t in config.thresholds],
@@ -696,6 +994,8 @@ def _run_report(
             "ranking": summary.ranking(cases),
             "findings": summary.findings(cases, scenarios),
         },
+        "verdicts": kernel_verdicts,
+        "statistics_assumptions": list(error_statistics.ASSUMPTIONS),
         "thresholds": thresholds,
         "errors": errors,
         "timing": {

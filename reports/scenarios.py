@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import zlib
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import numpy as np
 
@@ -32,6 +33,9 @@ class Scenario:
     causal: bool = False
     tags: tuple[str, ...] = field(default_factory=tuple)
     sm_scale: float | None = None
+    # captured activations (``--inputs FILE``): q, k, v (and dO or None) instead of drawn ones
+    arrays: tuple[np.ndarray | None, ...] | None = field(default=None, compare=False, repr=False)
+    source: str | None = None
 
     def shape_summary(self) -> dict[str, int | bool]:
         s = self.spec
@@ -59,6 +63,7 @@ class Scenario:
             "shape": self.shape_summary(),
             "sm_scale": self.sm_scale,
             "tags": list(self.tags),
+            "source": self.source,
         }
 
 
@@ -251,6 +256,30 @@ def get_scenario(name: str) -> Scenario:
         ) from None
 
 
+def inputs_scenario(path: str, arrays: dict[str, np.ndarray]) -> Scenario:
+    """A scenario of captured activations (``--inputs FILE``: q, k, v and optionally do,
+    BHLD). They are rounded to bfloat16, the scenarios' dtype, so that every kernel dtype
+    and the reference see the same values; a missing dO is drawn from the seed."""
+    q, k, v = (round_to_dtype(np.asarray(arrays[n], np.float32), "bfloat16") for n in "qkv")
+    do = arrays.get("do")
+    if do is not None:
+        do = round_to_dtype(np.asarray(do, np.float32), "bfloat16")
+    b, h, lq, d = q.shape
+    spec = AttentionInputSpec(
+        batch=b, heads=h, kv_heads=k.shape[1], lq=lq, lk=k.shape[2], head_dim=d,
+        dtype="bfloat16",
+    )
+    name = f"inputs:{Path(path).name}"
+    return Scenario(
+        name=name,
+        description=f"captured activations from {path} (rounded to bfloat16; not causal)",
+        spec=spec,
+        tags=("captured",),
+        arrays=(q, k, v, do),
+        source=str(path),
+    )
+
+
 def scenario_seed(seed: int, name: str) -> list[int]:
     """Entropy of the scenario's NumPy generator: the run seed and a CRC32 of the name."""
     return [int(seed), zlib.crc32(name.encode("utf-8"))]
@@ -263,6 +292,11 @@ def scenario_inputs(
     shape from the same stream; all four exactly representable in ``spec.dtype`` (bfloat16
     for the built-in scenarios, so a bf16 kernel sees exactly the reference's inputs)."""
     rng = np.random.default_rng(scenario_seed(seed, scenario.name))
+    if scenario.arrays is not None:
+        q, k, v, do = scenario.arrays
+        if do is None:
+            do = round_to_dtype(rng.standard_normal(q.shape).astype(np.float32), "bfloat16")
+        return q, k, v, do
     q, k, v = generate_attention_inputs(rng, scenario.spec)
     do = round_to_dtype(rng.standard_normal(q.shape).astype(np.float32), scenario.spec.dtype)
     return q, k, v, do

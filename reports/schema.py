@@ -7,24 +7,32 @@ counts add up to their total, every case names a known scenario and recipe, and 
 that is ``ok`` carries its forward comparison, its gradients and (for the reference)
 its diagnostics.
 
-Layout (``SCHEMA_VERSION`` 1)::
+Layout (``SCHEMA_VERSION`` 2; 2 added ``verdicts``, ``settings.kernels`` and a case's
+``rule``)::
 
     schema_version: int, tool: str, created_utc: str, exit_code: int
     versions: {python, numpy, torch, triton?, matplotlib, fp4sim, platform}
     settings: {seed, device, preset, recipes[], scenarios[], implementations[], variants[],
-               fail_on[], element_guard_eps, log10_edges[], quantiles[]}
+               fail_on[], element_guard_eps, log10_edges[], quantiles[],
+               kernels[{name, kind, target, dtype, claims, spec{}, untested[]}]}
     scenarios: {name: {name, description, distribution, spec{}, shape{}, tags[], seed{}}}
     cases: [{scenario, recipe, implementation, implementation_kind, status, error, seconds,
              forward{o_vs_exact, o_hp_vs_exact, o_vs_recipe_reference},
              gradients{variant: {error, dq/dk/dv: {vs_exact, vs_ste, vs_recipe_variant?}}},
              d_identity{variant: {max_abs, rms, relative_to_d}},
              diagnostics{tensors{q,k,v}, p{...}, reference_diagnostics{}} | null,
-             recipe_backward}]
+             recipe_backward, rule? (external kernels: {agrees, dtype, nonfinite,
+             tensors[{name, ok, worst_error, bound, ratio, ...}], worst_tensor, worst_ratio}),
+             failure? (a worker's "timed out after N s" / "crashed with signal 11 ...")}]
     comparison (vs_*, o_*): {metrics{relative_l2, relative_l1, rmse, max_abs, cosine,
              norm_ratio}, element_relative_error: distribution, row_relative_error: distribution}
     distribution: {mean, max, quantiles{p50, p90, p99, p99.9}, histogram{counts[] (bins of
              settings.log10_edges), underflow, overflow, nan, total}}
     summary: {ranking[], findings[]}, thresholds: [], errors: [], timing: {}
+    verdicts: [{implementation, target, dtype, recipe, basis ("claimed" | "best match"),
+             agree, of, agrees, passed, nonfinite_scenarios[], worst, causes[],
+             statistics (reports.error_statistics) | null, headline, points[], text}]
+    statistics_assumptions: [str]
 """
 
 from __future__ import annotations
@@ -33,10 +41,24 @@ from typing import Any
 
 from fp4sim.reports.metrics import LOG10_EDGES, QUANTILES, SCALAR_METRICS
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
 CASE_STATUSES = ("ok", "error", "skipped")
 GRAD_NAMES = ("dq", "dk", "dv")
 NUMBER = (int, float)
+VERDICT_KEYS = (
+    "implementation",
+    "recipe",
+    "basis",
+    "agree",
+    "of",
+    "agrees",
+    "passed",
+    "nonfinite_scenarios",
+    "worst",
+    "causes",
+    "statistics",
+    "text",
+)
 
 
 class ReportSchemaError(ValueError):
@@ -245,6 +267,7 @@ def validate_report(report: Any) -> list[str]:
         "thresholds",
         "errors",
         "timing",
+        "verdicts",
     )
     if not isinstance(report, dict):
         ck.fail("report", f"expected an object, got {type(report).__name__}")
@@ -259,6 +282,7 @@ def validate_report(report: Any) -> list[str]:
         "summary": {"ranking": [], "findings": []},
         "thresholds": [],
         "errors": [],
+        "verdicts": [],
         "schema_version": SCHEMA_VERSION,
         "exit_code": 0,
         **report,
@@ -347,6 +371,27 @@ def validate_report(report: Any) -> list[str]:
                 ("threshold", "metric", "op", "bound", "worst_value", "worst_case", "passed"),
             )
     ck.typed(report["errors"], "report.errors", list)
+    if ck.typed(report["verdicts"], "report.verdicts", list):
+        kernels = {
+            k.get("name") for k in settings.get("kernels") or [] if isinstance(k, dict)
+        }
+        for i, v in enumerate(report["verdicts"]):
+            vpath = f"report.verdicts[{i}]"
+            if not ck.dict_keys(v, vpath, VERDICT_KEYS):
+                continue
+            if v["implementation"] not in kernels:
+                ck.fail(vpath, f"{v['implementation']!r} is not in settings.kernels")
+            if v["recipe"] not in settings["recipes"]:
+                ck.fail(vpath, f"recipe {v['recipe']!r} not in settings.recipes")
+            for key in ("agree", "of"):
+                ck.typed(v[key], f"{vpath}.{key}", int)
+            for key in ("agrees", "passed"):
+                ck.typed(v[key], f"{vpath}.{key}", bool)
+            if isinstance(v["agree"], int) and isinstance(v["of"], int) and v["agree"] > v["of"]:
+                ck.fail(vpath, "agree exceeds of")
+            if v["passed"] is True and (v["agrees"] is not True or v["nonfinite_scenarios"]):
+                ck.fail(vpath, "passed although it disagrees or returns NaN/Inf")
+            ck.typed(v["text"], f"{vpath}.text", str)
     return ck.problems
 
 

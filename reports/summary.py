@@ -107,6 +107,7 @@ def ranking(cases: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
         worst = max(ste_known, default=(None, None))
         worst_exact = max(exact_known, default=(None, None))
         fwd_known = [v for v in fwd if v is not None]
+        ruled = [c["rule"] for c in group if c.get("rule")]
         rows.append(
             {
                 "recipe": recipe,
@@ -122,6 +123,9 @@ def ranking(cases: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
                 "grad_vs_exact_worst": worst_exact[0],
                 "grad_vs_exact_worst_scenario": worst_exact[1],
                 "fwd_rel_l2_median": statistics.median(fwd_known) if fwd_known else None,
+                # external kernels: scenarios where the FP4 tolerance rule holds / were judged
+                "rule_agree": sum(r["agrees"] for r in ruled) if ruled else None,
+                "rule_of": len(ruled) if ruled else None,
             }
         )
 
@@ -528,6 +532,22 @@ def _fmt(value: Any) -> str:
     return str(value)
 
 
+def problem_line(error: str | None) -> str:
+    """The line that names a failed case's problem: a traceback's last line (its message),
+    else the first ("kernel timed out after 5 s", "kernel crashed with signal 11 ...")."""
+    lines = (error or "").strip().splitlines()
+    if not lines:
+        return "failed"
+    return lines[-1] if lines[0].startswith("Traceback") else lines[0]
+
+
+def _own_mark(row: dict[str, Any]) -> str:
+    """★ for an own variant; a kernel gets it only where the tolerance rule always held."""
+    if row.get("rule_of") and row["rule_agree"] < row["rule_of"]:
+        return f" ✗ {row['rule_agree']}/{row['rule_of']}"
+    return " ★" if row["is_own_variant"] else ""
+
+
 def summary_markdown(report: dict[str, Any]) -> str:
     """The pull-request comment: findings, threshold results and the ranking table."""
     settings = report["settings"]
@@ -542,11 +562,21 @@ def summary_markdown(report: dict[str, Any]) -> str:
     errors = [c for c in report["cases"] if c["status"] == "error"]
     if errors:
         lines += [
-            f"**{len(errors)} case(s) crashed** (tracebacks in index.html / report.json): "
-            + ", ".join(f"{c['scenario']}/{c['recipe']}/{c['implementation']}" for c in errors),
+            f"**{len(errors)} case(s) failed to run** (details in index.html / report.json):",
             "",
         ]
+        lines += [
+            f"- {c['scenario']}/{c['recipe']}/{c['implementation']}: {problem_line(c['error'])}"
+            for c in errors
+        ]
+        lines.append("")
     lines += ["### Findings", ""]
+    if report.get("verdicts"):
+        lines += ["#### Kernel verdicts", ""]
+        for verdict in report["verdicts"]:
+            lines.append(f"- **{verdict['headline']}**")
+            lines += [f"  - {point}" for point in verdict["points"]]
+        lines += ["", "#### Recipes", ""]
     for finding in report["summary"]["findings"]:
         if finding.get("points"):
             lines.append(f"- {finding['headline']}")
@@ -575,7 +605,7 @@ def summary_markdown(report: dict[str, Any]) -> str:
         "|---|---|---|---|---|---|---|---|---|",
     ]
     for row in report["summary"]["ranking"]:
-        own = " ★" if row["is_own_variant"] else ""
+        own = _own_mark(row)
         lines.append(
             f"| {row['rank'] or 'ground truth'} | {row['recipe']} | {row['implementation']} | "
             f"{row['variant']}{own} | "
@@ -583,5 +613,11 @@ def summary_markdown(report: dict[str, Any]) -> str:
             f"{row['grad_vs_ste_worst_scenario'] or '—'} | {_fmt(row['grad_vs_exact_geomean'])} | "
             f"{_fmt(row['fwd_rel_l2_median'])} |"
         )
-    lines += ["", "★ = the recipe's own backward variant (or the kernel's autograd).", ""]
-    return "\n".join(lines)
+    lines += [
+        "",
+        "★ = the recipe's own backward variant (or the autograd of a kernel that agrees with the "
+        "recipe in every scenario); ✗ n/m = a kernel that agrees with the recipe under the FP4 "
+        "tolerance rule in only n of m scenarios.",
+        "",
+    ]
+    return "\n".join(lines) + "\n"

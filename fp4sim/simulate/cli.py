@@ -1,18 +1,27 @@
 """``fp4sim simulate``: train one small LM per attention backward variant and compare.
 
 Exit codes: 0 every variant trained (a diverging run is a result, not an error);
-1 a variant failed with an exception (its traceback is in the report);
-2 usage error (unknown variant, recipe, task, config or kernel; no CUDA; output folder).
+1 a variant failed with an exception or a kernel call ran past --timeout (its traceback is
+in the report); 2 usage error (unknown variant, recipe, task, config or kernel, a negative
+seed, a bad device or --block-n; no CUDA; output folder), in one line before any training.
+The kernel is loaded with the loader of ``fp4sim check`` and ``report`` (fp4sim.harness).
 """
 
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 
 from fp4sim.simulate.config import PRESETS, get_preset, with_overrides
 from fp4sim.simulate.tasks import TASKS
-from fp4sim.simulate.variants import KERNEL_DTYPES, VALID_VARIANTS, SimulationSetupError
+from fp4sim.simulate.variants import (
+    KERNEL_TIMEOUT_ENV,
+    VALID_VARIANTS,
+    SimulationSetupError,
+    load_kernel,
+    resolve_recipe,
+)
 
 DEFAULT_OUT = "fp4sim-simulate"
 
@@ -29,12 +38,12 @@ def configure_parser(parser: argparse.ArgumentParser) -> None:
                         help="reference FP4 recipe for the FP4 variants (default attn-qat)")
     parser.add_argument("--block-n", type=int, default=None,
                         help="P tile width replacing the recipe's (default 32; 0 keeps it)")
-    parser.add_argument("--kernel", default=None, metavar="MODULE:ATTR",
-                        help="external attention fn(q, k, v, causal, sm_scale) -> o, "
-                             "trained as variant 'kernel'")
-    parser.add_argument("--kernel-dtype", default=None, choices=KERNEL_DTYPES,
-                        help="dtype q, k, v are cast to before the kernel is called, the output "
-                             "cast back (default float32; fp4sim.kernels:attn_qat needs bfloat16)")
+    from fp4sim.harness import add_kernel_options, one_line_errors
+
+    one_line_errors(parser)
+    # --kernel (trained as variant 'kernel'), --kernel-dtype (q, k, v are cast to it before
+    # the call, the output cast back; one dtype here), --timeout (per kernel call)
+    add_kernel_options(parser, what="attention", capabilities=False)
     parser.add_argument("--device", default=None, help="cpu or cuda (default: the preset's)")
     parser.add_argument("--task", choices=sorted(TASKS), default=None,
                         help="synthetic task (default: the preset's; recall for gpu, copy for cpu)")
@@ -59,6 +68,11 @@ def configure_parser(parser: argparse.ArgumentParser) -> None:
                         help="replace an existing report folder")
 
 
+def _is_cuda(device: str) -> bool:
+    name, _, index = device.partition(":")
+    return name == "cuda" and (not index or index.isdigit())
+
+
 def _error(message: str) -> int:
     print(f"fp4sim simulate: error: {message}", file=sys.stderr)
     return 2
@@ -76,19 +90,33 @@ def run(args: argparse.Namespace) -> int:
 
     cuda = torch.cuda.is_available()
     preset_name = args.config or ("gpu" if cuda else "cpu")
+    if args.seed is not None and args.seed < 0:
+        return _error(f"--seed must be >= 0, got {args.seed}")
+    if args.device is not None and args.device != "cpu" and not _is_cuda(args.device):
+        return _error(f"--device must be cpu or cuda (or cuda:N), got {args.device!r}")
+    kernel_dtype = None
+    if args.kernel_dtype:
+        if len(args.kernel_dtype) > 1:
+            return _error("simulate trains with one --kernel-dtype, got "
+                          f"{' '.join(args.kernel_dtype)}")
+        kernel_dtype = args.kernel_dtype[0]
     try:
         config = get_preset(preset_name)
         variants = tuple(args.variants) if args.variants else (
             ("bf16", "attn_qat", "kernel") if args.kernel else None)
         config = with_overrides(
             config, variants=variants, recipe=args.recipe, block_n=args.block_n,
-            kernel=args.kernel, kernel_dtype=args.kernel_dtype, device=args.device,
+            kernel=args.kernel, kernel_dtype=kernel_dtype, device=args.device,
             task=args.task, steps=args.steps,
             batch_size=args.batch_size, seq_len=args.seq_len, width=args.width,
             n_layers=args.n_layers, n_heads=args.n_heads, lr=args.lr, seed=args.seed,
             log_every=args.log_every, jobs=args.jobs)
-    except ValueError as error:
+        resolve_recipe(config.recipe, config.block_n)  # --recipe, --block-n before any work
+        if config.kernel:  # loaded even when no chosen variant uses it: a typo is an error
+            load_kernel(config.kernel)
+    except ValueError as error:  # SimulationSetupError is a ValueError
         return _error(str(error))
+    os.environ[KERNEL_TIMEOUT_ENV] = repr(args.timeout)  # inherited by --jobs processes
     if config.device.startswith("cuda") and not cuda:
         return _error(f"device {config.device!r} asked for (config '{config.name}') but CUDA is "
                       "not available; use --device cpu or --config cpu")

@@ -130,8 +130,8 @@ def verdict(*, status: str, final_loss: float | None, spikes: int,
 
 def paper_split(verdicts: dict[str, Verdict]) -> dict[str, bool | None]:
     """Whether the runs show the Attn-QAT paper's qualitative result, condition by
-    condition: attn_qat learns like bf16 and is stable; drop_in and o_only learn worse
-    (or not at all, or diverge) and are unstable. ``None`` where the variant was not run
+    condition: attn_qat learns like bf16 and is stable; p_only learns like bf16; drop_in
+    and o_only learn worse (or not at all, or diverge) and are unstable. ``None`` where the variant was not run
     or the comparison is inconclusive."""
     def condition(name: str, test: Callable[[Verdict], bool]) -> bool | None:
         if name not in verdicts or verdicts[name].learning in (INCONCLUSIVE, FAILED):
@@ -142,6 +142,9 @@ def paper_split(verdicts: dict[str, Verdict]) -> dict[str, bool | None]:
         "attn_qat learns like bf16": condition(
             "attn_qat", lambda v: v.learning == LEARNS_LIKE_BF16),
         "attn_qat is stable": condition("attn_qat", lambda v: v.stable),
+        # the paper's ablation: keeping only the forward P (Principle 1) already trains
+        "p_only learns like bf16": condition(
+            "p_only", lambda v: v.learning == LEARNS_LIKE_BF16),
     }
     for name in ("drop_in", "o_only"):
         checks[f"{name} learns worse than bf16"] = condition(

@@ -9,7 +9,9 @@ callable ``fn(q, k, v, causal, sm_scale) -> o`` named as ``MODULE:ATTR`` by ``--
 from __future__ import annotations
 
 import dataclasses
-import importlib
+import os
+import signal
+import threading
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -71,29 +73,25 @@ def resolve_recipe(name: str, block_n: int | None) -> Any:
             f"unknown recipe {name!r}; valid recipes: {', '.join(reference.RECIPE_NAMES)}"
         ) from error
     if block_n is not None and block_n > 0:
-        recipe = dataclasses.replace(recipe, block_n=block_n)
+        try:
+            recipe = dataclasses.replace(recipe, block_n=block_n)
+        except ValueError as error:  # e.g. not a multiple of the format's key block
+            raise SimulationSetupError(f"--block-n {block_n}: {error}") from error
     if getattr(recipe, "nan_policy", "propagate") != "propagate":
         recipe = dataclasses.replace(recipe, nan_policy="propagate")
     return recipe
 
 
 def load_kernel(spec: str) -> Callable[..., Any]:
-    """Import ``MODULE:ATTR`` and return the callable it names."""
-    module_name, sep, attr_path = spec.partition(":")
-    if not sep or not module_name or not attr_path:
-        raise SimulationSetupError(f"--kernel must look like MODULE:ATTR, got {spec!r}")
+    """Import ``MODULE:ATTR`` with the shared loader (``fp4sim.harness``: the current folder
+    first on ``sys.path``, the same messages as ``check`` and ``report``); the callable takes
+    and returns BHLD tensors whatever layout its ``fp4sim_spec`` declares."""
+    from fp4sim.harness import UsageError, load_attention_kernel
+
     try:
-        target: Any = importlib.import_module(module_name)
-    except ImportError as error:
-        raise SimulationSetupError(f"cannot import kernel module {module_name!r}: {error}") \
-            from error
-    for part in attr_path.split("."):
-        if not hasattr(target, part):
-            raise SimulationSetupError(f"module {module_name!r} has no attribute {attr_path!r}")
-        target = getattr(target, part)
-    if not callable(target):
-        raise SimulationSetupError(f"{spec} is not callable")
-    return target
+        return load_attention_kernel(spec)
+    except UsageError as error:
+        raise SimulationSetupError(str(error)) from error
 
 
 def reference_attention(recipe: Any, backward: str) -> AttentionFn:
@@ -107,19 +105,56 @@ def reference_attention(recipe: Any, backward: str) -> AttentionFn:
 
 KERNEL_DTYPES = ("float32", "bfloat16", "float16")
 
+# The per-call time limit of the external kernel, in seconds (``fp4sim simulate --timeout``).
+# An environment variable, so that variant processes (``--jobs``) inherit it.
+KERNEL_TIMEOUT_ENV = "FP4SIM_KERNEL_TIMEOUT"
 
-def kernel_attention(kernel: Callable[..., Any], dtype: str = "float32") -> AttentionFn:
+
+class KernelTimeout(RuntimeError):
+    """The external kernel ran past ``--timeout``: the variant run fails with this line."""
+
+
+def _call_with_alarm(fn: Callable[[], Any], seconds: float | None) -> Any:
+    """``fn()`` stopped by SIGALRM after ``seconds`` (main thread only; elsewhere, or with no
+    limit, unguarded). It interrupts Python-level hangs; a kernel stuck inside native code
+    ends at its next return to Python."""
+    if not seconds or threading.current_thread() is not threading.main_thread():
+        return fn()
+
+    def expire(signum: int, frame: object) -> None:
+        raise KernelTimeout(f"kernel timed out after {seconds:g} s")
+
+    previous = signal.signal(signal.SIGALRM, expire)
+    signal.setitimer(signal.ITIMER_REAL, seconds)
+    try:
+        return fn()
+    finally:
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        signal.signal(signal.SIGALRM, previous)
+
+
+def kernel_attention(kernel: Callable[..., Any], dtype: str = "float32",
+                     timeout: float | None = None) -> AttentionFn:
     """``kernel`` called on q, k, v cast to ``dtype`` (kernels that take only 16-bit inputs,
-    such as ``fp4sim.kernels:attn_qat``); its output is cast back to the model's dtype."""
+    such as ``fp4sim.kernels:attn_qat``); its output is cast back to the model's dtype.
+    ``timeout`` (default: ``$FP4SIM_KERNEL_TIMEOUT``) limits each forward call."""
     if dtype not in KERNEL_DTYPES:
         raise SimulationSetupError(f"kernel dtype must be one of {', '.join(KERNEL_DTYPES)}, "
                                    f"got {dtype!r}")
+    if timeout is None and os.environ.get(KERNEL_TIMEOUT_ENV):
+        timeout = float(os.environ[KERNEL_TIMEOUT_ENV])
 
     def attention(q, k, v, causal, sm_scale):  # noqa: ANN001, ANN202 - AttentionFn
         import torch
 
         cast = getattr(torch, dtype)
-        out = kernel(q.to(cast), k.to(cast), v.to(cast), causal, sm_scale)
+        out = _call_with_alarm(
+            lambda: kernel(q.to(cast), k.to(cast), v.to(cast), causal, sm_scale), timeout)
+        if not isinstance(out, torch.Tensor):
+            raise TypeError(f"the kernel returned {type(out).__name__}, not a torch.Tensor")
+        if out.shape != q.shape:
+            raise ValueError(f"the kernel returned shape {tuple(out.shape)}, expected"
+                             f" {tuple(q.shape)}")
         return out.to(q.dtype)
 
     return attention

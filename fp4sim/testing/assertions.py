@@ -20,9 +20,17 @@ reference, whose own error is 0, does not make the bound 0).
 decision identical), ``ref_lowprec`` the same recipe in the kernel's precision (float32
 accumulation, output rounded to the kernel's output dtype). ``u`` is the unit roundoff
 (2^-24 float32, 2^-11 float16, 2^-8 bfloat16): one final rounding of the largest value.
-Optionally a few rows (``max_allowance_rows``) may exceed the bound by at most
-``row_allowance`` (the effect of one FP4 code flip of P at a rounding tie, which the
-kernel's and the reference's float32 roundings may legitimately resolve differently).
+No row may exceed the bound unless an allowance says why, and the report then says so:
+
+* ``flip_allowance`` (elementwise, shaped like ``out``): a row over the bound passes only if
+  every element is within bound + allowance. `fp4sim check` passes the effect of the FP4
+  code flips of P that are plausible on this input (attention_tolerance.p_flip_allowances:
+  zero unless the reference P sits within a kernel's float32 error of a rounding boundary),
+  with ``allowance_reason`` naming it;
+* ``row_allowance`` / ``max_allowance_rows``: at most that many rows may exceed the bound by
+  at most ``row_allowance`` (an explicit, caller-chosen allowance).
+
+``describe()`` prints every use of an allowance (rows, largest excess and the allowance).
 """
 
 from __future__ import annotations
@@ -107,7 +115,7 @@ def dtype_name(x: Any) -> str:
 
 
 def _unpack_nibbles(packed: np.ndarray) -> np.ndarray:
-    """Element 2i is the low nibble, 2i+1 the high nibble (FP4_FORMATS.md, Packing)."""
+    """Element 2i is the low nibble, 2i+1 the high nibble (docs/numerics.md, Packing)."""
     out = np.empty((*packed.shape[:-1], packed.shape[-1] * 2), dtype=np.uint8)
     out[..., 0::2] = packed & 0x0F
     out[..., 1::2] = packed >> 4
@@ -138,6 +146,7 @@ class QuantizedDiff:
     expected_packed: np.ndarray | None = None
     actual_packed: np.ndarray | None = None
     expected_scales: np.ndarray | None = None
+    actual_scale_count: int = 0  # scale bytes the kernel wrote (set on a shape difference)
 
     def __str__(self) -> str:
         return self.message
@@ -199,6 +208,8 @@ def compare_quantized(
                 "shape",
                 f"{name}: scale shape {act_scale_bits.shape} != expected {exp_scale_bits.shape}"
                 " (a wrong block size changes the number of scales)",
+                n_blocks=int(exp_scale_bits.size),
+                actual_scale_count=int(act_scale_bits.size),
             )
         act_scale_bits = act_scale_bits.reshape(exp_scale_bits.shape)
 
@@ -380,16 +391,27 @@ class AttentionErrorReport:
     rows_over_allowance: int  # rows exceeding even bound + row_allowance
     relative_l2: float  # ||out - ref_fp64|| / ||ref_fp64||
     nonfinite: int
+    rows_allowed: int = 0  # rows over the bound that an allowance lets pass
+    allowance_excess: float = 0.0  # the largest excess over the bound among them
+    allowance_at: float = 0.0  # the allowance at that element
+    allowance_reason: str = ""
 
     def describe(self) -> str:
         verdict = "ok" if self.ok else "FAIL"
-        return (
+        text = (
             f"{self.name} ({self.kind}): {verdict}: max|out - ref64| = {self.max_error:.3e};"
             f" at {self.worst_index} error {self.worst_error:.3e} vs bound {self.bound:.3e}"
             f" (ref error {self.ref_error:.3e}, floor {self.floor:.3e}); rows over bound"
             f" {self.n_rows_over}/{self.n_rows}; relative L2 {self.relative_l2:.3e}"
             + (f"; {self.nonfinite} non-finite values" if self.nonfinite else "")
         )
+        if self.rows_allowed:
+            text += (
+                f"; allowance used: {self.rows_allowed} row(s) over the bound pass because"
+                f" {self.allowance_reason or 'of the row allowance'} (largest excess"
+                f" {self.allowance_excess:.3e} <= allowance {self.allowance_at:.3e})"
+            )
+        return text
 
 
 def attention_error(
@@ -404,6 +426,8 @@ def attention_error(
     floor_abs: Any = 0.0,
     row_allowance: Any = None,
     max_allowance_rows: int = 0,
+    flip_allowance: Any = None,
+    allowance_reason: str = "",
 ) -> AttentionErrorReport:
     """Evaluate the FP4 tolerance rule (module docstring) without raising."""
     if kind not in RULE_FACTORS:
@@ -443,7 +467,26 @@ def attention_error(
         )
     over_allowance = row_excess > allowance
     n_over = int(over.sum())
-    ok = n_over == 0 or (n_over <= max_allowance_rows and not over_allowance.any())
+    allowed_excess, allowed_at = 0.0, 0.0
+    if flip_allowance is not None:
+        flip = np.broadcast_to(np.asarray(flip_allowance, dtype=np.float64), err.shape)
+        flip_rows = flip.reshape(rows.shape)
+        within = np.all(excess <= flip_rows, axis=-1)  # every element within bound + allowance
+        allowed = over & within
+        n_allowed = int(allowed.sum())
+        ok = n_over == n_allowed
+        if n_allowed:
+            ex = np.where(allowed[:, None] & (excess > 0), excess, -np.inf)
+            at = np.unravel_index(int(np.argmax(ex)), ex.shape)
+            allowed_excess, allowed_at = float(excess[at]), float(flip_rows[at])
+    else:
+        ok = n_over == 0 or (n_over <= max_allowance_rows and not over_allowance.any())
+        n_allowed = n_over if (ok and n_over) else 0
+        if n_allowed:
+            allowed_excess = float(row_excess[over].max())
+            allowed_at = float(allowance[over][np.argmax(row_excess[over])])
+            allowance_reason = allowance_reason or (
+                f"of the caller's row allowance (at most {max_allowance_rows} row(s))")
     if err.size:
         with np.errstate(divide="ignore", invalid="ignore"):
             ratio = np.where(bound > 0, err / bound, np.where(err > 0, np.inf, 0.0))
@@ -472,6 +515,10 @@ def attention_error(
         rows_over_allowance=int(over_allowance.sum()),
         relative_l2=rel,
         nonfinite=nonfinite,
+        rows_allowed=n_allowed if ok else 0,
+        allowance_excess=allowed_excess,
+        allowance_at=allowed_at,
+        allowance_reason=allowance_reason,
     )
 
 
@@ -487,6 +534,8 @@ def assert_attention_close(
     floor_abs: Any = 0.0,
     row_allowance: Any = None,
     max_allowance_rows: int = 0,
+    flip_allowance: Any = None,
+    allowance_reason: str = "",
 ) -> AttentionErrorReport:
     """Raise AssertionError unless ``out`` satisfies the FP4 tolerance rule (module
     docstring) against ``ref_fp64``, with the bound set by ``ref_lowprec``'s error.
@@ -502,6 +551,8 @@ def assert_attention_close(
         floor_abs=floor_abs,
         row_allowance=row_allowance,
         max_allowance_rows=max_allowance_rows,
+        flip_allowance=flip_allowance,
+        allowance_reason=allowance_reason,
     )
     if not report.ok:
         raise AssertionError(report.describe())

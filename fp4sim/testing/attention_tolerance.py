@@ -10,7 +10,7 @@ from fp4sim.testing.strategies import AttentionCase
 
 # One E2M1 code flip of P changes P~ by at most one step (2, between 4 and 6) times the
 # block scale, which is at most amax/6 rounded up to E4M3 (relative step 2^-3): P <= 1, so
-# |dP~| <= 2 * (1/6) * (1 + 2^-3) = 0.375 (FP4_FORMATS.md E2M1 and E4M3).
+# |dP~| <= 2 * (1/6) * (1 + 2^-3) = 0.375 (docs/numerics.md E2M1 and E4M3).
 P_FLIP_STEP = 2.0 * (1.0 / 6.0) * (1.0 + 2.0**-3)
 
 
@@ -28,7 +28,7 @@ def accumulation_floors(case: AttentionCase, fwd64: Any, do_np: np.ndarray) -> d
     product in any summation order satisfies |fl(AB) - AB| <= gamma_n |A||B|,
     gamma_n = n u / (1 - n u), u = 2^-24. With P the normalized probabilities (float64),
     E_S = gamma_d tau |Q^||K^|^T + u |S| (error of S and of exp's argument) and
-    P~ <= 2 P (E2M1 rounds a value up by at most a factor 2, FP4_FORMATS.md; P~ itself is
+    P~ <= 2 P (E2M1 rounds a value up by at most a factor 2, docs/numerics.md; P~ itself is
     exact unless a code flips at a tie, which the row allowance covers):
 
     * O:  gamma_Lk (2P)|V^| + |O| (gamma_Lk + rowmax E_S + u T)   (T key tiles; l's error)
@@ -102,3 +102,91 @@ def accumulation_floors(case: AttentionCase, fwd64: Any, do_np: np.ndarray) -> d
     out["dV"] = reduce_group(product(lq_group) * (2 * p).transpose(-1, -2) @ do.abs())
     return {name: t.numpy() for name, t in out.items()}
 
+
+
+# Relative error of a float32 exp in a kernel (a few ulps; PTX ex2.approx.f32 has a maximum
+# relative error of about 2^-22, PTX ISA "ex2") on top of the error of its argument.
+EXP_REL_ERROR = 2.0**-21
+
+
+def p_flip_allowances(
+    case: AttentionCase, recipe: Any, fwd64: Any, do_np: np.ndarray | None
+) -> dict[str, Any]:
+    """Elementwise allowances (float64 arrays shaped like O and dV) for FP4 code flips of P
+    that a correct float32 kernel may make, and only where one is plausible.
+
+    A kernel's P differs from the float64 reference's by a relative delta of at most
+    ``E_S + EXP_REL_ERROR`` (row max of the score error bound E_S of
+    ``accumulation_floors``; the backward's P = exp(S - LSE) adds the LSE error
+    rowmax E_S + gamma_Lk). A code (or block scale) can flip only if it changes when P moves
+    by that much: the reference P of each row is re-quantized at exp(+delta) and exp(-delta)
+    times itself; the elements whose P~ changes are the plausible flips, and |dP~| their
+    size. The allowance is what those flips can do to the output (FlashAttention's
+    O = P~ V / l, dV = P~^T dO; docs/attention-math.md):
+
+    * O: (|dP~_fwd| rescaled to the final max) |V^| / l;
+    * dV: |dP~_bwd|^T |dO| (summed over a GQA group).
+
+    Away from ties every allowance is exactly 0, so a defect cannot hide in it; recipes whose
+    P is not quantized get no allowance.
+    """
+    import torch
+
+    from fp4sim.reference.masks import visible_mask
+    from fp4sim.reference.operands import pad_keys
+    from fp4sim.reference.p_quant import quantize_p_tiles
+    from fp4sim.reference.softmax import scores, softmax_backward, softmax_forward
+
+    out: dict[str, Any] = {}
+    if recipe.p is None:
+        return out
+    u = 2.0**-24
+    spec = case.spec
+    h, hkv, lq, lk, d = spec.heads, spec.kv_heads, spec.lq, spec.lk, spec.head_dim
+    group = h // hkv
+    tau = float(fwd64.sm_scale)
+    bn = recipe.block_n
+    lk_pad = -(-lk // bn) * bn
+    vis = visible_mask(lq, lk, lk_pad, case.causal)
+    q_hat = fwd64.q_hat.double()
+    k_pad = pad_keys(fwd64.k_hat.double(), h, lk_pad)
+    v_pad = pad_keys(fwd64.v_hat.double(), h, lk_pad)
+    s = scores(q_hat, k_pad, tau, vis)
+    e_s = (d * u / (1 - d * u)) * tau * (q_hat.abs() @ k_pad.abs().transpose(-1, -2))
+    e_s = e_s + u * torch.where(vis, s, 0.0).abs()
+    e_s = torch.where(vis, e_s, 0.0).amax(dim=-1, keepdim=True)  # (B, H, Lq, 1)
+    delta = e_s + EXP_REL_ERROR
+    sm = softmax_forward(s, recipe, "tiled")
+    t = lk_pad // bn
+    s_t = s.reshape(*s.shape[:-1], t, bn)
+    m_t = torch.where(torch.isfinite(sm.m_tiles), sm.m_tiles, 0.0).unsqueeze(-1)
+    p_t = torch.exp(s_t - m_t)
+    nominal = quantize_p_tiles(p_t, recipe.p, recipe.p_policy, recipe.block_m).values
+    flip = torch.zeros_like(nominal)
+    for sign in (1.0, -1.0):
+        moved = quantize_p_tiles(p_t * torch.exp(sign * delta).unsqueeze(-1), recipe.p,
+                                 recipe.p_policy, recipe.block_m).values
+        flip = torch.maximum(flip, (moved - nominal).abs())
+    rescale = torch.where(
+        torch.isfinite(sm.m_tiles),
+        torch.exp(sm.m_tiles - torch.where(torch.isfinite(sm.m), sm.m, 0.0).unsqueeze(-1)),
+        0.0,
+    ).unsqueeze(-1)
+    flip_o = (flip * rescale).reshape(s.shape)
+    l = sm.l.unsqueeze(-1)
+    out["O"] = torch.where(l > 0, (flip_o @ v_pad.abs()) / torch.where(l > 0, l, 1.0), 0.0)
+    if do_np is not None:
+        lse_err = e_s + lk * u / (1 - lk * u)
+        delta_b = (delta + lse_err).expand_as(s)
+        nominal_b = softmax_backward(s, fwd64.lse, fwd64.m, fwd64.l, recipe).p_tilde
+        flip_b = torch.zeros_like(nominal_b)
+        for sign in (1.0, -1.0):
+            moved = softmax_backward(s + sign * delta_b, fwd64.lse, fwd64.m, fwd64.l,
+                                     recipe).p_tilde
+            flip_b = torch.maximum(flip_b, (moved - nominal_b).abs())
+        do = torch.from_numpy(np.asarray(do_np, dtype=np.float64))
+        dv = flip_b.transpose(-1, -2) @ do.abs()
+        b = dv.shape[0]
+        dv = dv.reshape(b, hkv, group, lk_pad, d).sum(dim=2)[..., :lk, :]
+        out["dV"] = dv
+    return {name: a.numpy() for name, a in out.items()}

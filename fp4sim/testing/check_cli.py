@@ -1,14 +1,21 @@
 """The `fp4sim check` subcommand: `fp4sim check quantizer|attention --kernel MODULE:ATTR ...`.
 
-Exit codes: 0 every drawn example agreed, 1 a disagreement was found (diagnosis printed,
-reproduction script written), 2 usage error (bad import path, not callable, wrong
-signature, unknown recipe).
+Exit codes (the same for every fp4sim command): 0 every drawn example agreed; 1 a
+disagreement was found, including a kernel that timed out or crashed on a case (diagnosis
+printed, then the reproduction script written); 2 usage error (bad import path, not
+callable, wrong signature, unknown recipe, bad option value, unwritable or existing
+--repro-out, --device cuda without CUDA), reported in one line before any work.
+
+The kernel runs in a worker process (fp4sim.harness.KernelWorker): a hang becomes
+"timed out after N s" and a hard crash "crashed with signal 11 (SIGSEGV)".
 """
 
 from __future__ import annotations
 
 import argparse
+import os
 import sys
+from pathlib import Path
 from typing import Any
 
 __all__ = ["configure_parser", "run"]
@@ -17,6 +24,7 @@ _QUANTIZER_DISTRIBUTIONS = (
     "gaussian,ties,near_ties,scale_ties,student_t,lognormal,sparse_outliers,"
     "zero_blocks,below_flush,specials"
 )
+_REPRO_MARK = "Reproduces a failure found by `fp4sim check"
 
 
 def _csv(text: str) -> tuple[str, ...]:
@@ -29,66 +37,107 @@ def _tensor_scale(text: str) -> str | float | None:
     if text == "amax":
         return "amax"
     try:
-        return float(text)
+        value = float(text)
     except ValueError as err:
-        message = f"--tensor-scale: none, amax or a number, got {text!r}"
+        message = f"none, amax or a positive number expected, got {text!r}"
         raise argparse.ArgumentTypeError(message) from err
+    if not (value > 0 and value < float("inf")):
+        raise argparse.ArgumentTypeError(f"a tensor scale must be positive and finite: {text}")
+    return value
 
 
-def _common(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--kernel", required=True, metavar="MODULE:ATTR", help="the callable")
-    parser.add_argument("--examples", type=int, default=None, help="examples to draw")
+def _seconds(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError as err:
+        raise argparse.ArgumentTypeError(f"a number of seconds expected, got {text!r}") from err
+    if not value >= 0:
+        raise argparse.ArgumentTypeError(f"must be >= 0, got {text!r}")
+    return value
+
+
+def _common(parser: argparse.ArgumentParser, what: str) -> None:
+    from fp4sim.harness import add_kernel_options, one_line_errors, positive_int
+
+    one_line_errors(parser)
+    add_kernel_options(parser, what=what, required=True)
+    parser.add_argument("--examples", type=positive_int, default=None,
+                        help="examples to draw (default 100 for quantizer, 50 for attention)")
     parser.add_argument("--seed", type=int, default=0, help="Hypothesis seed (default 0)")
-    parser.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
+    parser.add_argument("--device", choices=("cpu", "cuda"), default="cpu",
+                        help="device the kernel's inputs live on (default cpu; cuda needs CUDA)")
     parser.add_argument(
-        "--repro-out",
-        default=None,
-        metavar="FILE",
-        help="reproduction script path (default fp4sim-check-repro-<what>.py)",
+        "--repro-out", default=None, metavar="FILE",
+        help=f"reproduction script written on failure (default fp4sim-check-repro-{what}.py"
+             " in the current folder, never overwriting one: a free name is chosen)",
     )
-    parser.add_argument(
-        "--shrink-seconds", type=float, default=60.0, help="time budget for shrinking"
-    )
-    parser.add_argument(
-        "--dtypes", type=_csv, default=None, help="input dtypes (float32,bfloat16,float16)"
-    )
-    parser.add_argument("--quiet", action="store_true", help="print only the verdict")
+    parser.add_argument("--overwrite-repro", action="store_true",
+                        help="allow --repro-out to replace an existing file (default: refuse)")
+    parser.add_argument("--shrink-seconds", type=_seconds, default=60.0,
+                        help="time budget for shrinking a failing case (default 60)")
+    parser.add_argument("--quiet", action="store_true",
+                        help="print only the verdict (no diagnosis, no progress lines)")
+    parser.add_argument("--no-system", action="store_true",
+                        help="skip the system properties (independence, repeatability, stale"
+                             " state, layouts, ...) run after the recipe check")
 
 
 def configure_parser(parser: argparse.ArgumentParser) -> None:
+    from fp4sim.harness import positive_int
+
     sub = parser.add_subparsers(dest="check_target", metavar="TARGET")
     quant = sub.add_parser(
         "quantizer",
         help="x -> (packed uint8, scale bytes, tensor scale or None), bit-exact vs the emulator",
+        description="Check a quantizer bit for bit against fp4sim.quantize.",
     )
-    _common(quant)
-    quant.add_argument("--format", dest="fmt", choices=("nvfp4", "mxfp4"), required=True)
-    quant.add_argument("--tensor-scale", type=_tensor_scale, default=None, help="none|amax|FLOAT")
-    quant.add_argument("--scale-rule", choices=("rceil", "floor", "even", "ceil"), default=None)
-    quant.add_argument("--scale-op", choices=("reciprocal", "divide"), default=None)
-    quant.add_argument("--scale-amax-op", choices=("divide", "reciprocal"), default=None)
-    quant.add_argument("--scale-lower-clamp", action="store_true", default=None)
-    quant.add_argument("--zero-scale-codes", choices=("zeros", "reciprocal"), default=None)
-    quant.add_argument("--nan", choices=("ptx", "ml_dtypes"), default=None)
+    _common(quant, "quantizer")
+    quant.add_argument("--format", dest="fmt", choices=("nvfp4", "mxfp4"), required=True,
+                       help="block format: nvfp4 (16, E4M3 scales) or mxfp4 (32, E8M0)")
+    quant.add_argument("--tensor-scale", type=_tensor_scale, default=None,
+                       help="nvfp4 per-tensor scale: none, amax or a positive number"
+                            " (default none)")
+    quant.add_argument("--scale-rule", choices=("rceil", "floor", "even", "ceil"), default=None,
+                       help="mxfp4 E8M0 scale rule (default rceil)")
+    quant.add_argument("--scale-op", choices=("reciprocal", "divide"), default=None,
+                       help="nvfp4: x times 1/scale or x / scale (default reciprocal)")
+    quant.add_argument("--scale-amax-op", choices=("divide", "reciprocal"), default=None,
+                       help="nvfp4: amax/6 or amax*(1/6) for the block scale (default divide)")
+    quant.add_argument("--scale-lower-clamp", action="store_true", default=None,
+                       help="nvfp4: clamp block scales to the smallest normal E4M3 (default off)")
+    quant.add_argument("--zero-scale-codes", choices=("zeros", "reciprocal"), default=None,
+                       help="nvfp4: codes in blocks whose scale is 0: zeros, or x*(1/0)"
+                            " (default zeros)")
+    quant.add_argument("--nan", choices=("ptx", "ml_dtypes"), default=None,
+                       help="E2M1 code of NaN inputs: ptx (+6) or ml_dtypes (signed zero)"
+                            " (default ptx)")
     quant.add_argument(
-        "--input", dest="input_type", choices=("auto", "torch", "numpy"), default="auto"
+        "--input", dest="input_type", choices=("auto", "torch", "numpy"), default="auto",
+        help="what the kernel takes: auto (torch, else numpy; torch only on cuda),"
+             " torch or numpy (default auto)",
     )
     quant.add_argument(
-        "--distributions", type=_csv, default=None, help=f"subset of {_QUANTIZER_DISTRIBUTIONS}"
+        "--distributions", type=_csv, default=None,
+        help=f"comma-separated subset of {_QUANTIZER_DISTRIBUTIONS} (default all)",
     )
-    quant.add_argument("--max-rows", type=int, default=4)
-    quant.add_argument("--max-blocks", type=int, default=4)
+    quant.add_argument("--max-rows", type=positive_int, default=4,
+                       help="largest number of rows drawn (default 4)")
+    quant.add_argument("--max-blocks", type=positive_int, default=4,
+                       help="largest number of blocks per row drawn (default 4)")
 
     attn = sub.add_parser(
-        "attention", help="(q, k, v, causal, sm_scale) -> o with autograd, vs the reference"
+        "attention", help="(q, k, v, causal, sm_scale) -> o with autograd, vs the reference",
+        description="Check an attention kernel (O, and dQ, dK, dV) against a reference recipe"
+                    " under the FP4 tolerance rule, on inputs the kernel declares it supports.",
     )
-    _common(attn)
-    attn.add_argument("--recipe", default="attn-qat", help="reference recipe preset name")
-    attn.add_argument("--causal", action="store_true")
-    attn.add_argument("--forward-only", action="store_true", help="skip dQ, dK, dV")
-    attn.add_argument("--head-dims", type=_csv, default=None, help="e.g. 64,128")
-    attn.add_argument("--max-len", type=int, default=80)
-    attn.add_argument("--distributions", type=_csv, default=None)
+    _common(attn, "attention")
+    attn.add_argument("--recipe", default=None,
+                      help="reference recipe preset (default: --claims, else attn-qat)")
+    attn.add_argument("--causal", action="store_true", help="draw causal cases (default off)")
+    attn.add_argument("--max-len", type=positive_int, default=80,
+                      help="longest Lq, Lk drawn (default 80)")
+    attn.add_argument("--distributions", type=_csv, default=None,
+                      help="comma-separated input distributions (default all)")
 
 
 def _settings(args: argparse.Namespace) -> tuple[tuple[str, Any], ...]:
@@ -125,6 +174,7 @@ class _Usage(Exception):
 
 
 def _build_config(args: argparse.Namespace) -> Any:
+    from fp4sim.harness import kernel_spec_from_args, load_inputs_file
     from fp4sim.testing import check_attention, check_quantizer
 
     common: dict[str, Any] = {
@@ -132,17 +182,13 @@ def _build_config(args: argparse.Namespace) -> Any:
         "seed": args.seed,
         "device": args.device,
         "shrink_seconds": args.shrink_seconds,
+        "timeout": args.timeout,
     }
     if args.examples is not None:
-        if args.examples < 1:
-            raise _Usage("--examples must be >= 1")
         common["examples"] = args.examples
-    if args.dtypes is not None:
-        bad = [d for d in args.dtypes if d not in ("float32", "bfloat16", "float16")]
-        if bad or not args.dtypes:
-            raise _Usage(f"--dtypes: unknown {bad}")
-        common["dtypes"] = args.dtypes
     if args.check_target == "quantizer":
+        if args.kernel_dtype:
+            common["dtypes"] = tuple(args.kernel_dtype)
         if args.distributions is not None:
             common["distributions"] = args.distributions
         return check_quantizer.QuantizerCheckConfig(
@@ -153,11 +199,6 @@ def _build_config(args: argparse.Namespace) -> Any:
             max_blocks=args.max_blocks,
             **common,
         )
-    if args.head_dims is not None:
-        try:
-            common["head_dims"] = tuple(int(h) for h in args.head_dims)
-        except ValueError as err:
-            raise _Usage(f"--head-dims: integers expected: {err}") from err
     if args.distributions is not None:
         from fp4sim.testing.generators import DISTRIBUTIONS
 
@@ -165,47 +206,136 @@ def _build_config(args: argparse.Namespace) -> Any:
         if bad:
             raise _Usage(f"--distributions: unknown {bad}; known: {sorted(DISTRIBUTIONS)}")
         common["distributions"] = args.distributions
+    if args.inputs is not None:
+        load_inputs_file(args.inputs)  # fail fast on a missing or malformed file
+    overrides = kernel_spec_from_args(args)
     return check_attention.AttentionCheckConfig(
-        recipe=args.recipe,
+        recipe=args.recipe or args.claims or "attn-qat",
         causal=args.causal,
         backward=not args.forward_only,
         max_len=args.max_len,
+        kernel_overrides=overrides,
+        inputs=args.inputs,
         **common,
     )
 
 
+def _is_repro_script(path: Path, target: str, kernel: str) -> bool:
+    """A reproduction script written by `fp4sim check TARGET` for this kernel."""
+    try:
+        head = path.read_text(errors="replace")[:20000]
+    except OSError:
+        return False
+    return f"{_REPRO_MARK} {target}`" in head and repr(kernel) in head
+
+
+def _repro_path(args: argparse.Namespace, target: str) -> tuple[Path, bool]:
+    """(where the script would go, whether it is the default path); usage error for an
+    --repro-out that cannot be written or exists (without --overwrite-repro)."""
+    if args.repro_out is None:
+        return Path(f"fp4sim-check-repro-{target}.py"), True
+    path = Path(args.repro_out)
+    if path.is_dir():
+        raise _Usage(f"--repro-out {path} is a folder; give a file name")
+    if path.exists() and not args.overwrite_repro:
+        raise _Usage(f"--repro-out {path} exists; pass --overwrite-repro to replace it")
+    parent = path.parent if str(path.parent) else Path(".")
+    if not parent.is_dir():
+        raise _Usage(f"--repro-out {path}: folder {parent} does not exist")
+    if not os.access(parent, os.W_OK) or (path.exists() and not os.access(path, os.W_OK)):
+        raise _Usage(f"--repro-out {path}: not writable")
+    return path, False
+
+
+def _free_default(path: Path) -> Path:
+    """The default path, or the first free numbered variant (never overwrite a file)."""
+    n = 2
+    candidate = path
+    while candidate.exists():
+        candidate = path.with_name(f"{path.stem}-{n}{path.suffix}")
+        n += 1
+    return candidate
+
+
 def run(args: argparse.Namespace) -> int:
-    from fp4sim.testing import check_attention, check_quantizer, kernel_loading
+    """The recipe check, then the kernel's system properties (issue 20; ``--no-system``
+    skips them), each with its own verdict line."""
+    code = _run_recipe_check(args)
+    if code == 2 or getattr(args, "no_system", False):
+        return code
+    from fp4sim.testing.system.isolated import check_after_recipe
+
+    return check_after_recipe(_build_config(args), args.check_target, code)
+
+
+def _run_recipe_check(args: argparse.Namespace) -> int:
+    from fp4sim.harness import UsageError
+    from fp4sim.testing import check_attention, check_quantizer
     from fp4sim.testing.repro import write_repro_script
 
     target = getattr(args, "check_target", None)
     if target not in ("quantizer", "attention"):
         print("fp4sim check: choose a target: quantizer or attention (see --help)", file=sys.stderr)
         return 2
+    prefix = f"fp4sim check {target}"
+
+    def log(line: str) -> None:
+        print(f"{prefix}: {line}", file=sys.stderr, flush=True)
+
     try:
+        repro_path, is_default = _repro_path(args, target)
         config = _build_config(args)
+        check_attention.check_device(args.device)
+        progress = None if args.quiet else log
         if target == "quantizer":
-            result = check_quantizer.run_quantizer_check(config)
+            result = check_quantizer.run_quantizer_check(config, log=progress)
         else:
-            result = check_attention.run_attention_check(config)
-    except (kernel_loading.UsageError, _Usage) as err:
-        print(f"fp4sim check {target}: usage error: {err}", file=sys.stderr)
+            result = check_attention.run_attention_check(config, log=progress)
+    except (UsageError, _Usage) as err:
+        print(f"{prefix}: usage error: {err}", file=sys.stderr)
         return 2
+    untested = list(getattr(result, "untested", []))
+    conventions = list(getattr(result, "conventions", []))
+    restarts = int(getattr(result, "restarts", 0))
     if result.ok:
-        print(
-            f"fp4sim check {target}: OK: {result.examples_run} examples agree"
-            f" ({config.kernel}, seed {config.seed})"
-        )
+        print(f"{prefix}: OK: {result.examples_run} examples agree ({config.kernel}, seed"
+              f" {config.seed}{', recipe ' + config.recipe if target == 'attention' else ''})")
+        for line in conventions:
+            print(f"  convention: {line}")
+        for line in untested:
+            print(f"  untested: {line}")
+        if is_default and repro_path.exists() and _is_repro_script(repro_path, target,
+                                                                   config.kernel):
+            repro_path.unlink()  # the failure it reproduced is gone: do not leave it behind
+            print(f"  removed the stale {repro_path} (it now passes)", file=sys.stderr)
         return 0
-    repro_path = args.repro_out or f"fp4sim-check-repro-{target}.py"
-    write_repro_script(repro_path, target, config, result.case, result.blob)
-    print(
-        f"fp4sim check {target}: FAIL after {result.first_failure_at} example(s)"
-        f" ({config.kernel}, seed {config.seed}); shrunk case:"
-    )
+    # the diagnosis first: nothing that follows may lose it
+    print(f"{prefix}: FAIL after {result.first_failure_at} example(s)"
+          f" ({config.kernel}, seed {config.seed}); "
+          + ("shrunk case:" if result.case is not None else "no case:"))
     if not args.quiet:
         print(result.diagnosis)
         if result.blob:
             print(f"Hypothesis blob: {result.blob}")
+        for line in conventions:
+            print(f"  convention: {line}")
+        for line in untested:
+            print(f"  untested: {line}")
+        if restarts:
+            print(f"  the kernel's worker was restarted {restarts} time(s)")
+    sys.stdout.flush()
+    if result.case is None:
+        return 1
+    if is_default:
+        if repro_path.exists() and _is_repro_script(repro_path, target, config.kernel):
+            pass  # our own stale script for this kernel: replaced by the newer failure
+        else:
+            repro_path = _free_default(repro_path)
+    try:
+        write_repro_script(repro_path, target, config, result.case, result.blob)
+    except OSError as err:
+        print(f"{prefix}: could not write the reproduction script {repro_path}: {err}",
+              file=sys.stderr)
+        return 1
     print(f"reproduce: python {repro_path}")
     return 1

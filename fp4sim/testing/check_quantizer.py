@@ -9,10 +9,11 @@ from typing import Any
 
 import numpy as np
 
+from fp4sim.harness import DEFAULT_TIMEOUT, KernelWorker, UsageError
 from fp4sim.testing.assertions import QuantizedDiff, compare_quantized, tie_flip_summary
 from fp4sim.testing.check_driver import CheckResult, run_hypothesis
-from fp4sim.testing.generators import generate_tensor, round_to_dtype
-from fp4sim.testing.kernel_loading import UsageError, load_kernel
+from fp4sim.testing.generators import generate_tensor
+from fp4sim.testing.quantizer_conventions import reconcile
 from fp4sim.testing.strategies import BLOCK_SIZES, QUANTIZER_DISTRIBUTIONS, TensorCase
 
 
@@ -32,8 +33,24 @@ class QuantizerCheckConfig:
     max_rows: int = 4
     max_blocks: int = 4
     shrink_seconds: float = 60.0
+    timeout: float = DEFAULT_TIMEOUT  # per kernel call (fp4sim.harness.KernelWorker)
 
     def __post_init__(self) -> None:
+        # usage errors before any work (issue 14): exit 2 with one line
+        if self.max_rows < 1 or self.max_blocks < 1:
+            raise UsageError(
+                f"--max-rows and --max-blocks must be >= 1, got {self.max_rows},"
+                f" {self.max_blocks}"
+            )
+        if self.examples < 1:
+            raise UsageError("--examples must be >= 1")
+        if not self.timeout > 0:
+            raise UsageError(f"--timeout must be > 0, got {self.timeout}")
+        ts = dict(self.settings).get("tensor_scale")
+        if isinstance(ts, int | float) and not (ts > 0 and np.isfinite(ts)):
+            raise UsageError(f"--tensor-scale must be a positive finite number, got {ts}")
+        if self.device == "cuda" and self.input_type == "numpy":
+            raise UsageError("--device cuda needs torch inputs (--input torch or auto)")
         if self.fmt not in BLOCK_SIZES:
             raise UsageError(f"--format must be one of {sorted(BLOCK_SIZES)}, got {self.fmt!r}")
         if self.input_type not in ("auto", "torch", "numpy"):
@@ -68,6 +85,7 @@ def _to_kernel_input(x: np.ndarray, dtype: str, input_type: str, device: str) ->
 
 
 def _call_quantizer(kernel: Callable[..., Any], x: Any) -> tuple[Any, Any, Any]:
+    """In-process call of a plain callable (the worker does the same in its child)."""
     result = kernel(x)
     if not isinstance(result, tuple | list) or len(result) != 3:
         raise UsageError(
@@ -78,19 +96,48 @@ def _call_quantizer(kernel: Callable[..., Any], x: Any) -> tuple[Any, Any, Any]:
     return result[0], result[1], result[2]
 
 
-def probe_quantizer(kernel: Callable[..., Any], config: QuantizerCheckConfig) -> str:
+def call_quantizer_kernel(
+    kernel: Any, x: np.ndarray, dtype: str, input_type: str, device: str
+) -> tuple[tuple[Any, Any, Any] | None, str | None, list[str]]:
+    """((packed, scale bytes, tensor scale) or None, problem or None, causes): through a
+    ``KernelWorker`` (a child process with a time limit) or a plain callable in-process.
+    An unusable result is a usage error (``UsageError``)."""
+    if hasattr(kernel, "quantize"):
+        res = kernel.quantize(x, dtype=dtype, input_type=input_type)
+        if res.failure is not None:
+            cause = "kernel timed out" if "timed out" in res.failure else "kernel crashed"
+            return None, f"kernel {res.failure}", [cause]
+        if res.bad_output:
+            raise UsageError(res.error)
+        if res.error is not None:
+            return None, res.error, ["kernel error"]
+        out = res.outputs or {}
+        return (out["packed"], out["scales"], out["tensor_scale"]), None, []
+    try:
+        return _call_quantizer(kernel, _to_kernel_input(x, dtype, input_type, device)), None, []
+    except UsageError:
+        raise
+    except Exception as err:
+        return None, f"kernel raised {type(err).__name__}: {err}", ["kernel error"]
+
+
+def probe_quantizer(kernel: Any, config: QuantizerCheckConfig) -> str:
     """Find the input type the kernel accepts (torch first) on a small Gaussian input and
-    check the shape of its result; returns 'torch' or 'numpy' or raises UsageError."""
+    check the shape of its result; returns 'torch' or 'numpy' or raises UsageError. With
+    ``--device cuda`` only torch inputs are tried (a NumPy call would not test the GPU)."""
     x = generate_tensor(np.random.default_rng(0), (2, 2 * BLOCK_SIZES[config.fmt]))
-    kinds = ("torch", "numpy") if config.input_type == "auto" else (config.input_type,)
+    if config.input_type != "auto":
+        kinds: tuple[str, ...] = (config.input_type,)
+    else:
+        kinds = ("torch",) if config.device != "cpu" else ("torch", "numpy")
     errors = []
     for kind in kinds:
-        try:
-            _call_quantizer(kernel, _to_kernel_input(x, "float32", kind, config.device))
-        except UsageError:
-            raise
-        except Exception as err:  # the kernel's own error on this input type
-            errors.append(f"{kind} input: {type(err).__name__}: {err}")
+        _, problem, causes = call_quantizer_kernel(kernel, x, "float32", kind, config.device)
+        if problem is not None and causes[:1] in (["kernel timed out"], ["kernel crashed"]):
+            raise UsageError(f"{config.kernel} {problem.removeprefix('kernel ')} on a"
+                             f" (2, {x.shape[1]}) float32 {kind} input")
+        if problem is not None:  # the kernel's own error on this input type
+            errors.append(f"{kind} input: {problem.removeprefix('kernel raised ')}")
             continue
         return kind
     raise UsageError(
@@ -105,104 +152,40 @@ def emulate_quantizer(x: np.ndarray, fmt: str, settings: dict[str, Any]) -> Any:
     return fp4sim.quantize(x, fmt, axis=-1, **settings)
 
 
-def _e2m1_rne_codes(y: np.ndarray) -> np.ndarray:
-    """E2M1 codes of float values by RNE with saturation (OCP MX v1.0 section 5.3.3)."""
-    import fp4sim
-
-    return np.asarray(fp4sim.e2m1_encode(np.asarray(y, dtype=np.float32)), dtype=np.uint8)
-
-
-def _swap_nibbles(b: np.ndarray) -> np.ndarray:
-    return ((b & 0x0F) << 4) | (b >> 4)
-
-
 def diagnose_quantizer(
     x: np.ndarray, expected: Any, diff: QuantizedDiff, fmt: str, settings: dict[str, Any]
 ) -> list[str]:
-    """Likely causes of a quantizer disagreement, from known signatures."""
-    causes: list[str] = []
+    """Likely causes of a quantizer disagreement: the differential diagnosis of
+    ``fp4sim.testing.diagnosis.quantizer`` (one-setting deviations of the emulator, ranked
+    by the codes and scale bytes each reproduces), then a count of the code differences."""
+    from fp4sim.testing.diagnosis.quantizer import (
+        quantizer_cause_lines,
+        rank_quantizer_hypotheses,
+        shape_hypotheses,
+    )
+
     if diff.what == "shape":
-        if "scale shape" in diff.message:
-            causes.append("wrong block size (the number of scales per row differs)")
-        return causes
+        if diff.actual_scale_count:
+            return shape_hypotheses(np.asarray(x), fmt, diff.actual_scale_count, diff.n_blocks)
+        return []
     if diff.what == "tensor_scale":
-        causes.append("tensor scale computed differently (amax/(448*6) in float32 expected)")
-        return causes
-    blocks = diff.differing_blocks
+        return ["tensor scale computed differently (amax/(448*6) in float32 expected)"]
     ec, ac = diff.expected_codes, diff.actual_codes
     es, as_ = diff.expected_scale_bits, diff.actual_scale_bits
-    ep, ap = diff.expected_packed, diff.actual_packed
     assert ec is not None and ac is not None and es is not None and as_ is not None
-    scale_diff = diff.scale_differs[blocks]
-    if ep is not None and ap is not None and not scale_diff.any():
-        if np.array_equal(ap[blocks], _swap_nibbles(ep[blocks])):
-            causes.append("nibble order swapped (element 2i belongs in the low nibble)")
-            return causes
-    if scale_diff.any():
-        sb = blocks[scale_diff]
-        delta = as_[sb].astype(int) - es[sb].astype(int)
-        if np.all(delta == 1):
-            causes.append(
-                "block scale rounded up (every differing scale byte is one step above the"
-                " emulator's round-to-nearest)"
-            )
-        elif np.all(delta == -1):
-            causes.append("block scale rounded down (one step below round-to-nearest)")
-        block = diff.x_blocks.shape[-1] if diff.x_blocks is not None else 0
-        if fmt == "nvfp4" and block and not settings.get("tensor_scale"):
-            import fp4sim
-
-            xb = diff.x_blocks.astype(np.float32)
-            amax = np.abs(xb).max(axis=-1)
-            pair = (
-                np.repeat(np.maximum(amax[0::2], amax[1::2] if amax.size > 1 else amax[0::2]), 2)[
-                    : amax.size
-                ]
-                if amax.size % 2 == 0
-                else None
-            )
-            if pair is not None:
-                bytes32 = np.asarray(
-                    fp4sim.e4m3_encode(np.minimum(pair / np.float32(6.0), 448.0)), dtype=np.uint8
-                )
-                if np.array_equal(bytes32[sb], as_[sb]):
-                    causes.append(
-                        "scales computed over 32-element blocks instead of 16 (each scale"
-                        " equals the amax/6 of its 32-element pair)"
-                    )
-        return causes
-    # scales agree: codes differ
-    summary = tie_flip_summary(
-        diff.x_blocks.reshape(-1, diff.x_blocks.shape[-1]),
-        _BlockView(expected_codes=ec, scales=_scale_values(diff), tensor_scale=_ts(expected)),
-        ac,
-        axis=-1,
-    )
-    if summary["differing"] and summary["differing_off_tie"] == 0:
-        if summary["away_from_zero"] == summary["differing"]:
-            causes.append("ties rounded away from zero instead of to even (all flips at ties)")
-        else:
-            causes.append("rounding at ties differs from round-to-nearest-even")
-    block_scales = _scale_values(diff)
-    if block_scales is not None:
-        scales = block_scales * (_ts(expected) or 1.0)
-        xb = diff.x_blocks.astype(np.float32)
-        with np.errstate(divide="ignore"):
-            recip = np.where(scales > 0, np.float32(1.0) / scales.astype(np.float32), 0.0)
-        recip = recip.astype(np.float32)
-        with np.errstate(all="ignore"):
-            y = xb * recip
-        bf = round_to_dtype(y, "bfloat16")
-        candidate = _e2m1_rne_codes(bf)
-        if np.array_equal(candidate[blocks], ac[blocks]):
-            causes.append(
-                "scaled values rounded to bfloat16 before E2M1 (double rounding):"
-                f" {summary['differing']} code(s) differ, {summary['differing_off_tie']} off ties"
-            )
-    if not causes:
+    scores = rank_quantizer_hypotheses(np.asarray(x), fmt, settings, ac, as_, ec, es)
+    causes = quantizer_cause_lines(scores)
+    if diff.x_blocks is not None and not (scores and scores[0].exact):
+        summary = tie_flip_summary(
+            diff.x_blocks.reshape(-1, diff.x_blocks.shape[-1]),
+            _BlockView(expected_codes=ec, scales=_scale_values(diff), tensor_scale=_ts(expected)),
+            ac,
+            axis=-1,
+        )
         causes.append(
             f"{summary['differing']} code(s) differ ({summary['differing_at_tie']} at ties,"
-            f" {summary['away_from_zero']} larger in magnitude, {summary['sign_flips']} sign flips)"
+            f" {summary['away_from_zero']} larger in magnitude, {summary['sign_flips']} sign"
+            f" flips); {int(diff.scale_differs.sum())} scale byte(s) differ"
         )
     return causes
 
@@ -237,19 +220,29 @@ def evaluate_quantizer_case(
     """(diagnosis or None, likely causes) for one input."""
     settings = config.settings_dict()
     expected = emulate_quantizer(case.x, config.fmt, settings)
-    try:
-        packed, scale_bits, tensor_scale = _call_quantizer(
-            kernel, _to_kernel_input(case.x, case.dtype, input_type, config.device)
-        )
-    except UsageError:
-        raise
-    except Exception as err:
-        return f"kernel raised {type(err).__name__}: {err}", ["kernel error"]
+    out, problem, problem_causes = call_quantizer_kernel(
+        kernel, case.x, case.dtype, input_type, config.device
+    )
+    if out is None:
+        return problem, problem_causes
+    packed, scale_bits, tensor_scale = out
     diff = compare_quantized(case.x, expected, packed, scale_bits, tensor_scale, axis=-1)
     if diff is None:
         return None, []
+    # bits that differ with no effect on values are conventions, not bugs (issue 12)
+    conv = reconcile(case.x, config.fmt, settings, packed, scale_bits, tensor_scale)
+    note = ""
+    if conv is not None:
+        if conv.agrees:
+            return None, [f"convention: {conv.note()}"]
+        note = f"compared after conventions: {conv.note()}\n"
+        settings = conv.settings
+        expected = emulate_quantizer(case.x, config.fmt, settings)
+        packed, scale_bits = conv.packed, conv.scale_bits
+        diff = compare_quantized(case.x, expected, packed, scale_bits, tensor_scale, axis=-1)
+        assert diff is not None  # conv.remaining > 0 differences in values
     causes = diagnose_quantizer(case.x, expected, diff, config.fmt, settings)
-    text = diff.message + "".join(f"\nlikely cause: {c}" for c in causes)
+    text = note + diff.message + "".join(f"\nlikely cause: {c}" for c in causes)
     return text, causes
 
 
@@ -257,35 +250,59 @@ def _tensor_case_key(case: TensorCase) -> tuple[Any, ...]:
     return (case.distribution, case.params, case.shape, case.dtype, case.seed)
 
 
-def run_quantizer_check(config: QuantizerCheckConfig) -> CheckResult:
-    """Load the kernel, then check it over ``config.examples`` drawn inputs."""
+def run_quantizer_check(
+    config: QuantizerCheckConfig, *, log: Callable[[str], None] | None = None,
+    progress_every: int = 50,
+) -> CheckResult:
+    """Load the kernel in a worker process, then check it over ``config.examples`` drawn
+    inputs. The result's ``conventions`` lists value-neutral conventions the kernel follows
+    (e.g. "agrees with `--zero-scale-codes reciprocal`")."""
+    from fp4sim.testing.check_attention import check_device
     from fp4sim.testing.strategies import tensor_cases
 
-    kernel = load_kernel(config.kernel, 1)
-    input_type = probe_quantizer(kernel, config)
-    causes_of: dict[Any, list[str]] = {}
+    check_device(config.device)
+    with KernelWorker(config.kernel, kind="quantizer", timeout=config.timeout,
+                      device=config.device) as worker:
+        input_type = probe_quantizer(worker, config)
+        causes_of: dict[Any, list[str]] = {}
+        conventions: dict[str, int] = {}
+        seen = {"n": 0, "hard": False}
 
-    def evaluate(case: TensorCase) -> str | None:
-        text, causes = evaluate_quantizer_case(kernel, case, config, input_type)
-        causes_of[_tensor_case_key(case)] = causes
-        return text
+        def evaluate(case: TensorCase) -> str | None:
+            if seen["hard"]:
+                return None  # after a time-out or crash, no shrinking (each try could hang)
+            seen["n"] += 1
+            if log is not None and seen["n"] % progress_every == 0:
+                log(f"{seen['n']}/{config.examples} examples checked")
+            text, causes = evaluate_quantizer_case(worker, case, config, input_type)
+            if causes[:1] in (["kernel timed out"], ["kernel crashed"]):
+                seen["hard"] = True
+            for cause in causes:
+                if text is None and cause.startswith("convention: "):
+                    note = cause.removeprefix("convention: ")
+                    conventions[note] = conventions.get(note, 0) + 1
+            causes_of[_tensor_case_key(case)] = causes
+            return text
 
-    strategy = tensor_cases(
-        fmt=config.fmt,
-        distributions=config.distributions,
-        dtypes=config.dtypes,
-        max_rows=config.max_rows,
-        max_blocks=config.max_blocks,
-    )
-    result = run_hypothesis(
-        strategy,
-        evaluate,
-        examples=config.examples,
-        seed=config.seed,
-        shrink_seconds=config.shrink_seconds,
-        case_key=_tensor_case_key,
-    )
+        strategy = tensor_cases(
+            fmt=config.fmt,
+            distributions=config.distributions,
+            dtypes=config.dtypes,
+            max_rows=config.max_rows,
+            max_blocks=config.max_blocks,
+        )
+        result = run_hypothesis(
+            strategy,
+            evaluate,
+            examples=config.examples,
+            seed=config.seed,
+            shrink_seconds=config.shrink_seconds,
+            case_key=_tensor_case_key,
+        )
+        result.restarts = worker.starts - 1  # type: ignore[attr-defined]
     if result.case is not None:
         result.causes = causes_of.get(_tensor_case_key(result.case), [])
+    result.conventions = [  # type: ignore[attr-defined]
+        f"{note} ({n} case(s))" for note, n in conventions.items()
+    ]
     return result
-

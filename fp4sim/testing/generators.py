@@ -382,7 +382,7 @@ def _tensor_near_ties(
 ) -> np.ndarray:
     """As ``ties``, then every non-amax element moved one float32 ulp up or down
     (np.nextafter toward +-inf): RNE decides on the exact float32 input, so half of
-    these round away from the tie's even neighbour (FP4_FORMATS.md, E2M1)."""
+    these round away from the tie's even neighbour (docs/numerics.md, E2M1)."""
     x, is_amax = _ties_blocked(rng, _blocked(shape, block_size), min_exp, max_exp)
     x = x.astype(np.float32)
     toward = np.where(rng.random(x.shape) < 0.5, np.float32(-np.inf), np.float32(np.inf))
@@ -437,7 +437,7 @@ def _tensor_below_flush(
 ) -> np.ndarray:
     """N(0, 1) blocks scaled by 2^e * u, e uniform in [min_exp, max_exp], u ~ U(0.5, 1):
     block amaxes straddle the NVFP4 flush threshold 6 * 2^-10 (the E4M3 scale amax/6 rounds
-    to 0 below half its smallest subnormal 2^-9, FP4_FORMATS.md)."""
+    to 0 below half its smallest subnormal 2^-9, docs/numerics.md)."""
     blocked = _blocked(shape, block_size)
     gain = _block_power_of_two(rng, blocked, min_exp, max_exp) * rng.uniform(
         0.5, 1.0, size=(*blocked[:-1], 1)

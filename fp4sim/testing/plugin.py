@@ -1,8 +1,8 @@
 """pytest plugin (entry point ``pytest11``) for FP4 test suites.
 
 Loaded in every pytest run of an environment with fp4sim installed, so it imports only
-Hypothesis and pytest at load time; torch, the reference and the kernels are imported by
-the fixtures that need them.
+pytest and (when installed) Hypothesis at load time; torch, the reference and the kernels
+are imported by the fixtures that need them, which skip naming the missing extra.
 
 What a user's tests get without copying anything:
 
@@ -14,7 +14,9 @@ What a user's tests get without copying anything:
   (the ``reference`` package), ``fp4_emulator`` (``fp4sim``), ``fp4_kernels`` (the
   ``kernels`` package, skipped when Triton cannot run here), ``fp4_device``,
   ``fp4_strategies`` (``fp4sim.testing.strategies``), ``fp4_rng`` (a seeded NumPy
-  Generator);
+  Generator), ``fp4_system_properties`` (a callable ``check(kernel, spec=None,
+  recipe="attn-qat", **kw)`` that runs the kernel system properties in process and fails
+  the test with every verdict line if one fails; returns the verdicts);
 * markers ``gpu`` (skipped without CUDA), ``interpreter``, ``slow``, ``exhaustive``,
   ``fp4_recipes``.
 
@@ -24,29 +26,34 @@ attention_inputs, fp4_arrays, tie_values``.
 
 from __future__ import annotations
 
+import importlib
 import os
 from typing import Any
 
 import pytest
-from hypothesis import HealthCheck, settings
 
-settings.register_profile(
-    "ci",
-    max_examples=25,
-    derandomize=True,
-    database=None,
-    deadline=None,
-    print_blob=True,
-    suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large],
-)
-settings.register_profile("dev", max_examples=50, deadline=None, print_blob=True)
-settings.register_profile(
-    "thorough",
-    max_examples=1000,
-    deadline=None,
-    print_blob=True,
-    suppress_health_check=[HealthCheck.too_slow],
-)
+try:
+    from hypothesis import HealthCheck, settings
+except ModuleNotFoundError:  # without the [test] extra the plugin still loads, minus profiles
+    settings = None
+else:
+    settings.register_profile(
+        "ci",
+        max_examples=25,
+        derandomize=True,
+        database=None,
+        deadline=None,
+        print_blob=True,
+        suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large],
+    )
+    settings.register_profile("dev", max_examples=50, deadline=None, print_blob=True)
+    settings.register_profile(
+        "thorough",
+        max_examples=1000,
+        deadline=None,
+        print_blob=True,
+        suppress_health_check=[HealthCheck.too_slow],
+    )
 
 _MARKERS = (
     "gpu: needs a CUDA device (skipped without one)",
@@ -62,7 +69,7 @@ def pytest_configure(config: pytest.Config) -> None:
         config.addinivalue_line("markers", line)
     explicit = getattr(config.option, "hypothesis_profile", None)
     from_env = os.environ.get("HYPOTHESIS_PROFILE")
-    if explicit is None and from_env:
+    if explicit is None and from_env and settings is not None:
         settings.load_profile(from_env)
 
 
@@ -82,8 +89,19 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
             item.add_marker(skip)
 
 
+def _import_or_skip(module: str, extra: str) -> Any:
+    """``module``, or skip the test naming the extra that installs what it lacks."""
+    try:
+        return importlib.import_module(module)
+    except ModuleNotFoundError as err:
+        pytest.skip(f"{module} needs {err.name}, which is not installed (pip install '{extra}')")
+
+
 def _recipe_names() -> tuple[str, ...]:
-    from fp4sim import reference
+    try:
+        from fp4sim import reference
+    except ModuleNotFoundError:  # no torch: one skipped case instead of a collection error
+        return ()
     return tuple(reference.RECIPE_NAMES)
 
 
@@ -92,21 +110,24 @@ def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
         return
     marker = metafunc.definition.get_closest_marker("fp4_recipes")
     names = tuple(marker.args) if marker is not None and marker.args else _recipe_names()
+    if not names:
+        reason = "fp4_recipe needs torch, which is not installed (pip install 'fp4sim[torch]')"
+        metafunc.parametrize("fp4_recipe_name", [pytest.param("", marks=pytest.mark.skip(reason))])
+        return
     metafunc.parametrize("fp4_recipe_name", names)
 
 
 @pytest.fixture
 def fp4_recipe(fp4_recipe_name: str) -> Any:
     """The reference ``Recipe`` for each preset name (see ``fp4_recipe_name``)."""
-    from fp4sim import reference
+    reference = _import_or_skip("fp4sim.reference", "fp4sim[torch]")
     return reference.get_recipe(fp4_recipe_name)
 
 
 @pytest.fixture(scope="session")
 def fp4_reference() -> Any:
     """The ``reference`` package (PyTorch FP4 attention reference)."""
-    from fp4sim import reference
-    return reference
+    return _import_or_skip("fp4sim.reference", "fp4sim[torch]")
 
 
 @pytest.fixture(scope="session")
@@ -138,9 +159,7 @@ def fp4_kernels(fp4_device: str) -> Any:
 @pytest.fixture(scope="session")
 def fp4_strategies() -> Any:
     """``fp4sim.testing.strategies`` (also importable directly)."""
-    from fp4sim.testing import strategies
-
-    return strategies
+    return _import_or_skip("fp4sim.testing.strategies", "fp4sim[test]")
 
 
 @pytest.fixture
@@ -151,3 +170,18 @@ def fp4_rng(request: pytest.FixtureRequest) -> Any:
     import numpy as np
 
     return np.random.default_rng(zlib.crc32(request.node.nodeid.encode()))
+
+
+@pytest.fixture
+def fp4_system_properties(fp4_device: str) -> Any:
+    """``check(kernel, spec=None, *, recipe="attn-qat", quantizer=False, **kw)``: run
+    ``fp4sim.testing.system.run_system_properties`` on ``fp4_device`` (seed 0 unless given)
+    and raise AssertionError with every verdict line if a property fails."""
+    system = _import_or_skip("fp4sim.testing.system", "fp4sim[test]")
+
+    def check(kernel: Any, spec: Any = None, **kwargs: Any) -> Any:
+        kwargs.setdefault("device", fp4_device)
+        kwargs.setdefault("seed", 0)
+        return system.assert_system_properties(kernel, spec, **kwargs)
+
+    return check

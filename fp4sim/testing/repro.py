@@ -56,12 +56,15 @@ def case_to_json(case: Any) -> dict[str, Any]:
             "seed": case.seed,
         }
     if isinstance(case, AttentionCase):
-        return {
+        out = {
             "spec": dataclasses.asdict(case.spec),
             "seed": case.seed,
             "causal": case.causal,
             "sm_scale": case.sm_scale,
         }
+        if case.source is not None:  # captured activations: re-read from the file
+            out["inputs"] = os.path.abspath(case.source)
+        return out
     raise TypeError(f"cannot describe a {type(case).__name__}")
 
 
@@ -89,7 +92,16 @@ def _case_from_json(what: str, data: dict[str, Any]) -> Any:
             x=x,
         )
     spec = AttentionInputSpec(**data["spec"])
-    q, k, v = generate_attention_inputs(np.random.default_rng(data["seed"]), spec)
+    do = None
+    if data.get("inputs"):
+        from fp4sim.harness import load_inputs_file
+        from fp4sim.testing.generators import round_to_dtype
+
+        arrays = load_inputs_file(data["inputs"])
+        q, k, v = (round_to_dtype(arrays[n], spec.dtype) for n in ("q", "k", "v"))
+        do = arrays.get("do")
+    else:
+        q, k, v = generate_attention_inputs(np.random.default_rng(data["seed"]), spec)
     return AttentionCase(
         spec=spec,
         seed=data["seed"],
@@ -98,6 +110,8 @@ def _case_from_json(what: str, data: dict[str, Any]) -> Any:
         q=q,
         k=k,
         v=v,
+        do=do,
+        source=data.get("inputs"),
     )
 
 
@@ -127,18 +141,23 @@ def write_repro_script(
 
 def rerun(what: str, config_json: dict[str, Any], case_json: dict[str, Any]) -> int:
     """Re-run one case of a check; prints the diagnosis; 1 = disagreement, 0 = agreement."""
-    from fp4sim.testing import check_attention, check_quantizer, kernel_loading
+    from fp4sim.harness import KernelWorker
+    from fp4sim.testing import check_attention, check_quantizer
 
     case = _case_from_json(what, case_json)
     if what == "quantizer":
         qconfig = check_quantizer.QuantizerCheckConfig.from_json(config_json)
-        kernel = kernel_loading.load_kernel(qconfig.kernel, 1)
-        input_type = check_quantizer.probe_quantizer(kernel, qconfig)
-        text, _ = check_quantizer.evaluate_quantizer_case(kernel, case, qconfig, input_type)
+        with KernelWorker(qconfig.kernel, kind="quantizer", timeout=qconfig.timeout,
+                          device=qconfig.device) as worker:
+            input_type = check_quantizer.probe_quantizer(worker, qconfig)
+            text, _ = check_quantizer.evaluate_quantizer_case(worker, case, qconfig, input_type)
     else:
         aconfig = check_attention.AttentionCheckConfig.from_json(config_json)
-        kernel = kernel_loading.load_kernel(aconfig.kernel, 5)
-        outcome = check_attention.evaluate_attention_case(kernel, case, aconfig)
+        with KernelWorker(aconfig.kernel, spec_overrides=aconfig.kernel_overrides,
+                          timeout=aconfig.timeout, device=aconfig.device) as worker:
+            assert worker.spec is not None
+            aconfig = check_attention.effective_config(aconfig, worker.spec)
+            outcome = check_attention.evaluate_attention_case(worker, case, aconfig)
         text = None if outcome.ok else outcome.describe(case)
     if text is None:
         print(f"{what} check: the kernel agrees on {case!r}")

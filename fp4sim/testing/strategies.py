@@ -46,7 +46,7 @@ __all__ = [
     "tie_values",
 ]
 
-# Block length of each format (NVFP4: 16, MXFP4: 32; FP4_FORMATS.md).
+# Block length of each format (NVFP4: 16, MXFP4: 32; docs/numerics.md).
 BLOCK_SIZES: dict[str, int] = {"nvfp4": 16, "mxfp4": 32}
 
 # Simplest first: Hypothesis shrinks sampled_from toward index 0.
@@ -111,14 +111,18 @@ def attention_specs(
     min_len: int = 1,
     max_len: int = 80,
     lq_le_lk: bool = False,
+    length_multiple: int = 1,
+    equal_lengths: bool = False,
 ) -> AttentionInputSpec:
     """Draw an ``AttentionInputSpec``.
 
     Shapes: batch in [1, max_batch], kv_heads in [1, max_kv_heads], heads = kv_heads *
     group with group in [1, max_group] (GQA when group > 1), lq and lk independent in
     [min_len, max_len] (ragged, Lq != Lk); ``lq_le_lk`` keeps lq <= lk (so that every row
-    of a bottom-right-aligned causal mask sees at least one key). Distribution parameters
-    are drawn from short lists whose first entry is the mildest.
+    of a bottom-right-aligned causal mask sees at least one key). ``length_multiple``
+    draws lengths that are multiples of it (a kernel's tile); ``equal_lengths`` draws
+    lq == lk. Distribution parameters are drawn from short lists whose first entry is the
+    mildest.
     """
     names = _validated_choices(
         distributions, ATTENTION_DISTRIBUTIONS, DISTRIBUTIONS, "distribution"
@@ -130,8 +134,13 @@ def attention_specs(
     kv_heads = draw(st.integers(1, max_kv_heads))
     group = draw(st.integers(1, max_group))
     head_dim = draw(st.sampled_from(tuple(head_dims)))
-    lk = draw(st.integers(min_len, max_len))
-    lq = draw(st.integers(min_len, lk if lq_le_lk else max_len))
+    m = length_multiple
+    low, high = -(-min_len // m), max_len // m  # lengths in units of m
+    if m < 1 or high < max(low, 1):
+        raise ValueError(f"no length in [{min_len}, {max_len}] is a multiple of {m}")
+    low = max(low, 1)
+    lk = m * draw(st.integers(low, high))
+    lq = lk if equal_lengths else m * draw(st.integers(low, lk // m if lq_le_lk else high))
     dtype = draw(st.sampled_from(tuple(dtypes)))
     params: dict[str, object] = {}
     if distribution == "student_t":
@@ -180,6 +189,9 @@ class AttentionCase:
     q: np.ndarray = field(repr=False, compare=False)
     k: np.ndarray = field(repr=False, compare=False)
     v: np.ndarray = field(repr=False, compare=False)
+    # captured activations (``--inputs FILE``): their dO, if any, and the file they came from
+    do: np.ndarray | None = field(default=None, repr=False, compare=False)
+    source: str | None = None
 
 
 @st.composite
@@ -193,12 +205,14 @@ def attention_inputs(
     """Draw an ``AttentionCase``: a spec (see ``attention_specs`` for ``spec_kwargs``), a
     seed, and the generated float32 (q, k, v).
 
-    ``causal=None`` draws the flag (False first). When causal, lq <= lk is enforced.
+    ``causal=None`` draws the flag (False first). When causal, lq <= lk is enforced
+    (lq == lk with ``causal_equal_lengths``, for kernels without bottom-right alignment).
     ``sm_scales`` lists the softmax scales to draw from (None = 1/sqrt(d), first).
     """
+    equal = bool(spec_kwargs.pop("causal_equal_lengths", False))
     is_causal = draw(st.booleans()) if causal is None else bool(causal)
     if is_causal:
-        spec_kwargs = {**spec_kwargs, "lq_le_lk": True}
+        spec_kwargs = {**spec_kwargs, "lq_le_lk": True, "equal_lengths": equal}
     spec = draw(attention_specs(**spec_kwargs))  # type: ignore[arg-type]
     seed = draw(seeds())
     sm_scale = draw(st.sampled_from(tuple(sm_scales)))

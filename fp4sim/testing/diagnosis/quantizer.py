@@ -1,0 +1,216 @@
+"""Differential diagnosis of a quantizer: which setting, changed from the emulator's, makes the
+emulator write the kernel's bytes.
+
+Each hypothesis re-quantizes the input with one deviation (fake_quant.QuantKnobs, or the
+nibble order of the packing) and is scored by the codes and scale bytes it explains: of the
+positions where the kernel differs from the emulator, how many the hypothesis reproduces,
+minus the positions where the emulator agreed with the kernel and the hypothesis does not.
+A hypothesis that reproduces every byte *explains* the input.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, replace
+from typing import Any
+
+import numpy as np
+
+from fp4sim.testing.diagnosis.fake_quant import QuantKnobs, quantize_parts
+
+BLOCKS = {"nvfp4": 16, "mxfp4": 32}
+
+
+@dataclass(frozen=True)
+class QuantHypothesis:
+    name: str
+    text: str
+    knobs: QuantKnobs
+    swap_nibbles: bool = False
+
+
+@dataclass
+class QuantScore:
+    hypothesis: QuantHypothesis
+    codes_explained: int
+    codes_differing: int
+    scales_explained: int
+    scales_differing: int
+    broken: int  # bytes the emulator got right and the hypothesis gets wrong
+
+    @property
+    def exact(self) -> bool:
+        return (self.broken == 0 and self.codes_explained == self.codes_differing
+                and self.scales_explained == self.scales_differing)
+
+    @property
+    def net(self) -> int:
+        return self.codes_explained + self.scales_explained - self.broken
+
+    def describe(self) -> str:
+        return (f"{self.hypothesis.text} [{self.hypothesis.name}: explains"
+                f" {self.codes_explained}/{self.codes_differing} differing codes and"
+                f" {self.scales_explained}/{self.scales_differing} scale bytes"
+                + (f", breaks {self.broken} that agreed" if self.broken else "") + "]")
+
+
+def base_knobs(fmt: str, settings: dict[str, Any]) -> QuantKnobs | None:
+    """QuantKnobs equal to ``fp4sim.quantize(x, fmt, **settings)`` (None: not modelled)."""
+    ts = settings.get("tensor_scale")
+    if ts is not None and ts != "amax":
+        return None
+    if settings.get("rounding", "rne") != "rne" or settings.get("pad", False):
+        return None
+    return QuantKnobs(
+        fmt=fmt, block=BLOCKS[fmt], scale_op=settings.get("scale_op", "reciprocal"),
+        amax_op=settings.get("scale_amax_op", "divide"),
+        lower_clamp=bool(settings.get("scale_lower_clamp", False)), tensor_scale=ts,
+        scale_rule=settings.get("scale_rule", "rceil"), nan=settings.get("nan", "ptx"),
+        zero_scale_codes=settings.get("zero_scale_codes", "zeros"),
+    )
+
+
+def quantizer_hypotheses(base: QuantKnobs) -> list[QuantHypothesis]:
+    """One deviation per hypothesis, generated over the settings' alternatives."""
+    nv = base.fmt == "nvfp4"
+    rows: list[tuple[str, str, dict[str, Any]]] = [
+        ("ties:away", "E2M1 ties rounded away from zero instead of to even",
+         {"elem_round": "away"}),
+        ("ties:zero", "E2M1 ties rounded toward zero instead of to even", {"elem_round": "zero"}),
+        ("ties:trunc", "E2M1 values truncated toward zero (no rounding)", {"elem_round": "trunc"}),
+        ("double:bf16", "scaled values rounded to bfloat16 before E2M1 (double rounding, the"
+         " sticky bits lost)", {"pre_round": "bfloat16"}),
+        ("double:fp16", "scaled values rounded to float16 before E2M1 (double rounding, the"
+         " sticky bits lost)", {"pre_round": "float16"}),
+        ("nan:other", "NaN inputs coded by the other convention",
+         {"nan": "ml_dtypes" if base.nan == "ptx" else "ptx"}),
+        ("neg_zero:positive", "negative values that round to 0 written as +0 (code 0x0, not"
+         " -0 0x8)", {"neg_zero": False}),
+        ("zero_scale:other", "codes of a zero-scale block by the other convention",
+         {"zero_scale_codes": "reciprocal" if base.zero_scale_codes == "zeros" else "zeros"}),
+    ]
+    for blk in (8, 16, 32, 64):
+        if blk != base.block:
+            rows.append((f"block:{blk}", f"scales computed over {blk}-element blocks instead of"
+                         f" {base.block}", {"block": blk}))
+    if nv:
+        rows += [
+            ("scale:e4m3_up", "E4M3 block scale rounded up instead of to nearest",
+             {"e4m3_round": "up"}),
+            ("scale:e4m3_down", "E4M3 block scale rounded down instead of to nearest",
+             {"e4m3_round": "down"}),
+            ("scale:div4", "block scale amax/4 instead of amax/6", {"divisor": 4.0}),
+            ("scale:div8", "block scale amax/8 instead of amax/6", {"divisor": 8.0}),
+            ("scale:op", "data " + ("divided by the scale (x / s) instead of x * (1/s)"
+                                    if base.scale_op == "reciprocal" else
+                                    "multiplied by 1/s instead of divided by s"),
+             {"scale_op": "divide" if base.scale_op == "reciprocal" else "reciprocal"}),
+            ("scale:amax_op", "block scale " + ("amax * (1/6) instead of amax / 6"
+                                                if base.amax_op == "divide" else
+                                                "amax / 6 instead of amax * (1/6)"),
+             {"amax_op": "reciprocal" if base.amax_op == "divide" else "divide"}),
+            ("scale:lower_clamp", "block scale " + ("clamped below at 2^-6" if not
+                                                    base.lower_clamp else "not clamped below"),
+             {"lower_clamp": not base.lower_clamp}),
+            ("scale:no_upper_clamp", "amax/6 not clamped to 448 before the E4M3 cast",
+             {"upper_clamp": False}),
+            ("scale:tensor", "tensor scale " + ("missing" if base.tensor_scale else
+                                                "applied (amax/(448*6)) though none expected"),
+             {"tensor_scale": None if base.tensor_scale else "amax"}),
+            ("scale:pow2", "block scale rounded up to a power of two (E8M0-like)",
+             {"scale_dtype": "e8m0"}),
+        ]
+    else:
+        for rule in ("rceil", "floor", "ceil", "even"):
+            if rule != base.scale_rule:
+                rows.append((f"scale:mx_{rule}", f"MX scale by the {rule} rule instead of"
+                             f" {base.scale_rule}", {"scale_rule": rule}))
+    out = [QuantHypothesis(n, t, replace(base, **kw)) for n, t, kw in rows]
+    out.append(QuantHypothesis("nibbles:swapped", "nibble order swapped (element 2i belongs in"
+                               " the low nibble)", base, swap_nibbles=True))
+    return out
+
+
+def _hyp_bytes(x: np.ndarray, hyp: QuantHypothesis, block: int) -> tuple[Any, Any]:
+    """The hypothesis' codes (n_blocks, block) and scale bytes (n_blocks,) on the emulator's
+    block grid (a larger block's scale repeated over the smaller blocks it covers)."""
+    import torch
+
+    x2 = torch.from_numpy(np.ascontiguousarray(x, dtype=np.float32).reshape(-1, x.shape[-1]))
+    codes, sbytes, _ = quantize_parts(x2, hyp.knobs)
+    cols = x2.shape[-1]
+    codes = codes.reshape(codes.shape[0], -1)[:, :cols].numpy()
+    if hyp.swap_nibbles:
+        swapped = codes.copy()
+        swapped[:, 0::2], swapped[:, 1::2] = codes[:, 1::2], codes[:, 0::2]
+        codes = swapped
+    hb = hyp.knobs.block
+    if sbytes is None:
+        return None, None
+    sb = sbytes.numpy()
+    if hb > block:
+        sb = np.repeat(sb, hb // block, axis=-1)[:, : -(-cols // block)]
+    elif hb < block:
+        return None, None  # more scales than the grid holds: compared by shape instead
+    pad = (-cols) % block
+    codes = np.pad(codes, ((0, 0), (0, pad)))
+    return codes.reshape(-1, block), sb.reshape(-1)
+
+
+def rank_quantizer_hypotheses(
+    x: np.ndarray, fmt: str, settings: dict[str, Any], act_codes: np.ndarray,
+    act_scale_bits: np.ndarray, exp_codes: np.ndarray, exp_scale_bits: np.ndarray,
+) -> list[QuantScore]:
+    """Every hypothesis scored against the kernel's codes/scale bytes on the emulator's
+    block grid ((n_blocks, block) and (n_blocks,), blocks in row order)."""
+    base = base_knobs(fmt, settings)
+    if base is None:
+        return []
+    block = exp_codes.shape[-1]
+    d_codes = act_codes != exp_codes
+    d_scales = act_scale_bits != exp_scale_bits
+    out = []
+    for hyp in quantizer_hypotheses(base):
+        try:
+            codes, sbytes = _hyp_bytes(x, hyp, block)
+        except (ValueError, RuntimeError):
+            continue
+        if codes is None or codes.shape != act_codes.shape or sbytes.shape != d_scales.shape:
+            continue
+        c_ok, s_ok = codes == act_codes, sbytes == act_scale_bits
+        out.append(QuantScore(
+            hyp,
+            codes_explained=int((d_codes & c_ok).sum()), codes_differing=int(d_codes.sum()),
+            scales_explained=int((d_scales & s_ok).sum()),
+            scales_differing=int(d_scales.sum()),
+            broken=int((~d_codes & ~c_ok).sum() + (~d_scales & ~s_ok).sum()),
+        ))
+    out.sort(key=lambda s: (not s.exact, -s.net))
+    return out
+
+
+def shape_hypotheses(x: np.ndarray, fmt: str, act_scale_count: int, exp_scale_count: int
+                     ) -> list[str]:
+    """A differing number of scales: the block size that gives the kernel's count."""
+    cols = x.shape[-1]
+    rows = max(1, int(np.prod(x.shape[:-1])))
+    per_row = act_scale_count / rows
+    if per_row and float(per_row).is_integer() and per_row > 0:
+        blk = cols / per_row
+        if blk.is_integer():
+            return [f"scales computed over {int(blk)}-element blocks instead of {BLOCKS[fmt]}"
+                    f" ({act_scale_count} scales for {exp_scale_count} blocks)"]
+    return []
+
+
+def quantizer_cause_lines(scores: list[QuantScore], top: int = 3) -> list[str]:
+    """The named cause (a hypothesis reproducing every byte) or an honest 'none'."""
+    exact = [s for s in scores if s.exact]
+    if exact:
+        lines = [exact[0].describe()]
+        if len(exact) > 1:
+            lines.append("equally explained on this input by: " + "; ".join(
+                s.hypothesis.text for s in exact[1:4]))
+        return lines
+    lines = [f"no known hypothesis explains it ({len(scores)} tried)"]
+    lines += [f"  closest: {s.describe()}" for s in scores[:top] if s.net > 0]
+    return lines

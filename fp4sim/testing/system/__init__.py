@@ -1,0 +1,96 @@
+"""Kernel system properties (issue 20): metamorphic and runtime checks that a recipe check
+on fresh, contiguous, independent inputs cannot see.
+
+``run_system_properties(kernel, spec, recipe=..., device=..., seed=...)`` runs them in
+process (they need the tensors: in-place detection, CUDA graphs) and returns one
+``Verdict`` per property; ``format_verdicts`` prints one line each. ``fp4sim check
+attention`` runs them after the recipe check, ``fp4sim check quantizer`` the four that
+apply to a quantizer; the pytest fixture ``fp4_system_properties`` exposes them to users.
+
+Attention properties: independence, batch permutation, key permutation (non-causal
+equivariance under permutations of key blocks of 16 and tiles of 64 with V), repeatability,
+stale state, CUDA graphs (GPU only), inputs untouched, layouts, outputs, edge lengths,
+special values. Quantizer properties: repeatability, inputs untouched, stale state, layouts.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable
+from typing import Any
+
+from fp4sim.testing.system.attention import ATTENTION_PROPERTIES
+from fp4sim.testing.system.context import AttentionContext, spec_field, timed
+from fp4sim.testing.system.quantizer import QUANTIZER_PROPERTIES, QuantizerContext
+from fp4sim.testing.system.verdict import Verdict, format_verdicts
+
+__all__ = [
+    "ATTENTION_PROPERTIES",
+    "QUANTIZER_PROPERTIES",
+    "Verdict",
+    "assert_system_properties",
+    "format_verdicts",
+    "run_system_properties",
+]
+
+
+def _default_spec() -> Any:
+    try:
+        from fp4sim.harness import KernelSpec
+    except ImportError:  # pragma: no cover - the harness ships with fp4sim
+        return None
+    return KernelSpec()
+
+
+def run_system_properties(
+    kernel: Callable[..., Any],
+    spec: Any = None,
+    *,
+    recipe: str = "attn-qat",
+    device: str = "cpu",
+    seed: int = 0,
+    quantizer: bool = False,
+    dtype: str | None = None,
+    head_dim: int | None = None,
+    input_type: str = "torch",
+    only: Iterable[str] | None = None,
+) -> list[Verdict]:
+    """Run the system properties on ``kernel`` and return their verdicts, in order.
+
+    Attention: ``kernel(q, k, v, causal, sm_scale) -> o`` with BHLD torch tensors and
+    autograd (a ``fp4sim.harness.LoadedKernel`` or a plain callable); ``spec`` is its
+    ``KernelSpec`` (None: every capability); ``recipe`` the reference preset it is
+    compared with where values change. ``dtype`` / ``head_dim`` default to the spec's first.
+    Quantizer (``quantizer=True``): ``kernel(x) -> (packed, scale bytes, tensor scale)``,
+    ``recipe`` is the format ('nvfp4' or 'mxfp4'), ``input_type`` 'torch' or 'numpy'.
+    ``only`` restricts to the named properties.
+    """
+    if quantizer:
+        qctx = QuantizerContext(kernel, recipe, device, seed, input_type, dtype or "float32")
+        props: dict[str, Callable[[Any], Verdict]] = dict(QUANTIZER_PROPERTIES)
+        ctx: Any = qctx
+    else:
+        if spec is None:
+            spec = _default_spec()
+        dtypes = tuple(spec_field(spec, "dtypes", ("float32",)))
+        dims = spec_field(spec, "head_dims", None)
+        ctx = AttentionContext(
+            kernel, spec, recipe, device, seed, dtype or dtypes[0],
+            head_dim or (dims[0] if dims else 64),
+        )
+        props = dict(ATTENTION_PROPERTIES)
+    if only is not None:
+        wanted = set(only)
+        unknown = wanted - set(props)
+        if unknown:
+            raise ValueError(f"unknown system properties {sorted(unknown)}; known: {list(props)}")
+        props = {n: f for n, f in props.items() if n in wanted}
+    return [timed(name, lambda f=fn: f(ctx)) for name, fn in props.items()]
+
+
+def assert_system_properties(kernel: Callable[..., Any], spec: Any = None, **kwargs: Any
+                             ) -> list[Verdict]:
+    """``run_system_properties`` that raises AssertionError (with every line) if one fails."""
+    verdicts = run_system_properties(kernel, spec, **kwargs)
+    if any(v.status == "fail" for v in verdicts):
+        raise AssertionError(format_verdicts(verdicts))
+    return verdicts

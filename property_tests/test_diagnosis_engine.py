@@ -1,0 +1,127 @@
+"""The differential diagnosis engine names the real defect of a sample of mutants (the
+existing property_tests/mutant_kernels.py and kernels built from one deviation), re-tests on
+larger inputs where the shrunk case cannot tell defects apart, and never gives a correct
+kernel or the reference a cause."""
+
+from __future__ import annotations
+
+import sys
+import time
+from dataclasses import replace
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+
+from fp4sim import reference  # noqa: E402
+from fp4sim.testing import check_attention as ca  # noqa: E402
+from fp4sim.testing.diagnosis import diagnose_attention  # noqa: E402
+from fp4sim.testing.diagnosis.deviant import Knobs, deviant_attention, faithful  # noqa: E402
+from fp4sim.testing.diagnosis.engine import kernel_outputs_from_callable  # noqa: E402
+from fp4sim.testing.generators import AttentionInputSpec, generate_attention_inputs  # noqa: E402
+from fp4sim.testing.strategies import AttentionCase  # noqa: E402
+from property_tests import mutant_kernels as mk  # noqa: E402
+
+RECIPE = reference.get_recipe("attn-qat")
+CONFIG = ca.AttentionCheckConfig(kernel="in-process")
+
+
+def _case(lq: int, lk: int, causal: bool = False, seed: int = 3, dtype: str = "float32",
+          heads: int = 1, kv_heads: int = 1) -> AttentionCase:
+    spec = AttentionInputSpec(lq=lq, lk=lk, head_dim=64, dtype=dtype, heads=heads,
+                              kv_heads=kv_heads)
+    q, k, v = generate_attention_inputs(np.random.default_rng(seed), spec)
+    return AttentionCase(spec, seed, causal, None, q, k, v)
+
+
+class _Deviant(torch.autograd.Function):
+    """A kernel computing the deviant reference (float64) under ``knobs``, with its own
+    explicit backward: a mutant with exactly one known defect."""
+
+    @staticmethod
+    def forward(ctx, q, k, v, causal, sm_scale, knobs):  # noqa: ANN001, ANN205
+        ctx.save_for_backward(q, k, v)
+        ctx.args = (causal, sm_scale, knobs)
+        out = deviant_attention(q, k, v, None, causal, sm_scale, knobs)["O"]
+        return out.to(q.dtype)
+
+    @staticmethod
+    def backward(ctx, do):  # noqa: ANN001, ANN205
+        q, k, v = ctx.saved_tensors
+        causal, sm_scale, knobs = ctx.args
+        g = deviant_attention(q, k, v, do.double(), causal, sm_scale, knobs)
+        return g["dQ"].to(q.dtype), g["dK"].to(k.dtype), g["dV"].to(v.dtype), None, None, None
+
+
+def deviant_kernel(knobs: Knobs) -> Any:
+    def kernel(q, k, v, causal=False, sm_scale=None):  # noqa: ANN001, ANN202
+        return _Deviant.apply(q, k, v, causal, sm_scale, knobs)
+
+    return kernel
+
+
+def _diagnose(kernel: Any, case: AttentionCase) -> Any:
+    outputs = kernel_outputs_from_callable(kernel, ca._grad_output)
+    return diagnose_attention(case, RECIPE, outputs, ca._grad_output)
+
+
+BASE = faithful(RECIPE)
+# (kernel, case, hypothesis name the engine must give)
+SAMPLE = {
+    "v_wrong_axis": (mk.mutant_v_wrong_axis, _case(3, 20), "granularity:v:axis"),
+    "p_wrong_max": (mk.mutant_p_wrong_max, _case(16, 100), "running_max:p_max:final:fwd_only"),
+    "d_from_quantized_o": (mk.mutant_d_from_quantized_o, _case(3, 20), "p_flow:d_from:o"),
+    "s_high_precision_bwd": (mk.mutant_s_high_precision, _case(3, 20), "which:qk_bwd:none"),
+    "causal_off_by_one": (mk.mutant_causal_off_by_one, _case(3, 20, causal=True),
+                          "mask:offset-1:fwd_only"),
+    # shrunk to Lq = 1, Lk = 2 a top-left mask and an off-by-one coincide: the re-test
+    # inputs must tell them apart
+    "top_left_mask": (deviant_kernel(replace(BASE, mask_align="top_left")),
+                      _case(1, 2, causal=True), "mask:top_left"),
+    "gqa_modulo": (deviant_kernel(replace(BASE, head_map="modulo")),
+                   _case(3, 20, heads=4, kv_heads=2), "gqa:modulo"),
+    "missing_log2e": (deviant_kernel(replace(BASE, s_mult=np.log(2.0))), _case(2, 9),
+                      "factor:s:missing_log2e"),
+}
+
+
+@pytest.mark.parametrize("name", sorted(SAMPLE))
+def test_engine_names_the_defect(name: str) -> None:
+    kernel, case, want = SAMPLE[name]
+    start = time.monotonic()
+    found = _diagnose(kernel, case)
+    assert found.failing, f"{name}: the case does not fail"
+    assert found.named is not None and found.named.name == want, "\n".join(found.lines())
+    assert found.retest_shapes, "named without a re-test on larger inputs"
+    assert time.monotonic() - start < 60
+
+
+@pytest.mark.parametrize("seed", range(3))
+def test_correct_kernel_and_reference_get_no_cause(seed: int) -> None:
+    for kernel in (mk.reference_attention, deviant_kernel(BASE)):
+        for case in (_case(3, 20, seed=seed), _case(2, 70, causal=True, seed=seed)):
+            found = _diagnose(kernel, case)
+            assert found.named is None and not found.failing, "\n".join(found.lines())
+            outcome = ca.evaluate_attention_case(kernel, case, CONFIG, diagnose=True)
+            assert outcome.ok and not outcome.causes, outcome.describe(case)
+
+
+def test_no_known_hypothesis_is_said_when_true() -> None:
+    """A defect outside the library (O scaled by 1.01 on every other head dim) gets the
+    honest answer, not a wrong name."""
+
+    def odd(q, k, v, causal=False, sm_scale=None):  # noqa: ANN001, ANN202
+        o = mk.reference_attention(q, k, v, causal, sm_scale)
+        scale = torch.ones(o.shape[-1], dtype=o.dtype)
+        scale[1::2] = 1.01
+        return o * scale
+
+    found = _diagnose(odd, _case(3, 20))
+    assert found.failing and found.named is None
+    assert found.lines()[0].startswith("no known hypothesis explains it")

@@ -1,0 +1,178 @@
+"""Kernel system properties (issue 20): the faithful kernels pass every property, and each
+blind system mutant (property_tests/blind_mutants/system.py, written without reading
+fp4sim.testing.system) is caught by its property with the cause named."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+import fp4sim
+from fp4sim import reference
+from fp4sim.harness import KernelSpec
+from fp4sim.testing.system import (
+    ATTENTION_PROPERTIES,
+    QUANTIZER_PROPERTIES,
+    Verdict,
+    format_verdicts,
+    run_system_properties,
+)
+from property_tests.blind_mutants import attention as blind
+from property_tests.blind_mutants import catalog
+from property_tests.blind_mutants import system as blind_system
+
+SPEC = KernelSpec()  # every capability: all three dtypes, GQA, causal with Lq != Lk
+
+# blind system mutant -> (the property that catches it here, words its cause must contain);
+# the recipe each mutant is faithful to comes from the answer key (catalog.py). Where the key
+# names another property, the comment says why this one catches it on the CPU.
+EXPECTED: dict[str, tuple[str, str]] = {
+    "sys_BatchSharedMax": ("independence", "output of batch"),
+    "sys_QBatchPowerOfTwoPrescale": ("independence", "output of batch"),
+    # key: equivariance (head mapping); the head-independence changes expose it
+    "sys_GqaRepeatTiles": ("independence", "depends on KV head"),
+    "sys_CausalTileSkipTopLeft": ("edge lengths", "causal decode Lq=1"),
+    "sys_DecodeSplitKvNan": ("edge lengths", "wrong result at Lq=1"),
+    "sys_ShortKeysPaddedUnmasked": ("edge lengths", "Lk=1"),
+    "sys_MaskedRowsNan": ("edge lengths", "masked rows"),
+    "sys_CacheByShape": ("stale state", "stale: output unchanged"),
+    # key: cuda_graph; without a GPU, new values written into the same buffers show it
+    "sys_GraphCapturedInputs": ("stale state", "stale: output unchanged"),
+    "sys_QuantizesQInPlace": ("inputs untouched", "modified its input q in place"),
+    "sys_DqWrittenIntoDo": ("inputs untouched", "modified its input dO in place"),
+    "sys_assumes_contiguous": ("layouts", "read with wrong strides"),
+    "sys_OutputFloat32": ("outputs", "dtype float32"),
+    "sys_decode_drops_query_axis": ("outputs", "shape"),
+    "sys_RandomOrderRowSum": ("repeatability", "forward not repeatable"),
+    "sys_KTensorPowerOfTwoRange": ("special values", "Inf in k"),
+}
+RECIPES = {e["name"]: e["recipe"] for e in catalog.entries("system")}
+
+
+def _reference_kernel(recipe: str):  # noqa: ANN202
+    def kernel(q, k, v, causal, sm_scale):  # noqa: ANN001, ANN202
+        return reference.fp4_attention(q, k, v, causal=causal, sm_scale=sm_scale, recipe=recipe)
+
+    return kernel
+
+
+FAITHFUL = {
+    "reference attn-qat": (_reference_kernel("attn-qat"), "attn-qat"),
+    "reference bf16": (_reference_kernel("bf16"), "bf16"),
+    "blind faithful attn-qat": (blind.faithful_attn_qat, "attn-qat"),
+    "blind faithful bf16": (blind.faithful_bf16, "bf16"),
+}
+
+
+def test_every_blind_system_mutant_is_listed() -> None:
+    assert set(EXPECTED) == set(RECIPES) == set(blind_system.SYSTEM)
+    assert len(EXPECTED) >= 10
+
+
+@pytest.mark.parametrize("name", sorted(FAITHFUL))
+def test_faithful_kernels_pass_every_property(name: str) -> None:
+    kernel, recipe = FAITHFUL[name]
+    verdicts = run_system_properties(kernel, SPEC, recipe=recipe, device="cpu", seed=0)
+    print(format_verdicts(verdicts, title=name))
+    assert [v.name for v in verdicts] == list(ATTENTION_PROPERTIES)
+    assert all(v.status != "fail" for v in verdicts), format_verdicts(verdicts)
+    untested = {v.name for v in verdicts if v.status == "untested"}
+    assert untested <= {"CUDA graphs"}, format_verdicts(verdicts)
+
+
+@pytest.mark.parametrize("name", sorted(EXPECTED))
+def test_blind_system_mutant_caught_with_cause(name: str) -> None:
+    prop, words = EXPECTED[name]
+    (verdict,) = run_system_properties(blind_system.SYSTEM[name], SPEC, recipe=RECIPES[name],
+                                       device="cpu", seed=0, only=[prop])
+    print(verdict.line())
+    assert verdict.status == "fail", verdict.line()
+    assert words in verdict.cause, verdict.line()
+
+
+def test_verdict_line_and_summary() -> None:
+    v = Verdict("stale state", "fail", "stale: output unchanged after new q values",
+                {"max_diff": 0.5}, 1.25)
+    assert "FAIL" in v.line() and "max_diff=0.5" in v.line() and "1.25 s" in v.line()
+    text = format_verdicts([v, Verdict("layouts", "ok", "fine")])
+    assert "1/2 hold; FAILED: stale state" in text
+    with pytest.raises(ValueError):
+        Verdict("x", "passed", "")
+
+
+def test_unknown_property_name_is_an_error() -> None:
+    with pytest.raises(ValueError, match="unknown system properties"):
+        run_system_properties(blind.faithful_bf16, SPEC, recipe="bf16", only=["nope"])
+
+
+def test_declared_limits_make_properties_untested() -> None:
+    """A kernel declaring Lk multiples of 64 only: the edge lengths it excludes are listed as
+    untested, not run; modifies_inputs turns the input check into 'untested'."""
+    spec = KernelSpec(length_multiple=64, modifies_inputs=True, gqa=False)
+    verdicts = run_system_properties(_reference_kernel("bf16"), spec, recipe="bf16",
+                                     only=["edge lengths", "inputs untouched"])
+    by = {v.name: v for v in verdicts}
+    assert by["inputs untouched"].status == "untested"
+    edge = by["edge lengths"]
+    assert edge.status in ("ok", "untested") and "Lq=1 Lk=15" in edge.cause, edge.line()
+
+
+# ---------------------------------------------------------------------------
+# quantizer properties
+# ---------------------------------------------------------------------------
+
+
+def _emulator_quantizer(x):  # noqa: ANN001, ANN202
+    q = fp4sim.quantize(np.asarray(x.detach().cpu(), dtype=np.float32), "nvfp4")
+    return q.packed, q.scale_bits, None
+
+
+def _quantizer_modifies_input(x):  # noqa: ANN001, ANN202
+    out = _emulator_quantizer(x)
+    x.mul_(0.5)
+    return out
+
+
+_SEEN: dict = {}
+
+
+def _quantizer_caches_by_shape(x):  # noqa: ANN001, ANN202
+    return _SEEN.setdefault(tuple(x.shape), _emulator_quantizer(x))
+
+
+def _quantizer_ignores_strides(x):  # noqa: ANN001, ANN202
+    flat = torch.as_strided(x, x.shape, (x.shape[1], 1))
+    return _emulator_quantizer(flat)
+
+
+_CALLS = [0]
+
+
+def _quantizer_flips_a_bit_per_call(x):  # noqa: ANN001, ANN202
+    packed, scales, ts = _emulator_quantizer(x)
+    packed = packed.copy()
+    _CALLS[0] += 1
+    packed.reshape(-1)[_CALLS[0] % packed.size] ^= 1
+    return packed, scales, ts
+
+
+def test_faithful_quantizer_passes() -> None:
+    verdicts = run_system_properties(_emulator_quantizer, None, recipe="nvfp4", quantizer=True)
+    assert [v.name for v in verdicts] == list(QUANTIZER_PROPERTIES)
+    assert all(v.status == "ok" for v in verdicts), format_verdicts(verdicts)
+
+
+@pytest.mark.parametrize(
+    ("kernel", "prop", "words"),
+    [
+        (_quantizer_modifies_input, "inputs untouched", "modified its input x in place"),
+        (_quantizer_caches_by_shape, "stale state", "stale: output unchanged"),
+        (_quantizer_ignores_strides, "layouts", "read with wrong strides"),
+        (_quantizer_flips_a_bit_per_call, "repeatability", "not repeatable"),
+    ],
+)
+def test_quantizer_mutants_caught(kernel, prop: str, words: str) -> None:  # noqa: ANN001
+    (verdict,) = run_system_properties(kernel, None, recipe="nvfp4", quantizer=True,
+                                       only=[prop])
+    assert verdict.status == "fail" and words in verdict.cause, verdict.line()
