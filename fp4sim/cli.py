@@ -24,7 +24,9 @@ SUBCOMMANDS: dict[str, tuple[str, str]] = {
 }
 
 # optional dependencies (top-level import names) a subcommand may miss
-OPTIONAL_DEPENDENCIES = frozenset({"torch", "triton", "matplotlib", "hypothesis", "safetensors"})
+OPTIONAL_DEPENDENCIES = frozenset(
+    {"torch", "triton", "matplotlib", "hypothesis", "safetensors", "scipy"}
+)
 # what to install for each subcommand, so one `pip install` brings all it needs
 SUBCOMMAND_EXTRAS: dict[str, str] = {
     "check": "fp4sim[torch,test]",
@@ -62,21 +64,24 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
     return parser
 
 
-def _quiet_on_closed_stdout() -> None:
-    """The reader of stdout is gone (`fp4sim ... | head`): it has seen what it wanted, so stop
-    without a traceback. Python's own flush at exit would fail again, so stdout now points
-    at /dev/null."""
-    os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+# Exit status when stdout's reader left before the command finished: 128 + SIGPIPE, what a
+# tool killed by the closed pipe reports (POSIX shells), distinct from 0, 1 and 2.
+EXIT_CLOSED_PIPE = 141
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    """Run one subcommand; a closed stdout (`fp4sim ... | head`) ends it quietly: the
+    command's own code if it had finished, else EXIT_CLOSED_PIPE."""
+    code = EXIT_CLOSED_PIPE
     try:
-        code = _main(argv)
-        sys.stdout.flush()  # a closed pipe shows up here, not at interpreter exit
-        return code
+        try:
+            code = _main(argv)
+        finally:  # also after argparse's SystemExit (--help, usage errors)
+            sys.stdout.flush()  # a closed pipe shows up here, not at interpreter exit
     except BrokenPipeError:
-        _quiet_on_closed_stdout()
-        return 0
+        # Python's own flush at exit would fail again: stdout now points at /dev/null.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+    return code
 
 
 def _main(argv: Sequence[str] | None) -> int:
