@@ -17,9 +17,8 @@ import torch
 import triton
 import triton.language as tl
 
+from fp4sim.formats import E2M1_MAGNITUDES as _E2M1
 from fp4sim.kernels.inference import fp4_inference_attention, pack_for_inference
-
-_E2M1 = (0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0)
 
 
 @triton.jit

@@ -89,6 +89,22 @@ PLANS: dict[str, list[Entry]] = {
         _gpu("g-r17-s128-lr2e-3", vocab_size=17, lr=2e-3, steps=3000),
         _gpu("g-r17-s64-lr2e-3", vocab_size=17, lr=2e-3, seq_len=64, steps=3000),
     ],
+    # Second device call: the configuration that held best on seed 0 in cpu1 (vocab 17), run
+    # as the `cpu` preset would run it (1000 steps, 4 held-out batches, 3 diagnostic
+    # checkpoints), every variant, 3 seeds; then the majority task (bf16 solves it, the
+    # attention stays spread) on the CPU and, for the `gpu` preset, on the GPU; then vocab 11.
+    "confirm2": [
+        _cpu("r17-lr3e-3-1000", ALL, seeds=(0, 1, 2), vocab_size=17, lr=3e-3, steps=1000,
+             eval_batches=4, diagnostic_checkpoints=3),
+        _cpu("maj-lr3e-3", WITH_DROP, task="majority", vocab_size=17, batch_size=32, lr=3e-3,
+             steps=1500),
+        _cpu("r11-lr3e-3-1000", ALL, seeds=(1, 2, 0), vocab_size=11, lr=3e-3, steps=1000,
+             eval_batches=4, diagnostic_checkpoints=3),
+        _gpu("g-maj-lr3e-3", WITH_DROP, task="majority", vocab_size=17, seq_len=64,
+             batch_size=128, lr=3e-3, steps=3000, log_every=50),
+        _gpu("g-maj-lr5e-3", SEARCH, task="majority", vocab_size=17, seq_len=64,
+             batch_size=128, lr=5e-3, steps=3000, log_every=50),
+    ],
 }
 
 

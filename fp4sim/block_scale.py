@@ -11,13 +11,14 @@ import numpy as np
 
 from fp4sim.e4m3 import e4m3_encode
 from fp4sim.e8m0 import E8M0_MAX, E8M0_NAN, biased_log2_bits, e8m0_decode
+from fp4sim.formats import E2M1, E4M3FN
 from fp4sim.minifloat import F32_INF_BITS, F32_MAX_BITS
 
 MX_SCALE_RULES = ("rceil", "floor", "even", "ceil")
 SCALE_AMAX_OPS = ("divide", "reciprocal")
-E2M1_MAX = np.float32(6.0)
-E2M1_EMAX = 2  # floor(log2 6): OCP MX spec v1.0 section 6.3
-E4M3_MIN_NORMAL = np.float32(2.0**-6)
+E2M1_MAX = np.float32(E2M1.max_value)  # 6
+E2M1_EMAX = E2M1.max_exponent  # floor(log2 6) = 2: OCP MX spec v1.0 section 6.3
+E4M3_MIN_NORMAL = np.float32(E4M3FN.min_normal)  # 2^-6
 
 
 def saturate_inf(amax: np.ndarray) -> np.ndarray:

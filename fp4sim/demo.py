@@ -4,8 +4,6 @@ codes, scale bytes and errors (a small real run of the emulator)."""
 from __future__ import annotations
 
 import argparse
-import os
-import sys
 
 import numpy as np
 
@@ -69,16 +67,10 @@ def run(args: argparse.Namespace) -> int:
               f"rows={args.rows}, cols={args.cols}")
         return 2
     x = make_tensor(args.seed, args.rows, args.cols, args.df, args.outlier_scale)
-    try:
-        print(f"fp4sim demo: {args.rows}x{args.cols} float32, Student-t df={args.df}, one "
-              f"outlier column x{args.outlier_scale}, seed {args.seed}; blocks along the last "
-              "axis")
-        for lines in (_summary("nvfp4", x), _summary("nvfp4", x, tensor_scale="amax"),
-                      _summary("mxfp4", x), _summary("mxfp4", x, scale_rule="floor")):
-            print("\n".join(lines))
-        sys.stdout.flush()  # a closed pipe shows up here, not at interpreter exit
-    except BrokenPipeError:
-        # The reader (`fp4sim demo | head`) has seen enough: stop quietly. Python's own flush
-        # at exit would fail again, so stdout now points at /dev/null.
-        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+    # A closed stdout (`fp4sim demo | head`) is handled for every command in fp4sim.cli.main.
+    print(f"fp4sim demo: {args.rows}x{args.cols} float32, Student-t df={args.df}, one "
+          f"outlier column x{args.outlier_scale}, seed {args.seed}; blocks along the last axis")
+    for lines in (_summary("nvfp4", x), _summary("nvfp4", x, tensor_scale="amax"),
+                  _summary("mxfp4", x), _summary("mxfp4", x, scale_rule="floor")):
+        print("\n".join(lines))
     return 0

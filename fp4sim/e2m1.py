@@ -22,6 +22,7 @@ from fp4sim.minifloat import (
     F32_ABS_MASK,
     F32_INF_BITS,
     build_high_half_table,
+    decode_table,
     encode_with_high_half_table,
     round_magnitude_rne,
     round_magnitude_stochastic,
@@ -30,12 +31,9 @@ from fp4sim.minifloat import (
 ROUNDINGS = ("rne", "stochastic")
 NAN_POLICIES = ("ptx", "ml_dtypes")
 
-# OCP MX spec v1.0 section 5.3.3: the eight E2M1 magnitudes, then their negatives.
-E2M1_VALUES = np.array(
-    [0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0, -0.0, -0.5, -1.0, -1.5, -2.0, -3.0, -4.0, -6.0],
-    dtype=np.float32,
-)
-E2M1_VALUES.flags.writeable = False
+# Values of codes 0..15, derived from the bit layout (fp4sim.formats): the eight E2M1
+# magnitudes 0, 0.5, 1, 1.5, 2, 3, 4, 6, then their negatives.
+E2M1_VALUES = decode_table(E2M1)
 
 SIGN_CODE_BIT = 0x8
 MAX_MAGNITUDE_CODE = E2M1.max_code  # 7 = 6.0

@@ -14,6 +14,7 @@ from fp4sim.minifloat import (
     F32_ABS_MASK,
     F32_INF_BITS,
     build_high_half_table,
+    decode_table,
     encode_with_high_half_table,
     round_magnitude_rne,
 )
@@ -75,20 +76,8 @@ def e4m3_encode(x: object, overflow: str = "saturate", nan: str = "ptx") -> np.n
     return out.reshape(x32.shape)
 
 
-def _build_decode_table() -> np.ndarray:
-    codes = np.arange(256)
-    exponent = (codes >> 3) & 0xF
-    mantissa = codes & 0x7
-    # OCP OFP8 E4M3: subnormal m * 2^-9, normal (1 + m/8) * 2^(e - 7).
-    magnitude = np.where(exponent == 0, np.ldexp(mantissa, -9),
-                         np.ldexp(8 + mantissa, exponent - 10))
-    values = np.where(codes & 0x80, -magnitude, magnitude).astype(np.float32)
-    values[(codes & 0x7F) == E4M3_NAN] = np.nan
-    values.flags.writeable = False
-    return values
-
-
-E4M3_VALUES = _build_decode_table()
+# OCP OFP8 E4M3: subnormal m * 2^-9, normal (1 + m/8) * 2^(e - 7), from fp4sim.formats.
+E4M3_VALUES = decode_table(E4M3FN)
 
 
 def e4m3_decode(codes: object) -> np.ndarray:

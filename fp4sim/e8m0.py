@@ -5,12 +5,13 @@ from __future__ import annotations
 import numpy as np
 
 from fp4sim.float_input import as_float32, float32_bits
-from fp4sim.minifloat import F32_ABS_MASK, F32_INF_BITS, F32_MANTISSA_MASK
+from fp4sim.formats import E8M0
+from fp4sim.minifloat import F32_ABS_MASK, F32_INF_BITS, F32_MANTISSA_MASK, decode_table
 
 E8M0_ROUNDINGS = ("floor", "ceil")
 OVERFLOW_POLICIES = ("saturate", "nan")
-E8M0_NAN = 0xFF  # OCP MX spec v1.0 section 5.4.1
-E8M0_MAX = 0xFE
+E8M0_NAN = E8M0.nan_code  # 0xFF (OCP MX spec v1.0 section 5.4.1)
+E8M0_MAX = E8M0.max_code  # 0xFE = 2^127
 
 
 def biased_log2_bits(abs_bits: np.ndarray, rounding: str) -> np.ndarray:
@@ -62,17 +63,8 @@ def e8m0_encode(x: object, rounding: str = "floor", overflow: str = "saturate") 
     return e8m0_encode_bits(float32_bits(x32), rounding, overflow).reshape(x32.shape)
 
 
-def _build_decode_table() -> np.ndarray:
-    byte = np.arange(256, dtype=np.uint32)
-    # 2^(b-127) as a float32 pattern: exponent field b, except 2^-127, a float32 subnormal.
-    bits = np.where(byte == 0, np.uint32(1 << 22), byte << np.uint32(23)).astype(np.uint32)
-    bits[E8M0_NAN] = 0x7FC00000
-    values = bits.view(np.float32)
-    values.flags.writeable = False
-    return values
-
-
-E8M0_VALUES = _build_decode_table()
+# Byte b means 2^(b - 127) (2^-127 is a float32 subnormal), 0xFF NaN, from fp4sim.formats.
+E8M0_VALUES = decode_table(E8M0)
 
 
 def e8m0_decode(codes: object) -> np.ndarray:

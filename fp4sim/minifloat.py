@@ -74,6 +74,17 @@ def round_magnitude_stochastic(abs_bits: np.ndarray, rbits32: np.ndarray,
     return n + offset
 
 
+def decode_table(fmt: ElementFormat) -> np.ndarray:
+    """float32 value of every code of ``fmt`` (index = code), from its bit layout; NaN codes
+    hold a positive NaN. Read-only (the decoders index it)."""
+    magnitudes = np.full(1 << (fmt.exponent_bits + fmt.mantissa_bits), np.nan)
+    magnitudes[: fmt.max_code + 1] = fmt.magnitudes()  # exact in float64 and in float32
+    values = np.concatenate([magnitudes, -magnitudes]) if fmt.signed else magnitudes
+    values = np.where(np.isnan(values), np.nan, values).astype(np.float32)
+    values.flags.writeable = False
+    return values
+
+
 # --- Fast path: decide the code from the top 16 bits of the float32 pattern -----------------
 
 UNDECIDED = 0xFF  # marker in a uint8 table: the top 16 bits do not decide the code

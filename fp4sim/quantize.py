@@ -47,8 +47,6 @@ from dataclasses import dataclass
 import numpy as np
 
 from fp4sim.block_scale import (
-    MX_SCALE_RULES,
-    SCALE_AMAX_OPS,
     mx_data_multiplier,
     mx_scale_bits,
     nvfp4_block_scale_bits,
@@ -57,8 +55,6 @@ from fp4sim.block_scale import (
 from fp4sim.e2m1 import (
     E2M1_VALUES,
     MAX_MAGNITUDE_CODE,
-    NAN_POLICIES,
-    ROUNDINGS,
     SIGN_CODE_BIT,
     as_random_words,
     e2m1_encode_bits_exact,
@@ -68,71 +64,22 @@ from fp4sim.e2m1 import (
 from fp4sim.e4m3 import e4m3_decode
 from fp4sim.e8m0 import e8m0_decode
 from fp4sim.float_input import as_float32, normalize_axis
-from fp4sim.formats import E2M1, E4M3FN, E8M0, BlockFormat, get_block_format
+from fp4sim.formats import (
+    E2M1,
+    E4M3FN,
+    NVFP4_TENSOR_SCALE_DIVISOR,
+    BlockFormat,
+    get_block_format,
+)
 from fp4sim.minifloat import F32_ABS_MASK, F32_INF_BITS, round_magnitude_stochastic
 from fp4sim.pieces import Piece, piece_blocks, piece_target, split_into_pieces, store
+from fp4sim.settings import QuantizeSettings  # re-exported: fp4sim.quantize.QuantizeSettings
 
-SCALE_OPS = ("reciprocal", "divide")
-ZERO_SCALE_CODES = ("zeros", "reciprocal")
-TENSOR_SCALE_DIVISOR = np.float32(448.0 * 6.0)  # docs/numerics.md: s_tensor = amax / (448 * 6)
+TENSOR_SCALE_DIVISOR = np.float32(NVFP4_TENSOR_SCALE_DIVISOR)  # docs/numerics.md: 448 * 6
 _ROWS_ELEMENTS = 1 << 16  # elements per chunk of blocks: temporaries stay in L2 cache
 _PARALLEL_MIN_ELEMENTS = 1 << 20  # below this, threads cost more than they save
 _PIECE_ELEMENTS = 1 << 20  # elements per piece (fp4sim.pieces): bounds a call's temporaries
 _MAX_WORKERS = 4
-
-
-@dataclass(frozen=True)
-class QuantizeSettings:
-    """The rule choices of one quantization (the keyword names are the API contract)."""
-
-    rounding: str = "rne"
-    nan: str = "ptx"
-    scale_rule: str = "rceil"
-    tensor_scale: str | float | None = None
-    scale_op: str = "reciprocal"
-    scale_amax_op: str = "divide"
-    scale_lower_clamp: bool = False
-    zero_scale_codes: str = "zeros"
-    pad: bool = False
-
-    def __post_init__(self) -> None:
-        choices = {
-            "rounding": ROUNDINGS, "nan": NAN_POLICIES, "scale_rule": MX_SCALE_RULES,
-            "scale_op": SCALE_OPS, "scale_amax_op": SCALE_AMAX_OPS,
-            "zero_scale_codes": ZERO_SCALE_CODES,
-        }
-        for name, allowed in choices.items():
-            if getattr(self, name) not in allowed:
-                raise ValueError(f"{name} must be one of {allowed}, got {getattr(self, name)!r}")
-        for name in ("scale_lower_clamp", "pad"):
-            if not isinstance(getattr(self, name), (bool, np.bool_)):
-                raise TypeError(f"{name} must be a bool, got {getattr(self, name)!r}")
-        ts = self.tensor_scale
-        if ts is not None and ts != "amax":
-            if isinstance(ts, (str, bool, np.bool_)) or not np.isscalar(ts):
-                raise ValueError(
-                    f"tensor_scale must be None, 'amax' or a positive float, got {ts!r}")
-            value = np.float32(ts)
-            if not (np.isfinite(value) and value > 0):
-                raise ValueError(f"tensor_scale must be finite and > 0 in float32, got {ts!r}")
-
-    def check_format(self, fmt: BlockFormat) -> None:
-        """Reject settings that do not apply to ``fmt`` (rather than ignoring them)."""
-        defaults = QuantizeSettings()
-        if fmt.scale == E8M0:
-            for name in ("tensor_scale", "scale_op", "scale_amax_op", "scale_lower_clamp",
-                         "zero_scale_codes"):
-                if getattr(self, name) != getattr(defaults, name):
-                    raise ValueError(f"{name} applies to E4M3-scaled formats (NVFP4) only, "
-                                     f"not {fmt.name}")
-        elif fmt.scale == E4M3FN:
-            if self.scale_rule != defaults.scale_rule:
-                raise ValueError(f"scale_rule applies to E8M0-scaled formats (MXFP4) only, "
-                                 f"not {fmt.name}")
-            if self.tensor_scale is not None and not fmt.supports_tensor_scale:
-                raise ValueError(f"{fmt.name} does not support a tensor scale")
-        else:
-            raise ValueError(f"unsupported scale format {fmt.scale.name} in {fmt.name}")
 
 
 @dataclass(frozen=True, eq=False)

@@ -16,13 +16,13 @@ import numpy as np
 
 from fp4sim.block_scale import saturate_inf
 from fp4sim.float_input import as_float32, normalize_axis
-from fp4sim.formats import NVFP4
+from fp4sim.formats import NVFP4, NVFP4_TENSOR_SCALE_DIVISOR
 from fp4sim.pieces import split_into_pieces
 from fp4sim.quantize import QuantizedTensor, dequantize, fake_quantize, quantize
 
 _PIECE_ELEMENTS = 1 << 20  # fake_quantize_two_level walks pieces of this size (fp4sim.pieces)
 
-ROW_SCALE_DIVISOR = np.float32(448.0 * 6.0)
+ROW_SCALE_DIVISOR = np.float32(NVFP4_TENSOR_SCALE_DIVISOR)  # 448 * 6
 
 
 @dataclass(frozen=True, eq=False)

@@ -10,6 +10,10 @@ from __future__ import annotations
 import importlib
 from typing import Any
 
+# The recipes the fused training kernels (``attn_qat``) implement, named as the reference's
+# presets (fp4sim.reference.recipes); the comparison layers import this tuple from here.
+RECIPES: tuple[str, ...] = ("bf16", "attn-qat", "attn-qat-consistent")
+
 _EXPORTS = {
     "quantize_fp4": "fp4sim.kernels.quantize",
     "attn_qat": "fp4sim.kernels.training_attention",
@@ -19,7 +23,7 @@ _EXPORTS = {
     "pack_for_inference": "fp4sim.kernels.inference",
 }
 
-__all__ = sorted(_EXPORTS)
+__all__ = sorted([*_EXPORTS, "RECIPES"])
 
 
 def __getattr__(name: str) -> Any:

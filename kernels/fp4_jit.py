@@ -72,6 +72,13 @@ import triton
 import triton.language as tl
 from triton.language.extra import libdevice
 
+from fp4sim.formats import E2M1, E4M3FN
+
+# Format limits from fp4sim.formats, as constexprs (@triton.jit code reads Python globals only
+# as constexprs; each compiles exactly as the float literal it replaces).
+E2M1_MAX = tl.constexpr(E2M1.max_value)  # 6.0, the largest E2M1 magnitude
+E4M3_MAX = tl.constexpr(E4M3FN.max_value)  # 448.0, the largest finite E4M3FN value
+
 
 @triton.jit
 def e2m1_rne_codes(x):
@@ -157,7 +164,7 @@ def _e4m3_round(x):
     # Saturate first: 448 is the largest finite E4M3FN value (docs/numerics.md, 'Scale formats').
     # NaN lanes (overridden by the callers) round as 0 so that nothing overflows: PTX min.f32
     # already returns 448 for them, the interpreter's np.minimum a NaN.
-    a = tl.where(x != x, 0.0, tl.minimum(tl.abs(x), 448.0))
+    a = tl.where(x != x, 0.0, tl.minimum(tl.abs(x), E4M3_MAX))
     bits = a.to(tl.uint32, bitcast=True)
     exp_unb = ((bits >> 23) & 0xFF).to(tl.int32) - 127
     ee = tl.maximum(exp_unb, -6)  # E4M3 min normal exponent -6; below it step 2^-9
@@ -204,7 +211,7 @@ def e8m0_rceil_bits(amax):
     # rceil (docs/numerics.md, MXFP4): PTX cvt.rp.satfinite.ue8m0x2.f32 on the float32 amax/6.
     a = tl.minimum(amax, 3.4028234663852886e38)  # fp4sim: Inf saturates to FLT_MAX first
     a = tl.where(amax != amax, 0.0, a)  # NaN lanes (byte set below) divide nothing invalid
-    q = tl.math.div_rn(a, tl.full(a.shape, 6.0, tl.float32))
+    q = tl.math.div_rn(a, tl.full(a.shape, E2M1_MAX, tl.float32))
     qb = q.to(tl.uint32, bitcast=True)
     byte = ((qb + 0x7FFFFF) >> 23) & 0xFF  # round the power of two up (mantissa != 0 carries)
     # q subnormal or zero: byte 0 (2^-127 = float32 bits 0x400000) iff q <= 2^-127, else 1.
@@ -262,7 +269,7 @@ def nvfp4_quantize_rows(x, BLOCK: tl.constexpr):
     xb = tl.reshape(x, (ROWS, NB, BLOCK))
     amax = _block_amax(xb)
     # Block scale amax/6 in float32 then RNE to E4M3 (docs/numerics.md, NVFP4; fp4sim default).
-    scale = e4m3_rne_sat(tl.math.div_rn(amax, tl.full(amax.shape, 6.0, tl.float32)))
+    scale = e4m3_rne_sat(tl.math.div_rn(amax, tl.full(amax.shape, E2M1_MAX, tl.float32)))
     # Zero-scale blocks get codes 0 below; dividing by 1 there keeps 1/0 out of every lane.
     recip = tl.math.div_rn(tl.full(scale.shape, 1.0, tl.float32), tl.where(scale == 0, 1.0, scale))
     codes = e2m1_rne_codes(xb * recip[:, :, None])
@@ -287,7 +294,7 @@ def nvfp4_quantize_rows_tensor_scale(x, tensor_scale, BLOCK: tl.constexpr):
     xb = tl.reshape(x, (ROWS, NB, BLOCK))
     amax = _block_amax(xb)
     t = tl.full(amax.shape, 1.0, tl.float32) * tensor_scale
-    s6 = tl.math.div_rn(amax, tl.full(amax.shape, 6.0, tl.float32))
+    s6 = tl.math.div_rn(amax, tl.full(amax.shape, E2M1_MAX, tl.float32))
     scale = e4m3_rne_sat(tl.math.div_rn(s6, t))  # docs/numerics.md: E4M3(amax/6/s_tensor)
     total = scale * t
     # As above: zero-scale blocks get codes 0, so they divide by 1 instead of 0.
@@ -334,7 +341,7 @@ def e2m1_rne_nonneg_values(y):
     the step), which is E2M1's ties-to-even (0.25->0, 0.75->1, 1.25->1, 1.75->2, 2.5->2,
     3.5->4, 5->4; OCP MX v1.0 5.3.3). Equal to ``e2m1_decode(e2m1_rne_codes(y))`` there.
     """
-    y = tl.minimum(y, 6.0)  # .satfinite
+    y = tl.minimum(y, E2M1_MAX)  # .satfinite
     step = tl.where(y < 2.0, 0.5, tl.where(y < 4.0, 1.0, 2.0))
     magic = step * 8388608.0  # step * 2^23 (exact)
     return (y + magic) - magic
@@ -365,7 +372,7 @@ def div6_rn_fma(a):
     ops may change the quotient, never the E4M3 scale, which is 0 there).
     """
     q = a * _RCP_6
-    r = tl.fma(-q, 6.0, a)
+    r = tl.fma(-q, E2M1_MAX, a)
     return tl.fma(r, _RCP_6, q)
 
 
@@ -421,14 +428,14 @@ def nvfp4_fake_quantize_probs(x, BLOCK: tl.constexpr, HW_CVT: tl.constexpr):
         recip = tl.where(scale == 0, 0.0, rcp_rn_e4m3(scale))
         y = libdevice.mul_rn(xb, tl.broadcast_to(recip[:, :, None], xb.shape))
     else:
-        scale = e4m3_rne_sat(tl.math.div_rn(amax, tl.full(amax.shape, 6.0, tl.float32)))
+        scale = e4m3_rne_sat(tl.math.div_rn(amax, tl.full(amax.shape, E2M1_MAX, tl.float32)))
         safe = tl.where(scale == 0, 1.0, scale)  # no 1/0 lane; selected away just below
         recip = tl.math.div_rn(tl.full(scale.shape, 1.0, tl.float32), safe)
         recip = tl.where(scale == 0, 0.0, recip)
         y = xb * recip[:, :, None]  # NumPy's float32 multiply (interpreter): rounded
     exp_bits = tl.maximum(y.to(tl.uint32, bitcast=True) & 0x7F800000, 0x3F800000)
     magic = (exp_bits + (22 << 23)).to(tl.float32, bitcast=True)
-    v = tl.minimum((y + magic) - magic, 6.0)
+    v = tl.minimum((y + magic) - magic, E2M1_MAX)
     return tl.reshape(v * scale[:, :, None], (ROWS, COLS))
 
 

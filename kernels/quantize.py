@@ -26,10 +26,9 @@ import torch
 import triton
 import triton.language as tl
 
+from fp4sim.formats import BLOCK_SIZES, NVFP4_TENSOR_SCALE_DIVISOR  # NVFP4 16, MXFP4 32; 448*6
 from fp4sim.kernels import fp4_jit
 
-BLOCK_SIZES = {"nvfp4": 16, "mxfp4": 32}  # docs/numerics.md: NVFP4 16, MXFP4 32 (OCP MX v1.0 6.3)
-NVFP4_TENSOR_SCALE_DIVISOR = 448.0 * 6.0  # docs/numerics.md: amax_tensor / (448 * 6)
 SUPPORTED_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
 __all__ = ["BLOCK_SIZES", "check_device", "format_name", "quantize_fp4"]

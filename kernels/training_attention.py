@@ -68,14 +68,17 @@ import torch
 import triton
 import triton.language as tl
 
+from fp4sim.formats import NVFP4
+from fp4sim.kernels import RECIPES
 from fp4sim.kernels.fp4_jit import nvfp4_fake_quantize_probs, nvfp4_fake_quantize_rows
 
-RECIPES = ("bf16", "attn-qat", "attn-qat-consistent")
 SUPPORTED_HEAD_DIMS = (64, 128)
 SUPPORTED_DTYPES = (torch.bfloat16, torch.float16)
 
-# NVFP4 block length (docs/numerics.md, NVFP4: 16-element blocks).
-NVFP4_BLOCK = 16
+# NVFP4 block length (docs/numerics.md, NVFP4: 16-element blocks), from fp4sim.formats; the
+# @triton.jit code reads it as a constexpr (compiled exactly as the literal 16).
+NVFP4_BLOCK = NVFP4.block_size
+_NVFP4_BLOCK_CX = tl.constexpr(NVFP4_BLOCK)
 # Key tile of the forward: the paper's P~ depends on the running max per tile, so the tile
 # width is part of the recipe (reference presets use block_n = 64).
 FORWARD_BLOCK_N = 64
@@ -101,7 +104,7 @@ def _fake_quant_rows_kernel(X, Y, n_rows, HEAD_DIM: tl.constexpr, BLOCK_R: tl.co
     offs = rows.to(tl.int64)[:, None] * HEAD_DIM + cols[None, :]
     mask = rows[:, None] < n_rows
     x = tl.load(X + offs, mask=mask, other=0.0).to(tl.float32)
-    y = nvfp4_fake_quantize_rows(x, 16)
+    y = nvfp4_fake_quantize_rows(x, _NVFP4_BLOCK_CX)
     tl.store(Y + offs, y.to(Y.dtype.element_ty), mask=mask)
 
 
@@ -112,7 +115,7 @@ def _fake_quantize_probs(p, INTERPRET: tl.constexpr):
     ``fp4_jit.nvfp4_fake_quantize_probs`` (hardware E4M3 cast and fma-corrected divisions on the
     GPU, the exact integer path under the interpreter). A block whose scale rounds to 0 flushes.
     """
-    return nvfp4_fake_quantize_probs(p, 16, not INTERPRET)  # NVFP4 block of 16
+    return nvfp4_fake_quantize_probs(p, _NVFP4_BLOCK_CX, not INTERPRET)
 
 
 @triton.jit
@@ -163,7 +166,7 @@ def _load_tile(ptr, offs_rows, n_rows, HEAD_DIM: tl.constexpr, QUANT: tl.constex
     x = tl.load(ptr + offs, mask=offs_rows[:, None] < n_rows, other=0.0)
     if QUANT:
         # Q^, K^, V^: NVFP4 along d (docs/attention-math.md forward 1-2); exact in bf16/fp16.
-        x = nvfp4_fake_quantize_rows(x.to(tl.float32), 16).to(ptr.dtype.element_ty)
+        x = nvfp4_fake_quantize_rows(x.to(tl.float32), _NVFP4_BLOCK_CX).to(ptr.dtype.element_ty)
     return x
 
 
@@ -285,8 +288,11 @@ def _attn_fwd_kernel(
         acc_hp = acc
     # O = acc / l, O_hp = acc_hp / l, LSE = m + log l (docs/attention-math.md forward 4); rows that
     # see no key: l = 0 -> output 0, LSE = -inf.
-    inv_l = tl.where(l_i > 0, 1.0 / l_i, 0.0)
-    lse = tl.where(l_i > 0, m_i + tl.log(l_i), float("-inf"))
+    # Such rows divide and take the log of 1 instead of 0 (their results are replaced anyway),
+    # so that no lane computes 1/0 or log(0).
+    l_pos = tl.where(l_i > 0, l_i, 1.0)
+    inv_l = tl.where(l_i > 0, 1.0 / l_pos, 0.0)
+    lse = tl.where(l_i > 0, m_i + tl.log(l_pos), float("-inf"))
     o_offs = (pid_bh.to(tl.int64) * Lq + offs_m[:, None]) * HEAD_DIM + offs_d[None, :]
     row_ok = offs_m < Lq
     tl.store(
@@ -326,7 +332,8 @@ def _bwd_probabilities(
         # Consistent policy: P~ = FQ(exp(S - m)) / l with the forward's m, l (the same numbers
         # the forward quantized); P = exp(S - m) / l.
         m_safe = tl.where(m_row == float("-inf"), 0.0, m_row)
-        inv_l = tl.where(l_row > 0, 1.0 / l_row, 0.0)
+        # rows without keys (l = 0) divide 1 by 1, not 0; their inv_l is 0 all the same
+        inv_l = tl.where(l_row > 0, 1.0 / tl.where(l_row > 0, l_row, 1.0), 0.0)
         e = tl.exp(s - m_safe[:, None])
         p = e * inv_l[:, None]
         pq = _fake_quantize_probs(e, UPCAST) * inv_l[:, None]

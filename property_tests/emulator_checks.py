@@ -7,7 +7,8 @@ when the property fails, so the same checks serve the property tests and the mut
 
 The independent references here never call fp4sim: element rounding is ml_dtypes' cast
 (float4_e2m1fn, float8_e4m3fn) or a nearest-value search in Python floats, exponents come
-from math.frexp, and block maxima from np.max on floats.
+from math.frexp, and block maxima from np.max on floats. Only the block-size table is read
+from fp4sim.formats (a fact, pinned to the specs by test_formats.py, not a computation).
 """
 
 from __future__ import annotations
@@ -18,11 +19,14 @@ from fractions import Fraction
 import ml_dtypes
 import numpy as np
 
+from fp4sim.formats import BLOCK_SIZES as BLOCK
+
 F4 = ml_dtypes.float4_e2m1fn
 F8 = ml_dtypes.float8_e4m3fn
 FLT_MAX = np.float32(np.finfo(np.float32).max)
-GRID = (0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0)  # OCP MX v1.0 section 5.3.3
-BLOCK = {"nvfp4": 16, "mxfp4": 32}
+# The E2M1 magnitudes 0 .. 6 of codes 0..7 (OCP MX v1.0 section 5.3.3), decoded by ml_dtypes:
+# the independent oracle is the point of these checks, so the grid does not come from fp4sim.
+GRID = tuple(float(v) for v in np.arange(8, dtype=np.uint8).view(F4).astype(np.float64))
 
 
 # --- independent references ---------------------------------------------------------------

@@ -15,9 +15,11 @@ from dataclasses import dataclass
 import numpy as np
 from hypothesis import strategies as st
 
-# docs/numerics.md: the E2M1 rounding ties.
-E2M1_TIES = np.array([0.25, 0.75, 1.25, 1.75, 2.5, 3.5, 5.0], dtype=np.float32)
-E2M1_GRID = np.array([0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0], dtype=np.float32)
+from fp4sim import formats
+
+# docs/numerics.md: the E2M1 rounding ties and values (inputs only; the oracles are elsewhere).
+E2M1_TIES = np.array(formats.E2M1_TIES, dtype=np.float32)
+E2M1_GRID = np.array(formats.E2M1_MAGNITUDES, dtype=np.float32)
 KINDS = ("student_t", "lognormal", "outlier_channels", "zero_blocks", "ties", "scale_ties")
 
 

@@ -29,7 +29,7 @@ from fp4sim.reference.softmax import log_sum_exp, padded_length, safe_divide_row
 # ---------------------------------------------------------------------------
 
 # E2M1 magnitudes of codes 0..7 (OCP MX v1.0 section 5.3.3).
-_E2M1 = np.array([0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0], dtype=np.float32)
+_E2M1 = np.array(fp4sim.formats.E2M1_MAGNITUDES, dtype=np.float32)
 
 
 def _as_float32(x: Any) -> np.ndarray:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -15,9 +16,15 @@ MUTANTS = "property_tests.mutant_kernels"
 
 
 @pytest.fixture(autouse=True)
-def _repo_root(monkeypatch: pytest.MonkeyPatch) -> None:
-    # the CLI resolves MODULE:ATTR from the current directory, as `python -m` does
-    monkeypatch.chdir(ROOT)
+def _private_cwd(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    # the CLI resolves MODULE:ATTR from the current directory first, as `python -m` does, and
+    # writes (or removes stale) default repro scripts there: a private folder keeps parallel
+    # workers and the checkout out of each other's way; the repository root on the import path
+    # (here and, through PYTHONPATH, in the check's child processes) finds the mutant kernels
+    monkeypatch.syspath_prepend(str(ROOT))
+    monkeypatch.setenv("PYTHONPATH", os.pathsep.join(
+        p for p in (str(ROOT), os.environ.get("PYTHONPATH")) if p))
+    monkeypatch.chdir(tmp_path)
 
 
 @pytest.mark.parametrize(

@@ -125,3 +125,44 @@ def test_no_known_hypothesis_is_said_when_true() -> None:
     found = _diagnose(odd, _case(3, 20))
     assert found.failing and found.named is None
     assert found.lines()[0].startswith("no known hypothesis explains it")
+
+
+# quantizer mutants -> (input distribution that shows the defect, hypothesis id)
+QUANT_SAMPLE = {
+    "mutant_ties_away": ("ties", "ties:away"),
+    "mutant_swapped_nibbles": ("gaussian", "nibbles:swapped"),
+    "mutant_scale_rounded_up": ("gaussian", "scale:e4m3_up"),
+    "mutant_bf16_double_rounding": ("near_ties", "double:bf16"),
+    "mutant_block32": ("gaussian", "block:32"),
+}
+
+
+@pytest.mark.parametrize("name", sorted(QUANT_SAMPLE))
+def test_quantizer_diagnosis_names_the_setting(name: str) -> None:
+    import fp4sim
+    from fp4sim.testing.assertions import compare_quantized
+    from fp4sim.testing.check_quantizer import diagnose_quantizer
+    from fp4sim.testing.generators import generate_tensor
+
+    distribution, want = QUANT_SAMPLE[name]
+    x = generate_tensor(np.random.default_rng(1), (2, 64), distribution)
+    expected = fp4sim.quantize(x, "nvfp4")
+    diff = compare_quantized(x, expected, *getattr(mk, name)(x), axis=-1)
+    assert diff is not None
+    causes = diagnose_quantizer(x, expected, diff, "nvfp4", {})
+    assert f"[{want}:" in causes[0], causes
+
+
+def test_quantizer_diagnosis_says_none_when_no_setting_explains() -> None:
+    import fp4sim
+    from fp4sim.testing.assertions import compare_quantized
+    from fp4sim.testing.check_quantizer import diagnose_quantizer
+    from fp4sim.testing.generators import generate_tensor
+
+    x = generate_tensor(np.random.default_rng(1), (2, 64), "gaussian")
+    expected = fp4sim.quantize(x, "nvfp4")
+    packed = np.asarray(expected.packed).copy()
+    packed[0, 3] ^= 0x21  # two unrelated code bits
+    diff = compare_quantized(x, expected, packed, expected.scale_bits, axis=-1)
+    causes = diagnose_quantizer(x, expected, diff, "nvfp4", {})
+    assert causes[0].startswith("no known hypothesis explains it"), causes

@@ -18,6 +18,7 @@ ml_dtypes = pytest.importorskip("ml_dtypes")
 triton = pytest.importorskip("triton")
 import triton.language as tl  # noqa: E402
 
+from fp4sim.formats import E2M1_MAGNITUDES  # noqa: E402
 from fp4sim.kernels import fp4_jit  # noqa: E402
 
 _CAN_RUN = torch.cuda.is_available() or os.environ.get("TRITON_INTERPRET") == "1"
@@ -64,7 +65,7 @@ def _neighbours(v: np.ndarray) -> np.ndarray:
 
 def _inputs(seed: int) -> np.ndarray:
     rng = np.random.default_rng(seed)
-    e2m1_vals = np.array([0, 0.5, 1, 1.5, 2, 3, 4, 6], np.float32)
+    e2m1_vals = np.array(E2M1_MAGNITUDES, np.float32)
     e2m1_ties = (e2m1_vals[1:] + e2m1_vals[:-1]) / 2
     e4_all = np.arange(0, 0x7F, dtype=np.uint8).view(ml_dtypes.float8_e4m3fn).astype(np.float32)
     e4_ties = (e4_all[1:] + e4_all[:-1]) / 2

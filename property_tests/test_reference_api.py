@@ -63,7 +63,7 @@ def test_contradictory_recipes_raise(kwargs, match):
 
 
 def test_quantspec_validation():
-    with pytest.raises(ValueError, match="MXFP4 has no tensor scale"):
+    with pytest.raises(ValueError, match="mxfp4 has no tensor scale"):
         QuantSpec("mxfp4", tensor_scale="amax")
     with pytest.raises(ValueError, match="fmt"):
         QuantSpec("fp8")

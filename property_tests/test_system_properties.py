@@ -163,6 +163,18 @@ def test_faithful_quantizer_passes() -> None:
     assert all(v.status == "ok" for v in verdicts), format_verdicts(verdicts)
 
 
+@pytest.mark.parametrize("entry", [e for e in catalog.FAITHFUL if e["kind"] == "quantizer"],
+                         ids=lambda e: e["name"])
+@pytest.mark.parametrize("input_type", ["torch", "numpy"])
+def test_blind_faithful_quantizers_pass(entry: dict, input_type: str) -> None:
+    from property_tests.blind_mutants import quantizers
+
+    kernel = getattr(quantizers, entry["name"])
+    verdicts = run_system_properties(kernel, None, recipe=entry["format"], quantizer=True,
+                                     input_type=input_type)
+    assert all(v.status == "ok" for v in verdicts), format_verdicts(verdicts)
+
+
 @pytest.mark.parametrize(
     ("kernel", "prop", "words"),
     [
@@ -176,3 +188,55 @@ def test_quantizer_mutants_caught(kernel, prop: str, words: str) -> None:  # noq
     (verdict,) = run_system_properties(kernel, None, recipe="nvfp4", quantizer=True,
                                        only=[prop])
     assert verdict.status == "fail" and words in verdict.cause, verdict.line()
+
+
+# ---------------------------------------------------------------------------
+# in `fp4sim check`: a child process per run, crashes become that property's verdict
+# ---------------------------------------------------------------------------
+
+_CRASHY = '''
+import os, signal
+from fp4sim import reference
+
+def attn(q, k, v, causal, sm_scale):
+    if q.shape[2] == 2:  # a hard crash on the Lq = 2 decode path only
+        os.kill(os.getpid(), signal.SIGSEGV)
+    return reference.fp4_attention(q, k, v, causal=causal, sm_scale=sm_scale, recipe="bf16")
+'''
+
+
+def test_isolated_run_names_the_crashing_property(tmp_path, monkeypatch) -> None:  # noqa: ANN001
+    from fp4sim.testing.system.isolated import run_isolated
+
+    (tmp_path / "crashy_kernel.py").write_text(_CRASHY)
+    monkeypatch.chdir(tmp_path)
+    verdicts = run_isolated("crashy_kernel:attn", recipe="bf16", timeout=120,
+                            only=["outputs", "edge lengths", "repeatability"])
+    by = {v.name: v for v in verdicts}
+    assert [v.name for v in verdicts] == ["repeatability", "outputs", "edge lengths"]
+    assert by["edge lengths"].status == "fail"
+    assert "crashed with signal 11" in by["edge lengths"].cause, by["edge lengths"].line()
+    assert by["outputs"].status == "ok" and by["repeatability"].status == "ok"
+
+
+def test_check_attention_prints_system_verdicts_and_fails(capsys) -> None:  # noqa: ANN001
+    """A kernel that agrees with its recipe but quantizes q in place: the recipe check
+    passes, the system properties fail (exit 1) with the cause on its own line."""
+    from fp4sim.cli import main
+
+    code = main(["check", "attention", "--kernel",
+                 "property_tests.blind_mutants.system:sys_QuantizesQInPlace",
+                 "--examples", "2", "--kernel-dtype", "float32", "--max-len", "24"])
+    out = capsys.readouterr().out
+    assert "system properties" in out
+    assert "modified its input q in place" in out
+    assert code == 1, out
+
+
+def test_plugin_fixture_runs_and_asserts(fp4_system_properties) -> None:  # noqa: ANN001
+    verdicts = fp4_system_properties(_reference_kernel("bf16"), SPEC, recipe="bf16",
+                                     only=["outputs", "inputs untouched"])
+    assert [v.status for v in verdicts] == ["ok", "ok"]
+    with pytest.raises(AssertionError, match="modified its input q in place"):
+        fp4_system_properties(blind_system.SYSTEM["sys_QuantizesQInPlace"], SPEC,
+                              recipe="attn-qat", only=["inputs untouched"])

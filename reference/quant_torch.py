@@ -2,37 +2,30 @@
 
 Everything is vectorized (no Python loops over data) and runs on CPU and CUDA.
 Inputs are cast to float32 first: the rules below are float32 rules (docs/numerics.md).
-Independent of ``fp4sim``'s code on purpose; ``property_tests/test_reference_quant.py``
-compares codes and scale bytes with ``fp4sim.quantize`` on every drawn input.
+The arithmetic is independent of ``fp4sim``'s code on purpose (only the format facts of
+``fp4sim.formats`` and the setting table of ``fp4sim.settings`` are shared);
+``property_tests/test_reference_quant.py`` compares codes and scale bytes with
+``fp4sim.quantize`` on every drawn input.
 """
 
 from __future__ import annotations
 
-import numbers
 from dataclasses import dataclass
 
 import torch
 
-E2M1_MAX = 6.0  # docs/numerics.md: largest E2M1 magnitude
-E4M3_MAX = 448.0  # docs/numerics.md: E4M3 "fn" max
-E4M3_MIN_NORMAL = 2.0**-6  # docs/numerics.md: E4M3 min normal
-NVFP4_BLOCK = 16  # docs/numerics.md: NVFP4 block size
-MXFP4_BLOCK = 32  # docs/numerics.md: MXFP4 block size (OCP MX v1.0 section 6.3)
-BLOCK_SIZES = {"nvfp4": NVFP4_BLOCK, "mxfp4": MXFP4_BLOCK}
+from fp4sim.formats import (
+    BLOCK_SIZES,
+    E2M1,
+    E2M1_MAGNITUDES,
+    E4M3FN,
+    NVFP4_TENSOR_SCALE_DIVISOR,
+)
+from fp4sim.settings import check_value, defaults_of
 
-_E2M1_MAGNITUDES = (0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0)  # OCP MX v1.0 section 5.3.3
-
-_NVFP4_SETTINGS = {
-    "rounding": "rne",
-    "nan": "ptx",
-    "tensor_scale": None,
-    "scale_op": "reciprocal",
-    "scale_amax_op": "divide",
-    "scale_lower_clamp": False,
-    "zero_scale_codes": "zeros",
-    "pad": False,
-}
-_MXFP4_SETTINGS = {"rounding": "rne", "nan": "ptx", "scale_rule": "rceil", "pad": False}
+E2M1_MAX = E2M1.max_value  # 6
+E4M3_MAX = E4M3FN.max_value  # 448
+E4M3_MIN_NORMAL = E4M3FN.min_normal  # 2^-6
 
 
 @dataclass(frozen=True)
@@ -115,7 +108,7 @@ def e2m1_encode_torch(x: torch.Tensor, nan: str = "ptx") -> torch.Tensor:
 
 def e2m1_decode_torch(codes: torch.Tensor) -> torch.Tensor:
     """float32 values of E2M1 codes (bit 3 sign)."""
-    mags = torch.tensor(_E2M1_MAGNITUDES, dtype=torch.float32, device=codes.device)
+    mags = torch.tensor(E2M1_MAGNITUDES, dtype=torch.float32, device=codes.device)
     table = torch.cat([mags, -mags])
     return table[(codes & 0xF).long()]
 
@@ -213,20 +206,10 @@ def _check_input(x: torch.Tensor, axis: int) -> int:
     return axis % x.dim()
 
 
-def _check_tensor_scale(value) -> float | str | None:
-    """None, 'amax', or a finite float32 value > 0 (docs/numerics.md: s_tensor > 0)."""
-    if value is None or value == "amax":
-        return value
-    if isinstance(value, (str, bool)) or not isinstance(value, numbers.Real):
-        raise ValueError(f"tensor_scale must be None, 'amax' or a float: {value!r}")
-    v32 = torch.tensor(float(value), dtype=torch.float32)
-    if not (torch.isfinite(v32) and v32 > 0):
-        raise ValueError(f"tensor_scale must be finite and > 0 in float32, got {value!r}")
-    return value
-
-
 def _check_settings(fmt: str, settings: dict) -> dict:
-    defaults = _NVFP4_SETTINGS if fmt == "nvfp4" else _MXFP4_SETTINGS
+    """The full settings of ``fmt`` (defaults filled in); names and allowed values are
+    fp4sim.settings' table, shared with fp4sim.quantize."""
+    defaults = defaults_of(fmt)
     unknown = set(settings) - set(defaults)
     if unknown:
         raise ValueError(
@@ -235,13 +218,8 @@ def _check_settings(fmt: str, settings: dict) -> dict:
     full = {**defaults, **settings}
     if full["rounding"] != "rne":
         raise NotImplementedError("quantize_torch implements rounding='rne' only")
-    if full["nan"] not in ("ptx", "ml_dtypes"):
-        raise ValueError(f"nan must be 'ptx' or 'ml_dtypes', got {full['nan']!r}")
-    for name in ("pad", "scale_lower_clamp"):
-        if name in full and not isinstance(full[name], bool):
-            raise TypeError(f"{name} must be a bool, got {full[name]!r}")
-    if "tensor_scale" in full:
-        _check_tensor_scale(full["tensor_scale"])
+    for name, value in full.items():
+        check_value(name, value)
     return full
 
 
@@ -385,7 +363,7 @@ def tensor_scale_from_amax(amax: torch.Tensor) -> torch.Tensor:
     """NVFP4 tensor scale float32(amax_tensor / (448 * 6)) (docs/numerics.md); an all-zero
     tensor gets 1, Inf counts as the largest float32, NaN gives NaN (every block NaN)."""
     a = _saturate_inf(amax.to(torch.float32))
-    return torch.where(a == 0, 1.0, true_divide(a, E4M3_MAX * E2M1_MAX))
+    return torch.where(a == 0, 1.0, true_divide(a, NVFP4_TENSOR_SCALE_DIVISOR))
 
 
 def quantize_torch_full(x: torch.Tensor, fmt="nvfp4", axis: int = -1, **settings) -> TorchQuantized:

@@ -3,10 +3,10 @@
 from __future__ import annotations
 
 import dataclasses
-import math
 from dataclasses import dataclass
 
-from fp4sim.reference.quant_torch import BLOCK_SIZES
+from fp4sim.formats import BLOCK_SIZES
+from fp4sim.settings import FormatSettings, check_applicable, settings_of
 
 P_POLICIES = ("none", "block", "tile_global", "two_level", "consistent")
 BACKWARD_VARIANTS = (
@@ -16,55 +16,21 @@ V_AXES = ("head_dim", "keys")
 NAN_POLICIES = ("raise", "propagate")
 
 
-_SETTING_CHOICES = {
-    "scale_op": ("reciprocal", "divide"),
-    "scale_amax_op": ("divide", "reciprocal"),
-    "zero_scale_codes": ("zeros", "reciprocal"),
-    "nan": ("ptx", "ml_dtypes"),
-}
-_NVFP4_ONLY = ("scale_op", "scale_amax_op", "scale_lower_clamp", "zero_scale_codes")
-
-
 @dataclass(frozen=True)
-class QuantSpec:
-    """One tensor's FP4 format and fp4sim settings (names as in ``fp4sim.quantize``)."""
+class QuantSpec(FormatSettings):
+    """One tensor's FP4 format ``fmt`` and its fp4sim settings: the keyword-only
+    ``fp4sim.settings.FormatSettings`` (names, defaults, allowed values and the formats each
+    applies to are shared with ``fp4sim.quantize``). ``rounding`` (RNE only here) and ``pad``
+    (chosen per call) are not part of a spec."""
 
     fmt: str = "nvfp4"
-    tensor_scale: str | float | None = None
-    scale_rule: str = "rceil"
-    scale_op: str = "reciprocal"
-    scale_amax_op: str = "divide"
-    scale_lower_clamp: bool = False
-    zero_scale_codes: str = "zeros"
-    nan: str = "ptx"
 
     def __post_init__(self):
         if self.fmt not in BLOCK_SIZES:
-            raise ValueError(f"QuantSpec.fmt must be 'nvfp4' or 'mxfp4', got {self.fmt!r}")
-        if self.fmt == "mxfp4" and self.tensor_scale is not None:
-            raise ValueError("MXFP4 has no tensor scale; tensor_scale must be None")
-        if self.scale_rule not in ("rceil", "floor", "even", "ceil"):
-            raise ValueError(f"unknown scale_rule {self.scale_rule!r}")
-        if self.tensor_scale is not None and not (
-            self.tensor_scale == "amax" or isinstance(self.tensor_scale, float)
-        ):
-            raise ValueError(f"tensor_scale must be None, 'amax' or a float: {self.tensor_scale!r}")
-        if isinstance(self.tensor_scale, float) and not 0 < self.tensor_scale < math.inf:
-            raise ValueError(f"tensor_scale must be finite and > 0, got {self.tensor_scale!r}")
-        for name, allowed in _SETTING_CHOICES.items():
-            if getattr(self, name) not in allowed:
-                raise ValueError(f"QuantSpec.{name} must be one of {allowed}, "
-                                 f"got {getattr(self, name)!r}")
-        if not isinstance(self.scale_lower_clamp, bool):
-            raise TypeError(f"QuantSpec.scale_lower_clamp must be a bool, "
-                            f"got {self.scale_lower_clamp!r}")
-        # A setting of the other format would be dropped by settings(): reject it instead
-        # (as fp4sim.QuantizeSettings.check_format does).
-        defaults = {f.name: f.default for f in dataclasses.fields(QuantSpec)}
-        ignored = _NVFP4_ONLY if self.fmt == "mxfp4" else ("scale_rule",)
-        changed = [n for n in ignored if getattr(self, n) != defaults[n]]
-        if changed:
-            raise ValueError(f"QuantSpec setting(s) {changed} do not apply to {self.fmt}")
+            raise ValueError(f"QuantSpec.fmt must be one of {tuple(BLOCK_SIZES)}, got {self.fmt!r}")
+        super().__post_init__()
+        # A setting of the other format would be dropped by settings(): reject it instead.
+        check_applicable(self.fmt, self.setting_values())
 
     @property
     def block(self) -> int:
@@ -72,17 +38,8 @@ class QuantSpec:
 
     def settings(self, **overrides) -> dict:
         """Keyword settings for ``fp4sim.quantize`` / ``quantize_torch`` (format-relevant only)."""
-        if self.fmt == "nvfp4":
-            out = {
-                "nan": self.nan,
-                "tensor_scale": self.tensor_scale,
-                "scale_op": self.scale_op,
-                "scale_amax_op": self.scale_amax_op,
-                "scale_lower_clamp": self.scale_lower_clamp,
-                "zero_scale_codes": self.zero_scale_codes,
-            }
-        else:
-            out = {"nan": self.nan, "scale_rule": self.scale_rule}
+        values = self.setting_values()
+        out = {name: values[name] for name in settings_of(self.fmt) if name in values}
         out.update(overrides)
         return out
 

@@ -1,9 +1,11 @@
-"""``fp4sim report``: FP4 attention error and gradient-error reports (top layer).
+"""``fp4sim report``: FP4 attention error and gradient-error reports (a comparison layer).
 
-Modules, one concept each: ``scenarios`` (named inputs), ``metrics`` (error metrics and
-distributions), ``runner`` (computes every case), ``summary`` (ranking, findings,
-``--fail-on``), ``figures`` (matplotlib), ``html`` (generic self-contained page builder),
-``document`` (the report page), ``schema`` (report.json structure), ``output`` (atomic
-folder writing), ``cli`` (the subcommand). ``html`` and ``output`` are generic and reused
-by ``fp4sim simulate``.
+The report is one straight line, one module per room: ``cli`` (arguments) -> ``runner``
+(computes every case; ``distributed`` shards the units over torchrun ranks) -> ``analysis``
+(``identities``, ``summary``: ranking, findings, ``--fail-on``; ``verdicts`` and
+``error_statistics`` for external kernels) -> ``schema`` (validation) -> ``document`` +
+``figures`` (``index.html``) and ``markdown`` (``summary.md``) -> ``output`` (atomic folder
+writing). ``scenarios`` names the inputs; ``metrics`` and ``streaming_metrics`` are the
+error metrics (dense, and chunked for production shapes). ``html`` and ``output`` are
+generic and reused by ``fp4sim simulate``.
 """

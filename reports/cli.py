@@ -8,14 +8,17 @@
 External kernels are loaded and run through ``fp4sim.harness`` (the loader and options of
 ``fp4sim check``), each in a worker process: a hang or a crash fails only its cases.
 
-The pipeline runs once, in order: validate every argument (before any work), compute the
-cases, analyse them (ranking, findings, thresholds, kernel verdicts), validate the report,
-render ``index.html`` and ``summary.md``, write the folder (atomically; an existing folder
-only with ``--overwrite``). Progress goes to stderr. Exit codes (the rule of every fp4sim
-command): 0 all cases ran, every threshold holds and every kernel's verdict passes;
-1 a case failed to run (exception, time-out, crash), a threshold is broken, or a kernel
-disagrees with its recipe or returns NaN/Inf where the reference is finite (the report is
-still written); 2 usage error, reported in one line before any work.
+The pipeline is one straight line, each room visited once: validate every argument
+(before any work), compute the cases (``runner``; sharded over ranks under torchrun,
+``distributed``), analyse them (``analysis``: identities, ranking, findings, thresholds,
+kernel verdicts, exit code, timings), validate the report (``schema``), render
+``index.html`` (``document``) and ``summary.md`` (``markdown``), write the folder
+(``output``: atomically; an existing folder only with ``--overwrite``). Progress goes to
+stderr. Exit codes (the rule of every fp4sim command): 0 all cases ran, every threshold
+holds and every kernel's verdict passes; 1 a case failed to run (exception, time-out,
+crash), a threshold is broken, or a kernel disagrees with its recipe or returns NaN/Inf
+where the reference is finite (the report is still written); 2 usage error, reported in
+one line before any work.
 """
 
 from __future__ import annotations
@@ -35,11 +38,12 @@ from fp4sim.harness import (
     kernel_spec_from_args,
     load_inputs_file,
 )
-from fp4sim.reports import document, runner, schema, summary
+from fp4sim.reports import analysis, distributed, document, markdown, runner, schema, summary
 from fp4sim.reports.output import ReportFolderError, check_output_folder, write_report_folder
 from fp4sim.reports.scenarios import (
     ALL_SCENARIOS,
     FULL_SCENARIOS,
+    PRODUCTION_SCENARIOS,
     QUICK_SCENARIOS,
     get_scenario,
     inputs_scenario,
@@ -92,7 +96,23 @@ def configure_parser(parser: argparse.ArgumentParser) -> None:
         const="full",
         help="more strengths, lengths and head dims, and every recipe",
     )
+    preset.add_argument(
+        "--production",
+        dest="preset",
+        action="store_const",
+        const="production",
+        help="production shapes (long-rows-L16384, video-dit-L32760, llm-L131072-decode), run "
+        "by the streaming reference; hours of CPU time: use a GPU or torchrun",
+    )
     parser.set_defaults(preset="quick")
+    parser.add_argument(
+        "--stream-above",
+        type=int,
+        default=runner.STREAM_ABOVE,
+        metavar="N",
+        help="scenarios with more than N score entries (B*H*Lq*Lk) run the streaming "
+        "reference and metrics, memory linear in L (default: %(default)s; 0: every scenario)",
+    )
     parser.add_argument(
         "--seed", type=int, default=0, help="input seed, >= 0 (default: %(default)s)"
     )
@@ -153,7 +173,11 @@ def _resolve(args: argparse.Namespace, workers: list[KernelWorker]) -> runner.Re
         except ValueError as exc:
             raise UsageError(str(exc)) from None
     else:
-        scenarios = FULL_SCENARIOS if args.preset == "full" else QUICK_SCENARIOS
+        scenarios = {
+            "full": FULL_SCENARIOS, "production": PRODUCTION_SCENARIOS
+        }.get(args.preset, QUICK_SCENARIOS)
+    if args.stream_above < 0:
+        raise UsageError(f"--stream-above must be >= 0, got {args.stream_above}")
     default_recipes = reference.RECIPE_NAMES if args.preset == "full" else QUICK_RECIPES
     recipes = tuple(dict.fromkeys(args.recipes or default_recipes))
     unknown = [r for r in recipes if r not in reference.RECIPE_NAMES]
@@ -195,11 +219,13 @@ def _resolve(args: argparse.Namespace, workers: list[KernelWorker]) -> runner.Re
         device=args.device,
         preset=args.preset if not (args.scenarios or args.inputs) else "custom",
         thresholds=thresholds,
+        stream_above=args.stream_above,
     )
 
 
 def run(args: argparse.Namespace) -> int:
     start = time.perf_counter()
+    world = distributed.world_from_env()
     workers: list[KernelWorker] = []
     try:
         try:
@@ -207,26 +233,48 @@ def run(args: argparse.Namespace) -> int:
         except UsageError as exc:
             print(f"fp4sim report: error: {exc}", file=sys.stderr)
             return 2
-        return _run(args, config, start)
+        with distributed.process_group(world, config.device):
+            code = _run(args, config, world, start)
+            return distributed.share_exit_code(world, code)
     finally:
         for worker in workers:
             worker.close()
 
 
-def _run(args: argparse.Namespace, config: runner.ReportConfig, start: float) -> int:
+def _run(
+    args: argparse.Namespace,
+    config: runner.ReportConfig,
+    world: distributed.World,
+    start: float,
+) -> int:
     total = len(config.scenarios) * len(config.recipes) * len(config.implementations)
-    runner.log(
-        f"fp4sim report: {len(config.scenarios)} scenarios x {len(config.recipes)} recipes x "
-        f"{len(config.implementations)} implementations = {total} cases on {config.device}, "
-        f"seed {config.seed}"
+    if world.leader:
+        runner.log(
+            f"fp4sim report: {len(config.scenarios)} scenarios x {len(config.recipes)} recipes x "
+            f"{len(config.implementations)} implementations = {total} cases on {config.device}, "
+            f"seed {config.seed}" + (f", {world.size} ranks" if world.size > 1 else "")
+        )
+    # 1. compute
+    if world.size > 1:
+        computed = distributed.compute_sharded(config, world, runner.log)
+        if computed is None:  # a non-zero rank: its results went to rank 0
+            return 0
+    else:
+        computed = runner.compute(config)
+    # 2. analyse (timings included, so the page and report.json carry the same ones)
+    report = analysis.analyse(
+        config, computed, diagnose=runner.diagnoser(config), progress=runner.log
     )
-    report = runner.run_report(config)
     report["timing"]["total_seconds_before_render"] = round(time.perf_counter() - start, 3)
+    # 3. validate, before anything is rendered
     schema.assert_valid_report(report)
+    # 4. render
     runner.log("fp4sim report: rendering the page")
     html_text = document.build_page(report)
-    summary_md = summary.summary_markdown(report)
-    # print the verdicts before writing anything, so a failed write loses no diagnosis
+    summary_md = markdown.summary_markdown(report)
+    # print what to act on before writing anything, so a failed write loses no diagnosis
+    for action in report["summary"]["actions"]:
+        runner.log(f"  ! {action['text']}")
     for verdict in report["verdicts"]:
         runner.log(f"  {verdict['text']}")
     for finding in report["summary"]["findings"]:
@@ -236,8 +284,7 @@ def _run(args: argparse.Namespace, config: runner.ReportConfig, start: float) ->
             f"  threshold {t['threshold']}: worst {t['worst_value']} at {t['worst_case']}: "
             f"{'pass' if t['passed'] else 'FAIL'}"
         )
-    if report["errors"]:
-        runner.log(f"  {len(report['errors'])} case(s) failed to run; details in the report")
+    # 5. write
     try:
         out = write_report_folder(
             args.out,
@@ -254,3 +301,4 @@ def _run(args: argparse.Namespace, config: runner.ReportConfig, start: float) ->
         f"in {time.perf_counter() - start:.1f} s (exit {report['exit_code']})"
     )
     return int(report["exit_code"])
+

@@ -1,7 +1,10 @@
-"""Matplotlib figures of the report, built from the report dict (``report.json`` content).
+"""Matplotlib figures of the report, drawn from the analysed report (``report.json``).
 
 Each function returns a ``matplotlib.figure.Figure`` (no pyplot state); the page builder
-embeds them with ``reports.html.HtmlReport.figure``.
+embeds them with ``reports.html.HtmlReport.figure``. The figures plot numbers that the
+analysis stored (``summary.variant_errors``, ``summary.forward``, the P-mass rows, the
+cases' distributions and counts) and compute none; every chart lists the scenarios in the
+report's order, and every panel has a legend.
 """
 
 from __future__ import annotations
@@ -19,6 +22,7 @@ from matplotlib.ticker import (
     NullLocator,
 )
 
+import fp4sim
 from fp4sim.reports.metrics import LOG10_EDGES, histogram_cdf
 
 VARIANT_COLORS: dict[str, str] = {
@@ -28,6 +32,7 @@ VARIANT_COLORS: dict[str, str] = {
     "o_only": "#8250df",
     "attn_qat": "#1a7f37",
     "ste_autograd": "#0969da",
+    "ste_tiled": "#1b7c83",
     "kernel": "#e16f24",
 }
 RECIPE_COLORS = ["#0969da", "#1a7f37", "#cf222e", "#8250df", "#bf8700", "#6e7781", "#e16f24"]
@@ -107,48 +112,45 @@ def grouped_bars(
     _style(ax)
 
 
-def principle_figure(cases: Sequence[dict[str, Any]], variants: Sequence[str]) -> Figure:
-    """Gradient error vs STE of every backward variant, per scenario: one column per recipe,
-    top row max(dQ, dK) (through dS), bottom row dV (through P~)."""
-    from fp4sim.reports.summary import grad_metric, ok_cases
-
-    refs = [
-        c
-        for c in ok_cases(cases)
-        if c["implementation_kind"] == "reference" and c["recipe"] != "bf16"
-    ]
-    recipes = list(dict.fromkeys(c["recipe"] for c in refs))
-    shown = [v for v in variants if v != "ste_autograd"]
+def principle_figure(variant_rows: Sequence[dict[str, Any]]) -> Figure:
+    """Gradient error of every backward variant against each ground truth, per scenario
+    (``summary.variant_errors`` rows, in scenario order): one column per recipe; rows: dQ, dK
+    against ste_autograd, dQ, dK against ste_tiled, dV against ste_autograd (the two
+    ground truths' dV are the same formula)."""
+    recipes = list(dict.fromkeys(r["recipe"] for r in variant_rows))
+    panels = (
+        ("ste_autograd", "dq_dk", "dQ, dK vs ste_autograd (STE on normalized P)",
+         "max rel. L2 of dQ, dK"),
+        ("ste_tiled", "dq_dk", "dQ, dK vs ste_tiled (STE on tile P)", "max rel. L2 of dQ, dK"),
+        ("ste_autograd", "dv", "dV vs ste_autograd (= vs ste_tiled)", "rel. L2 of dV"),
+    )
     columns = max(len(recipes), 1)
-    fig = Figure(figsize=(6.6 * columns, 6.6), layout="constrained")
-    axes = fig.subplots(2, columns, squeeze=False)
-
-    def ds_grads(case: dict[str, Any], variant: str) -> float | None:
-        values = [grad_metric(case, variant, "vs_ste", t) for t in ("dq", "dk")]
-        return None if None in values else max(values)
-
+    fig = Figure(figsize=(7.4 * columns, 9.0), layout="constrained")
+    axes = fig.subplots(len(panels), columns, squeeze=False)
     for col, recipe in enumerate(recipes):
-        rcases = [c for c in refs if c["recipe"] == recipe]
-        groups = [c["scenario"] for c in rcases]
-        top = {v: [ds_grads(c, v) for c in rcases] for v in shown}
-        bottom = {v: [grad_metric(c, v, "vs_ste", "dv") for c in rcases] for v in shown}
-        grouped_bars(axes[0][col], groups, top, VARIANT_COLORS)
-        grouped_bars(axes[1][col], groups, bottom, VARIANT_COLORS)
-        axes[0][col].set_title(f"recipe {recipe}: dQ, dK vs STE ground truth", fontsize=10)
-        axes[1][col].set_title(f"recipe {recipe}: dV vs STE ground truth", fontsize=10)
-        axes[0][col].set_ylabel("max rel. L2 of dQ, dK")
-        axes[1][col].set_ylabel("rel. L2 of dV")
-        axes[0][col].tick_params(axis="x", labelbottom=False)
-    if recipes:
-        handles, labels = axes[0][0].get_legend_handles_labels()
-        fig.legend(handles, labels, fontsize=8, ncol=len(labels), loc="outside upper center")
+        mine = [r for r in variant_rows if r["recipe"] == recipe]
+        groups = list(dict.fromkeys(r["scenario"] for r in mine))
+        for row, (truth, key, title, ylabel) in enumerate(panels):
+            chosen = [r for r in mine if r["ground_truth"] == truth]
+            variants = list(dict.fromkeys(r["variant"] for r in chosen))
+            lookup = {(r["variant"], r["scenario"]): r[key] for r in chosen}
+            series = {v: [lookup.get((v, g)) for g in groups] for v in variants}
+            ax = axes[row][col]
+            grouped_bars(ax, groups, series, VARIANT_COLORS)
+            ax.set_title(f"recipe {recipe}: {title}", fontsize=10)
+            ax.set_ylabel(ylabel)
+            if row < len(panels) - 1:
+                ax.tick_params(axis="x", labelbottom=False)
+            ax.legend(fontsize=6.5, loc="upper left", bbox_to_anchor=(1.0, 1.0))
     return fig
 
 
-def p_mass_figure(p_rows: Sequence[dict[str, Any]]) -> Figure:
-    """P mass kept by the forward and the backward quantizer, per scenario and recipe."""
-    rows = sorted(p_rows, key=lambda r: (r["lk"] or 0, r["scenario"]))
-    scenarios = list(dict.fromkeys(r["scenario"] for r in rows))
+def p_mass_figure(p_rows: Sequence[dict[str, Any]], scenario_order: Sequence[str]) -> Figure:
+    """P mass kept by the forward and the backward quantizer, per scenario (in the report's
+    order) and recipe."""
+    rows = list(p_rows)
+    present = {r["scenario"] for r in rows}
+    scenarios = [s for s in scenario_order if s in present]
     recipes = list(dict.fromkeys(r["recipe"] for r in rows))
     series: dict[str, list[float | None]] = {}
     colors: dict[str, str] = {}
@@ -160,7 +162,7 @@ def p_mass_figure(p_rows: Sequence[dict[str, Any]]) -> Figure:
             series[name] = [lookup.get(s) for s in scenarios]
             colors[name] = RECIPE_COLORS[i % len(RECIPE_COLORS)]
             hatches[name] = "//" if phase == "backward" else ""
-    fig = Figure(figsize=(max(6.0, 0.75 * len(scenarios) + 3), 4.3), layout="constrained")
+    fig = Figure(figsize=(max(6.0, 0.75 * len(scenarios) + 5), 4.3), layout="constrained")
     ax = fig.subplots()
     grouped_bars(ax, scenarios, series, colors, log=False, hatches=hatches)
     n = max(len(series), 1)
@@ -178,39 +180,38 @@ def p_mass_figure(p_rows: Sequence[dict[str, Any]]) -> Figure:
                     color="#cf222e",
                     rotation=90,
                 )
-    ax.set_ylim(0, 1.08)
-    ax.set_ylabel("fraction of P mass kept")
+    ax.set_ylim(0, 1.15)
+    ax.axhline(1.0, color="#57606a", linewidth=0.8, linestyle=":")
+    ax.set_ylabel("P mass kept: sum P~ / sum P")
     ax.set_title("P mass kept: forward (plain) vs backward (hatched) quantizer", fontsize=10)
-    fig.legend(*ax.get_legend_handles_labels(), fontsize=7, ncol=4, loc="outside lower center")
+    ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.0, 1.0))
     return fig
 
 
-def forward_figure(cases: Sequence[dict[str, Any]]) -> Figure:
-    """Relative L2 of O vs exact attention, per scenario and recipe / implementation."""
-    from fp4sim.reports.summary import forward_metric, ok_cases
-
-    good = ok_cases(cases)
-    scenarios = list(dict.fromkeys(c["scenario"] for c in good))
-    keys = list(dict.fromkeys((c["recipe"], c["implementation"]) for c in good))
+def forward_figure(forward_rows: Sequence[dict[str, Any]]) -> Figure:
+    """Relative L2 of O vs exact attention (``summary.forward`` rows, in scenario order),
+    per scenario and recipe / implementation."""
+    scenarios = list(dict.fromkeys(r["scenario"] for r in forward_rows))
+    keys = list(dict.fromkeys((r["recipe"], r["implementation"]) for r in forward_rows))
     series: dict[str, list[float | None]] = {}
     colors: dict[str, str] = {}
     for i, (recipe, impl) in enumerate(keys):
         name = recipe if impl == "reference" else f"{recipe} [{impl}]"
         lookup = {
-            c["scenario"]: forward_metric(c)
-            for c in good
-            if (c["recipe"], c["implementation"]) == (recipe, impl)
+            r["scenario"]: r["relative_l2"]
+            for r in forward_rows
+            if (r["recipe"], r["implementation"]) == (recipe, impl)
         }
         series[name] = [lookup.get(s) for s in scenarios]
         colors[name] = RECIPE_COLORS[i % len(RECIPE_COLORS)]
-    fig = Figure(figsize=(max(6.0, 0.75 * len(scenarios) + 3), 3.9), layout="constrained")
+    fig = Figure(figsize=(max(6.0, 0.75 * len(scenarios) + 5), 3.9), layout="constrained")
     ax = fig.subplots()
     known = [v for vals in series.values() for v in vals if v is not None and v > 0]
     spread = max(known) / min(known) if known else 1.0
     grouped_bars(ax, scenarios, series, colors, log=spread > 20)
     ax.set_ylabel("rel. L2 of O vs float64 exact")
     ax.set_title("Forward error", fontsize=10)
-    ax.legend(fontsize=7, ncol=2, loc="upper left")
+    ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.0, 1.0))
     return fig
 
 
@@ -263,12 +264,12 @@ def case_error_figure(case: dict[str, Any]) -> Figure:
                     continue
                 entry = block.get(tensor) or {}
                 if variant == "ste_autograd":
-                    cmp, label, style = entry.get("vs_exact"), "STE vs exact", "--"
+                    cmp, label, style = entry.get("vs_exact"), "ste_autograd vs exact", "--"
                 else:
                     cmp, label, style = entry.get("vs_ste"), variant, "-"
                 if cmp:
                     draw(ax, cmp[dist_key], label, VARIANT_COLORS.get(variant), style)
-    titles = ["O (forward)", "dQ vs STE", "dK vs STE", "dV vs STE"]
+    titles = ["O (forward)", "dQ vs ste_autograd", "dK vs ste_autograd", "dV vs ste_autograd"]
     row_titles = ["per-element rel. error", "per-element rel. error", "per-row rel. error"]
     for r in range(3):
         for c in range(4):
@@ -287,53 +288,69 @@ def case_error_figure(case: dict[str, Any]) -> Figure:
             if c == 0:
                 ax.set_ylabel(rows[r][2], fontsize=8)
             _style(ax)
-    for ax in (axes[0][0], axes[0][1]):
+    for ax in axes.flat:
         if ax.get_legend_handles_labels()[0]:  # a case of NaN outputs draws no line
-            ax.legend(fontsize=6.5, loc="upper left")
+            ax.legend(fontsize=5.5, loc="upper left")
     return fig
 
 
+SCALE_DECODERS = {"nvfp4": fp4sim.e4m3_decode, "mxfp4": fp4sim.e8m0_decode}
+"""Block-scale byte -> value: E4M3 for NVFP4 (PTX ISA), E8M0 for MXFP4 (OCP MX v1.0 spec)."""
+
+
 def case_diagnostics_figure(diagnostics: dict[str, Any]) -> Figure:
-    """E2M1 code utilization of Q, K, V, P and the scale-byte histograms of Q, K, V."""
-    fig = Figure(figsize=(13.5, 2.8))
-    fig.subplots_adjust(left=0.04, right=0.99, top=0.9, bottom=0.2, wspace=0.25)
+    """E2M1 code use of Q, K, V, P and the histogram of the decoded block scales of Q, K, V."""
+    fig = Figure(figsize=(13.5, 3.0))
+    fig.subplots_adjust(left=0.05, right=0.99, top=0.88, bottom=0.24, wspace=0.3)
     axes = fig.subplots(1, 5)
     tensors = diagnostics.get("tensors") or {}
     p_counts = (diagnostics.get("p") or {}).get("code_counts")
     for ax, name in zip(axes[:4], ("q", "k", "v", "p"), strict=True):
         counts = p_counts if name == "p" else (tensors.get(name) or {}).get("code_counts")
+        label = "P (forward, visible entries)" if name == "p" else name.upper()
         if counts:
             total = max(sum(counts), 1)
             ax.bar(
-                range(16), np.asarray(counts) / total, color="#0969da" if name != "p" else "#1a7f37"
+                range(16),
+                np.asarray(counts) / total,
+                color="#0969da" if name != "p" else "#1a7f37",
+                label=label,
             )
+            ax.legend(fontsize=6.5, loc="upper right")
+        else:
+            ax.text(0.5, 0.5, "not quantized", ha="center", va="center",
+                    transform=ax.transAxes, fontsize=8, color="#57606a")
         ax.set_xticks(range(16))
         ax.set_xticklabels(E2M1_LABELS, fontsize=6, rotation=90)
         ax.set_title(f"{name.upper()} E2M1 code use", fontsize=8.5)
+        ax.set_ylabel("fraction of elements", fontsize=7)
+        ax.set_xlabel("E2M1 value", fontsize=7)
         ax.tick_params(labelsize=7)
         _style(ax)
     ax = axes[4]
-    lo, hi = 255, 0
+    drawn = False
     for name, color in (("q", "#0969da"), ("k", "#cf222e"), ("v", "#1a7f37")):
         stats = tensors.get(name)
-        if not stats:
+        decode = SCALE_DECODERS.get((stats or {}).get("format", ""))
+        if not stats or decode is None:
             continue
         counts = np.asarray(stats["scale_byte_counts"], dtype=float)
         used = np.nonzero(counts)[0]
-        if used.size:
-            ax.step(
-                np.arange(256),
-                counts / max(counts.sum(), 1),
-                where="mid",
-                label=name.upper(),
-                color=color,
-                linewidth=1.1,
-            )
-            lo, hi = min(lo, int(used.min())), max(hi, int(used.max()))
-    if hi >= lo:
-        ax.set_xlim(max(lo - 4, 0), min(hi + 4, 255))
+        values = decode(used.astype(np.uint8)).astype(np.float64)
+        keep = np.isfinite(values) & (values > 0)  # a zero scale (all-zero block) has no log
+        if not keep.any():
+            continue
+        order = np.argsort(values[keep])
+        xs, fs = values[keep][order], (counts[used][keep] / max(counts.sum(), 1))[order]
+        ax.plot(xs, fs, marker="o", markersize=2.5, linewidth=1.0, label=name.upper(),
+                color=color)
+        drawn = True
+    ax.set_xscale("log", base=2)
+    ax.set_title("block scales (decoded)", fontsize=8.5)
+    ax.set_ylabel("fraction of blocks", fontsize=7)
+    ax.set_xlabel("scale value (log2 axis)", fontsize=7)
+    if drawn:
         ax.legend(fontsize=6.5)
-    ax.set_title("block scale bytes", fontsize=8.5)
     ax.tick_params(labelsize=7)
     _style(ax)
     return fig

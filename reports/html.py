@@ -66,6 +66,7 @@ pre.traceback { background: #fff5f5; border-color: #f5a3a3; color: #82071e; }
 .callout li { margin: 3px 0; }
 .callout.bad { border-color: #cf222e; background: #fff1f0; }
 .callout.good { border-color: #1a7f37; background: #effaf1; }
+.callout.warn { border-color: #bf8700; background: #fff8e5; }
 nav.toc { font-size: 0.9em; columns: 3; background: #fff; border: 1px solid #d8dee4;
           padding: 6px 20px; border-radius: 6px; }
 nav.toc a { text-decoration: none; }
@@ -155,8 +156,8 @@ class HtmlReport:
     def callout(self, text: str, *, kind: str = "info", points: Sequence[str] = ()) -> None:
         """A highlighted paragraph (with optional bullet ``points``); ``kind`` is ``info``,
         ``good`` or ``bad``."""
-        if kind not in ("info", "good", "bad"):
-            raise ValueError(f"callout kind must be info, good or bad, got {kind!r}")
+        if kind not in ("info", "good", "warn", "bad"):
+            raise ValueError(f"callout kind must be info, good, warn or bad, got {kind!r}")
         items = "".join(f"<li>{html.escape(p)}</li>" for p in points)
         body = html.escape(text) + (f"<ul>{items}</ul>" if items else "")
         self._parts.append(f'<div class="callout {kind}">{body}</div>')

@@ -1,16 +1,24 @@
-"""Computes every number of the report: scenario × recipe × implementation.
+"""Computes every case of the report: scenario × recipe × implementation (numbers only).
 
-For one scenario the inputs (q, k, v, dO) are regenerated from the seed
-(:func:`reports.scenarios.scenario_inputs`); the float64 exact attention and its autograd
-gradient are the "exact" references. For each recipe the reference implementation runs
-the tiled FP4 forward (``reference.fp4_attention_forward``) and every backward variant
-(``reference.attention_backward``); ``ste_autograd`` is the STE ground truth. Kernels
-(Triton's ``kernels.attn_qat`` on CUDA, or an external ``MODULE:ATTR`` with signature
-``(q, k, v, causal, sm_scale) -> o`` supporting autograd) are compared against the same
-exact and STE references and against the recipe's own reference forward and backward.
+This is the first room of ``fp4sim report`` and the only one that runs attention: it
+returns the cases (plain dicts, ``reports.schema``) and the external kernels' error samples;
+``reports.analysis`` ranks and judges them, ``reports.document`` / ``reports.markdown``
+render them. Nothing here reads a ranking, a finding or a threshold.
 
-Every case returns a plain dict (see ``reports.schema``); a crash inside a case is
-caught, its traceback stored in the case (``status: "error"``) and the run goes on.
+The unit of work is one scenario × recipe (:class:`Unit`): its inputs (q, k, v, dO) are
+regenerated from the seed (:func:`reports.scenarios.scenario_inputs`), the float64 exact
+attention and its autograd gradient are the "exact" references, the reference
+implementation runs the tiled FP4 forward and every backward variant through
+``reference.backward_parts`` (gradients and dS together), including the two STE ground
+truths ``ste_autograd`` (the default) and ``ste_tiled`` (docs/attention-math.md, "Two
+placements of the STE"). Kernels (Triton's ``kernels.attn_qat`` on CUDA, or an external
+``MODULE:ATTR`` run in a ``fp4sim.harness.KernelWorker``) are compared against the same
+references and against the recipe's own reference forward and backward. Units are
+independent, so ``reports.distributed`` can spread them over ranks and merge the results
+into the same report as a single process.
+
+A crash inside a case is caught, its traceback stored in the case (``status: "error"``)
+and the run goes on.
 """
 
 from __future__ import annotations
@@ -19,6 +27,7 @@ import math
 import sys
 import time
 import traceback
+import zlib
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -26,14 +35,30 @@ from typing import Any
 import numpy as np
 import torch
 
-from fp4sim.reports import error_statistics, metrics, schema, summary, verdicts
-from fp4sim.reports.scenarios import Scenario, scenario_inputs, scenario_seed
+from fp4sim import reference
+from fp4sim.kernels import RECIPES as KERNEL_RECIPES
+from fp4sim.reference import streaming
+from fp4sim.reference.exact import default_sm_scale
+from fp4sim.reference.quant_torch import quantize_torch_full
+from fp4sim.reports import metrics, streaming_metrics
+from fp4sim.reports.scenarios import Scenario, scenario_inputs
+from fp4sim.reports.schema import problem_line
 from fp4sim.testing.generators import round_to_dtype
 
-VARIANTS: tuple[str, ...] = ("exact", "drop_in", "p_only", "o_only", "attn_qat", "ste_autograd")
-"""Backward variants of ``reference.attention_backward`` in display order."""
+GROUND_TRUTHS: tuple[str, ...] = ("ste_autograd", "ste_tiled")
+"""The two STE ground truths (docs/attention-math.md, "Two placements of the STE"); the
+first is the default that rankings are sorted by."""
 
-GROUND_TRUTH = "ste_autograd"
+GROUND_TRUTH = GROUND_TRUTHS[0]
+
+REFS: dict[str, str] = {"ste_autograd": "vs_ste", "ste_tiled": "vs_ste_tiled"}
+"""Ground truth -> the key of a gradient comparison against it (``vs_ste`` kept for the
+default, so ``grad_rel_l2_vs_ste`` and older report.json readers keep their meaning)."""
+
+VARIANTS: tuple[str, ...] = (
+    "exact", "drop_in", "p_only", "o_only", "attn_qat", "ste_autograd", "ste_tiled"
+)
+"""Backward variants of ``reference.backward_parts`` in display order."""
 
 VARIANT_LABELS: dict[str, str] = {
     "exact": "bf16 (exact grad, unquantized)",
@@ -41,11 +66,18 @@ VARIANT_LABELS: dict[str, str] = {
     "p_only": "principle 2 only (hp P, D from O_hp)",
     "o_only": "principle 1 only (FQ P, D from O)",
     "attn_qat": "Attn-QAT",
-    "ste_autograd": "STE autograd (ground truth)",
+    "ste_autograd": "STE on the normalized P (ground truth, default)",
+    "ste_tiled": "STE on each tile's P (ground truth, literal autograd)",
     "kernel": "kernel autograd",
 }
 
-TRITON_RECIPES: tuple[str, ...] = ("attn-qat", "attn-qat-consistent", "bf16")
+TRITON_RECIPES: tuple[str, ...] = KERNEL_RECIPES  # the one home: fp4sim.kernels.RECIPES
+
+STREAM_ABOVE = 1 << 24
+"""A scenario with more score entries than this (B * H * Lq * Lk; 16.8 M: 128 MiB of one
+float64 score matrix, and the dense reference keeps several) runs the streaming reference
+(``reference.streaming``: row blocks x key chunks, memory linear in L) and the streaming
+metrics (``reports.streaming_metrics``); both equal the dense ones to rounding."""
 GRAD_NAMES: tuple[str, ...] = ("dq", "dk", "dv")
 
 
@@ -108,7 +140,9 @@ def external_implementations(worker: Any, dtypes: Sequence[str] | None) -> list[
 
 def triton_implementation() -> Implementation:
     """The project's fused Triton kernel (``kernels.attn_qat``), for CUDA devices."""
+    # imported here: Triton is the [kernels] extra, needed only with --device cuda
     from fp4sim import kernels
+
     def call(
         q: torch.Tensor,
         k: torch.Tensor,
@@ -139,93 +173,16 @@ def log(message: str) -> None:
     print(message, file=sys.stderr, flush=True)
 
 
-def expand_kv(x: torch.Tensor, heads: int) -> torch.Tensor:
-    """Repeat kv heads (B, Hkv, L, d) -> (B, H, L, d) for grouped-query attention."""
-    group = heads // x.shape[1]
-    return x if group == 1 else x.repeat_interleave(group, dim=1)
-
-
-def causal_mask(lq: int, lk: int, device: torch.device | str = "cpu") -> torch.Tensor:
-    """True where query i may see key j: j <= i + lk - lq (bottom-right aligned)."""
-    i = torch.arange(lq, device=device).unsqueeze(1)
-    j = torch.arange(lk, device=device).unsqueeze(0)
-    return j <= i + (lk - lq)
-
-
 def resolved_sm_scale(scenario: Scenario) -> float:
-    return (
-        scenario.sm_scale
-        if scenario.sm_scale is not None
-        else 1.0 / math.sqrt(scenario.spec.head_dim)
-    )
+    return default_sm_scale(scenario.spec.head_dim, scenario.sm_scale)
 
 
-def reduce_kv_grad(grad: torch.Tensor, kv_heads: int) -> torch.Tensor:
-    """Sum per-query-head gradients back onto their kv heads (inverse of :func:`expand_kv`)."""
-    b, h, length, d = grad.shape
-    if h == kv_heads:
-        return grad
-    return grad.reshape(b, kv_heads, h // kv_heads, length, d).sum(dim=2)
-
-
-# ---------------------------------------------------------------------------------------
-# D identity: rowsum(dS) per backward variant, from the formulas of docs/attention-math.md
-# ---------------------------------------------------------------------------------------
-
-# variant -> (S from quantized Q^,K^?, dP from V^?, D from O_hp?)
-D_IDENTITY_INPUTS: dict[str, tuple[bool, bool, bool]] = {
-    "drop_in": (False, False, False),
-    "p_only": (True, True, True),
-    "o_only": (True, True, False),
-    "attn_qat": (True, True, True),
-}
-
-
-def rowsum_ds(
-    variant: str,
-    fwd: Any,
-    q: torch.Tensor,
-    k: torch.Tensor,
-    v: torch.Tensor,
-    do: torch.Tensor,
-    causal: bool,
-    sm_scale: float,
-) -> torch.Tensor:
-    """rowsum(dS) = rowsum(P o (dP - D)) in float64 for a variant of ``D_IDENTITY_INPUTS``
-    (or ``exact``): P = exp(S - LSE) with S and LSE as the variant recomputes them, dP = dO V^T
-    (V^ for the QAT variants), D = rowsum(dO o O) or rowsum(dO o O_hp)."""
-    f64 = torch.float64
-    heads = q.shape[1]
-    if variant == "exact":
-        qs, ks, vs = q.to(f64), expand_kv(k.to(f64), heads), expand_kv(v.to(f64), heads)
-        s = sm_scale * qs @ ks.transpose(-1, -2)
-        if causal:
-            s = s.masked_fill(~causal_mask(s.shape[-2], s.shape[-1], s.device), -math.inf)
-        p = torch.softmax(s, dim=-1)
-        o = p @ vs
-        d_row = (do.to(f64) * o).sum(-1, keepdim=True)
-    else:
-        quant_s, quant_v, d_from_hp = D_IDENTITY_INPUTS[variant]
-        qs = (fwd.q_hat if quant_s else q).to(f64)
-        ks = expand_kv((fwd.k_hat if quant_s else k).to(f64), heads)
-        vs = expand_kv((fwd.v_hat if quant_v else v).to(f64), heads)
-        s = sm_scale * qs @ ks.transpose(-1, -2)
-        if causal:
-            s = s.masked_fill(~causal_mask(s.shape[-2], s.shape[-1], s.device), -math.inf)
-        lse = fwd.lse.to(f64).unsqueeze(-1)
-        # rows that see no key (lse = -inf) have P = 0
-        p = torch.where(torch.isfinite(lse), torch.exp(s - lse.clamp_min(-1e300)), 0.0)
-        o_used = fwd.o_hp if d_from_hp else fwd.o
-        d_row = (do.to(f64) * o_used.to(f64)).sum(-1, keepdim=True)
-    dp = do.to(f64) @ vs.transpose(-1, -2)
-    ds = p * (dp - d_row)
-    return ds.sum(-1)
-
-
-def d_identity_summary(residual: torch.Tensor, d_scale: torch.Tensor) -> dict[str, float]:
-    """max |rowsum(dS)|, its RMS, and the RMS relative to the RMS of D = rowsum(dO o O_exact)."""
-    r = to_numpy(residual)
-    d_rms = metrics.rms(to_numpy(d_scale))
+def rowsum_summary(rowsum_ds: torch.Tensor, d_exact: torch.Tensor) -> dict[str, float]:
+    """The row sums of a variant's dS (zero when its D matches the P it uses,
+    docs/attention-math.md "The D identity"): max |rowsum(dS)|, their RMS, and that RMS
+    relative to the RMS of D = rowsum(dO * O_exact) (the scale the residual competes with)."""
+    r = to_numpy(rowsum_ds)
+    d_rms = metrics.rms(to_numpy(d_exact))
     r_rms = metrics.rms(r)
     return {
         "max_abs": float(np.max(np.abs(r))) if r.size else 0.0,
@@ -242,8 +199,6 @@ def d_identity_summary(residual: torch.Tensor, d_scale: torch.Tensor) -> dict[st
 def quantizer_stats(x: torch.Tensor, spec: Any, axis: int, pad: bool = False) -> dict[str, Any]:
     """Code utilization, scale-byte histogram, saturation and flush counts of one tensor
     quantized with a recipe's ``QuantSpec`` along ``axis``."""
-    from fp4sim.reference.quant_torch import quantize_torch_full
-
     settings = spec.settings()
     if pad:
         settings["pad"] = True
@@ -362,12 +317,27 @@ class ScenarioTensors:
     o_exact: torch.Tensor
     grads_exact: tuple[torch.Tensor, torch.Tensor, torch.Tensor]
     d_exact: torch.Tensor
+    streamed: bool = False
 
 
-def prepare_scenario(scenario: Scenario, seed: int, device: str) -> ScenarioTensors:
-    """Inputs on ``device`` (float32) and the float64 exact output and gradients."""
-    from fp4sim import reference
+def score_elements(scenario: Scenario) -> int:
+    s = scenario.spec
+    return s.batch * s.heads * s.lq * s.lk
+
+
+def prepare_scenario(
+    scenario: Scenario, seed: int, device: str, streamed: bool = False
+) -> ScenarioTensors:
+    """Inputs on ``device`` (float32) and the float64 exact output and gradients (streamed:
+    by ``reference.streaming.streaming_exact``, the two FlashAttention passes)."""
     q, k, v, do = (torch.from_numpy(a).to(device) for a in scenario_inputs(scenario, seed))
+    if streamed:
+        ex = streaming.streaming_exact(
+            q, k, v, do, causal=scenario.causal, sm_scale=resolved_sm_scale(scenario)
+        )
+        assert ex.grads is not None and ex.d is not None
+        grads = (ex.grads.dq, ex.grads.dk, ex.grads.dv)
+        return ScenarioTensors(q, k, v, do, ex.o, grads, ex.d, streamed=True)
     q64, k64, v64 = (t.to(torch.float64).requires_grad_(True) for t in (q, k, v))
     o64 = reference.attention_exact(
         q64, k64, v64, causal=scenario.causal, sm_scale=resolved_sm_scale(scenario)
@@ -381,17 +351,33 @@ def _as_numpy(x: torch.Tensor | np.ndarray) -> np.ndarray:
     return x if isinstance(x, np.ndarray) else to_numpy(x)
 
 
-def _compare(a: torch.Tensor | np.ndarray, r: torch.Tensor | np.ndarray) -> dict[str, Any]:
+def _compare(
+    a: torch.Tensor | np.ndarray, r: torch.Tensor | np.ndarray, streamed: bool = False
+) -> dict[str, Any]:
+    if streamed:  # chunk by chunk: no float64 copy of the whole tensor
+        return streaming_metrics.compare_streaming(a, r)
     return metrics.compare(_as_numpy(a), _as_numpy(r))
 
 
 def _grad_block(
-    grads: Sequence[torch.Tensor | np.ndarray], refs: dict[str, Sequence[torch.Tensor]]
+    grads: Sequence[torch.Tensor | np.ndarray],
+    refs: dict[str, Sequence[torch.Tensor]],
+    streamed: bool = False,
 ) -> dict[str, Any]:
     block: dict[str, Any] = {}
     for i, name in enumerate(GRAD_NAMES):
-        block[name] = {ref_name: _compare(grads[i], ref[i]) for ref_name, ref in refs.items()}
+        block[name] = {
+            ref_name: _compare(grads[i], ref[i], streamed) for ref_name, ref in refs.items()
+        }
     return block
+
+
+def _truth_refs(
+    grads: dict[str, tuple[torch.Tensor, ...]], skip: str | None = None
+) -> dict[str, Sequence[torch.Tensor]]:
+    """The ground truths that ran, as comparison references (a truth is not compared with
+    itself; each is compared with the other)."""
+    return {REFS[t]: grads[t] for t in GROUND_TRUTHS if t in grads and t != skip}
 
 
 def reference_case(
@@ -400,11 +386,11 @@ def reference_case(
     """The reference implementation of one recipe on one scenario.
 
     Returns the case dict, the ForwardResult and the gradients per variant (for kernels)."""
-    from fp4sim import reference
     recipe = reference.get_recipe(recipe_name)
     sm_scale = resolved_sm_scale(scenario)
     t = tensors
-    fwd = reference.fp4_attention_forward(
+    forward_fn = streaming.streaming_forward if t.streamed else reference.fp4_attention_forward
+    fwd = forward_fn(
         t.q,
         t.k,
         t.v,
@@ -416,50 +402,53 @@ def reference_case(
         diagnostics=True,
     )
     forward = {
-        "o_vs_exact": _compare(fwd.o, t.o_exact),
-        "o_hp_vs_exact": _compare(fwd.o_hp, t.o_exact),
+        "o_vs_exact": _compare(fwd.o, t.o_exact, t.streamed),
+        "o_hp_vs_exact": _compare(fwd.o_hp, t.o_exact, t.streamed),
         "o_vs_recipe_reference": None,
     }
     grads: dict[str, tuple[torch.Tensor, ...]] = {}
+    ds_rowsum: dict[str, Any] = {}
     errors: dict[str, str] = {}
-    ordered = [GROUND_TRUTH, *[v for v in variants if v != GROUND_TRUTH]]
-    for variant in ordered:
+    ordered = [*[g for g in GROUND_TRUTHS if g in variants], *[
+        v for v in variants if v not in GROUND_TRUTHS
+    ]]
+    if t.streamed:
+        try:  # every variant in one streamed walk over (row block, key chunk) slices
+            streamed = streaming.streaming_backward(
+                ordered, fwd, t.q, t.k, t.v, t.do, recipe, causal=scenario.causal,
+                sm_scale=sm_scale,
+            )
+        except Exception:  # noqa: BLE001 - recorded in the report
+            errors = {variant: traceback.format_exc() for variant in ordered}
+            streamed = {}
+        for variant, g in streamed.items():
+            grads[variant] = (g.dq, g.dk, g.dv)
+            if not bool(torch.isnan(g.ds_rowsum).all()):  # ste_tiled streams no dS
+                ds_rowsum[variant] = rowsum_summary(g.ds_rowsum, t.d_exact)
+    for variant in [] if t.streamed else ordered:
         try:
-            grads[variant] = tuple(
-                g.detach()
-                for g in reference.attention_backward(
-                    variant,
-                    fwd,
-                    t.q,
-                    t.k,
-                    t.v,
-                    t.do,
-                    recipe,
-                    causal=scenario.causal,
-                    sm_scale=sm_scale,
-                )
+            parts = reference.backward_parts(
+                variant, fwd, t.q, t.k, t.v, t.do, recipe, causal=scenario.causal,
+                sm_scale=sm_scale,
             )
         except Exception:  # noqa: BLE001 - recorded in the report
             errors[variant] = traceback.format_exc()
+            continue
+        grads[variant] = (parts.dq.detach(), parts.dk.detach(), parts.dv.detach())
+        ds_rowsum[variant] = rowsum_summary(parts.ds.detach().double().sum(dim=-1), t.d_exact)
     gradients: dict[str, Any] = {}
-    ste = grads.get(GROUND_TRUTH)
     for variant in variants:
         if variant in errors:
             gradients[variant] = {"error": errors[variant]}
             continue
-        refs: dict[str, Sequence[torch.Tensor]] = {"vs_exact": t.grads_exact}
-        if ste is not None:
-            refs["vs_ste"] = ste
-        gradients[variant] = {"error": None, **_grad_block(grads[variant], refs)}
-    d_identity: dict[str, Any] = {}
-    for variant in variants:
-        if variant in D_IDENTITY_INPUTS or variant == "exact":
-            residual = rowsum_ds(variant, fwd, t.q, t.k, t.v, t.do, scenario.causal, sm_scale)
-            d_identity[variant] = d_identity_summary(residual, t.d_exact)
+        refs: dict[str, Sequence[torch.Tensor]] = {
+            "vs_exact": t.grads_exact, **_truth_refs(grads, skip=variant)
+        }
+        gradients[variant] = {"error": None, **_grad_block(grads[variant], refs, t.streamed)}
     case = {
         "forward": forward,
         "gradients": gradients,
-        "d_identity": d_identity,
+        "ds_rowsum": {v: ds_rowsum[v] for v in variants if v in ds_rowsum},
         "diagnostics": diagnostics_for(fwd, recipe, t.q, t.k, t.v),
         "recipe_backward": recipe.backward,
     }
@@ -478,38 +467,32 @@ def kernel_case(
     ref_grads: dict[str, tuple[torch.Tensor, ...]],
     recipe_backward: str,
 ) -> dict[str, Any]:
-    """A kernel (triton or external) against exact, STE and the recipe's own reference."""
+    """The Triton kernel against exact, both STE ground truths and the recipe's reference."""
     t = tensors
     sm_scale = resolved_sm_scale(scenario)
     q, k, v = (x.detach().clone().requires_grad_(True) for x in (t.q, t.k, t.v))
     assert implementation.function is not None
-    if implementation.kind == "triton":
-        o = implementation.function(q, k, v, scenario.causal, sm_scale, recipe_name)
-    else:
-        o = implementation.function(q, k, v, scenario.causal, sm_scale)
+    o = implementation.function(q, k, v, scenario.causal, sm_scale, recipe_name)
     if not isinstance(o, torch.Tensor) or o.shape != t.o_exact.shape:
         raise TypeError(
             f"kernel returned {type(o).__name__} of shape {getattr(o, 'shape', None)}; "
             f"expected a tensor of shape {tuple(t.o_exact.shape)}"
         )
     dq, dk, dv = torch.autograd.grad(o, (q, k, v), t.do.to(o.dtype))
-    refs: dict[str, Sequence[torch.Tensor]] = {"vs_exact": t.grads_exact}
-    if GROUND_TRUTH in ref_grads:
-        refs["vs_ste"] = ref_grads[GROUND_TRUTH]
+    refs: dict[str, Sequence[torch.Tensor]] = {"vs_exact": t.grads_exact, **_truth_refs(ref_grads)}
     if recipe_backward in ref_grads:
         refs["vs_recipe_variant"] = ref_grads[recipe_backward]
     return {
         "forward": {
-            "o_vs_exact": _compare(o, t.o_exact),
+            "o_vs_exact": _compare(o, t.o_exact, t.streamed),
             "o_hp_vs_exact": None,
-            "o_vs_recipe_reference": _compare(o, ref_fwd.o),
+            "o_vs_recipe_reference": _compare(o, ref_fwd.o, t.streamed),
         },
-        "gradients": {"kernel": {"error": None, **_grad_block((dq, dk, dv), refs)}},
-        "d_identity": {},
+        "gradients": {"kernel": {"error": None, **_grad_block((dq, dk, dv), refs, t.streamed)}},
+        "ds_rowsum": {},
         "diagnostics": None,
         "recipe_backward": recipe_backward,
     }
-
 
 
 # ---------------------------------------------------------------------------------------
@@ -642,6 +625,7 @@ ErrorSamples = dict[tuple[str, str], dict[str, dict[str, list[float]]]]
 """(implementation, recipe) -> {"kernel" | "reference": {tensor: per-row relative errors}}."""
 
 
+
 def external_case(
     scenario: Scenario,
     recipe_name: str,
@@ -656,8 +640,8 @@ def external_case(
     samples: ErrorSamples,
 ) -> dict[str, Any]:
     """An external kernel in its worker: the tolerance rule against the recipe, the
-    metrics against exact, STE and the recipe's reference, and the error samples of the
-    statistical verdict. A time-out, a crash or an exception is the case's error."""
+    metrics against exact, both STE ground truths and the recipe's reference, and the error
+    samples of the statistical verdict. A time-out, a crash or an exception is the case's error."""
     t = tensors
     arrays = [to_numpy(x).astype(np.float32) for x in (t.q, t.k, t.v, t.do)]
     outcome, result = judge_external(
@@ -671,9 +655,7 @@ def external_case(
         return {"status": "error", "error": text, "failure": failure}
     out = result.outputs
     backward = bool(implementation.spec.backward)
-    refs: dict[str, Sequence[torch.Tensor]] = {"vs_exact": t.grads_exact}
-    if GROUND_TRUTH in ref_grads:
-        refs["vs_ste"] = ref_grads[GROUND_TRUTH]
+    refs: dict[str, Sequence[torch.Tensor]] = {"vs_exact": t.grads_exact, **_truth_refs(ref_grads)}
     if recipe_backward in ref_grads:
         refs["vs_recipe_variant"] = ref_grads[recipe_backward]
     grads = tuple(out[n] for n in ("dQ", "dK", "dV")) if backward else ()
@@ -708,7 +690,7 @@ def external_case(
             "o_vs_recipe_reference": _compare(out["O"], ref_fwd.o),
         },
         "gradients": gradients,
-        "d_identity": {},
+        "ds_rowsum": {},
         "diagnostics": None,
         "recipe_backward": recipe_backward,
         "rule": rule_block(outcome, implementation.dtype or ""),
@@ -728,135 +710,10 @@ def diagnose_external(
     return list(outcome.causes)
 
 
-def run_scenario(
-    scenario: Scenario,
-    recipes: Sequence[str],
-    implementations: Sequence[Implementation],
-    *,
-    seed: int,
-    device: str,
-    variants: Sequence[str] = VARIANTS,
-    progress: Callable[[str], None] = log,
-    counter: list[int] | None = None,
-    total: int | None = None,
-    samples: ErrorSamples | None = None,
-) -> list[dict[str, Any]]:
-    """Every case of one scenario (one dict per recipe × implementation); external kernels'
-    error samples are added to ``samples``."""
-    cases: list[dict[str, Any]] = []
-    counter = counter if counter is not None else [0]
-    samples = samples if samples is not None else {}
-
-    def base(recipe: str, impl: Implementation) -> dict[str, Any]:
-        return {
-            "scenario": scenario.name,
-            "recipe": recipe,
-            "implementation": impl.name,
-            "implementation_kind": impl.kind,
-            "status": "ok",
-            "error": None,
-            "seconds": 0.0,
-        }
-
-    try:
-        tensors = prepare_scenario(scenario, seed, device)
-    except Exception:  # noqa: BLE001
-        tb = traceback.format_exc()
-        for recipe in recipes:
-            for impl in implementations:
-                counter[0] += 1
-                cases.append({**base(recipe, impl), "status": "error", "error": tb})
-        progress(f"  scenario {scenario.name}: inputs failed\n{tb}")
-        return cases
-
-    for recipe in recipes:
-        ref_fwd, ref_grads, recipe_backward = None, {}, "attn_qat"
-        for impl in implementations:
-            counter[0] += 1
-            label = f"[{counter[0]}/{total or '?'}] {scenario.name} x {recipe} x {impl.name}"
-            case = base(recipe, impl)
-            start = time.perf_counter()
-            try:
-                if impl.kind == "reference":
-                    body, ref_fwd, ref_grads = reference_case(scenario, recipe, tensors, variants)
-                    recipe_backward = body["recipe_backward"]
-                elif impl.kind == "triton" and recipe not in TRITON_RECIPES:
-                    body = {
-                        "status": "skipped",
-                        "error": f"kernels.attn_qat supports recipes {', '.join(TRITON_RECIPES)}",
-                    }
-                elif impl.kind == "external" and (
-                    reason := unsupported_reason(impl.spec, scenario, impl.dtype or "")
-                ):
-                    body = {"status": "skipped", "error": reason}
-                else:
-                    if ref_fwd is None:
-                        raise RuntimeError(
-                            "the reference case of this recipe failed; nothing to compare to"
-                        )
-                    if impl.kind == "external":
-                        body = external_case(
-                            scenario,
-                            recipe,
-                            impl,
-                            tensors,
-                            ref_fwd,
-                            ref_grads,
-                            recipe_backward,
-                            seed=seed,
-                            device=device,
-                            samples=samples,
-                        )
-                    else:
-                        body = kernel_case(
-                            scenario, recipe, impl, tensors, ref_fwd, ref_grads, recipe_backward
-                        )
-                case.update(body)
-            except Exception:  # noqa: BLE001 - recorded in the report
-                case["status"] = "error"
-                case["error"] = traceback.format_exc()
-            case["seconds"] = round(time.perf_counter() - start, 3)
-            status = case["status"]
-            rule = case.get("rule")
-            if rule is not None:
-                status += " (agrees)" if rule["agrees"] else " (disagrees)"
-            progress(f"{label}: {status} ({case['seconds']:.1f} s)")
-            if case["status"] == "error":
-                progress("    " + summary.problem_line(case["error"]))
-            cases.append(case)
-    return cases
-
-
-def case_seed_info(scenario: Scenario, seed: int) -> dict[str, Any]:
-    return {"seed": seed, "generator_entropy": scenario_seed(seed, scenario.name)}
-
 
 # ---------------------------------------------------------------------------------------
-# the whole report
+# units of work: one scenario x recipe
 # ---------------------------------------------------------------------------------------
-
-
-def collect_versions() -> dict[str, str | None]:
-    import platform
-    from importlib import metadata
-
-    import matplotlib
-
-    def dist_version(name: str) -> str | None:
-        try:
-            return metadata.version(name)
-        except metadata.PackageNotFoundError:
-            return None
-
-    return {
-        "python": platform.python_version(),
-        "numpy": np.__version__,
-        "torch": torch.__version__,
-        "triton": dist_version("triton"),
-        "matplotlib": matplotlib.__version__,
-        "fp4sim": dist_version("fp4sim"),
-        "platform": platform.platform(),
-    }
 
 
 @dataclass(frozen=True)
@@ -869,137 +726,241 @@ class ReportConfig:
     preset: str = "quick"
     variants: tuple[str, ...] = VARIANTS
     thresholds: tuple[Any, ...] = ()
+    stream_above: int = STREAM_ABOVE
+    """Scenarios with more score entries run the streaming reference (0: every scenario)."""
+
+    def streamed(self, scenario: Scenario) -> bool:
+        return score_elements(scenario) > self.stream_above
 
 
-def judge_kernels(
-    config: ReportConfig,
-    cases: Sequence[dict[str, Any]],
-    samples: ErrorSamples,
-    progress: Callable[[str], None] = log,
-) -> list[dict[str, Any]]:
-    """The verdict of every external kernel: tolerance-rule tally, a diagnosis of its worst
-    disagreeing case, and the statistical comparison of its errors with the recipe's."""
-    externals = {i.name: i for i in config.implementations if i.kind == "external"}
-    scenarios = {s.name: s for s in config.scenarios}
-    out = verdicts.kernel_verdicts(
-        cases, [i.to_json() for i in externals.values()], config.recipes
+@dataclass(frozen=True)
+class Unit:
+    """One scenario × recipe: the reference case and every kernel case of that recipe
+    (a kernel is compared with the recipe's reference, so they run together)."""
+
+    index: int
+    scenario: Scenario
+    recipe: str
+
+    @property
+    def cost(self) -> float:
+        """Relative cost for load balancing: the score matrices of every head."""
+        s = self.scenario.spec
+        return float(s.batch * s.heads * s.lq * s.lk * (s.head_dim + 32))
+
+
+def units(config: ReportConfig) -> list[Unit]:
+    """Every unit in the report's order (scenario-major, then recipe)."""
+    return [
+        Unit(i * len(config.recipes) + j, scenario, recipe)
+        for i, scenario in enumerate(config.scenarios)
+        for j, recipe in enumerate(config.recipes)
+    ]
+
+
+@dataclass
+class UnitResult:
+    """What one unit computed: its cases (one per implementation, in config order), the
+    external kernels' error samples, and its wall time. Plain data, so it can be gathered
+    across processes."""
+
+    index: int
+    scenario: str
+    cases: list[dict[str, Any]]
+    samples: ErrorSamples
+    seconds: float
+
+
+@dataclass
+class Computed:
+    """Every case of the report in order, the merged error samples, and the timing."""
+
+    cases: list[dict[str, Any]]
+    samples: ErrorSamples
+    scenario_seconds: dict[str, float]
+    compute_seconds: float
+    ranks: int = 1
+    rank_seconds: list[float] = field(default_factory=list)
+    gather_seconds: float = 0.0
+
+
+def _unit_seed(seed: int, unit: Unit) -> int:
+    # torch's global generator is seeded per unit, so that a unit's numbers do not depend on
+    # which units ran before it in the same process (sharding must not change a number)
+    return (seed * 1_000_003 + zlib.crc32(f"{unit.scenario.name}/{unit.recipe}".encode())) % (
+        2**63
     )
-    for verdict in out:
-        impl = externals[verdict["implementation"]]
-        worst = verdict["worst"]
-        if not verdict["agrees"] and worst is not None and worst["status"] == "ok":
-            progress(f"fp4sim report: diagnosing {impl.name} on {worst['scenario']}")
-            verdict["causes"] = diagnose_external(
-                impl, scenarios[worst["scenario"]], verdict["recipe"], config.seed, config.device
-            )
-        pair = samples.get((impl.name, verdict["recipe"]))
-        if pair is not None:
-            verdict["statistics"] = error_statistics.distribution_verdict(
-                pair["kernel"], pair["reference"]
-            )
-        verdicts.finish(verdict)
-    return out
 
 
-def run_report(config: ReportConfig, progress: Callable[[str], None] = log) -> dict[str, Any]:
-    """Run every case and assemble the report dict (``reports.schema`` layout)."""
+def _base_case(scenario: Scenario, recipe: str, impl: Implementation) -> dict[str, Any]:
+    return {
+        "scenario": scenario.name,
+        "recipe": recipe,
+        "implementation": impl.name,
+        "implementation_kind": impl.kind,
+        "status": "ok",
+        "error": None,
+        "seconds": 0.0,
+    }
 
+
+def run_unit(
+    unit: Unit,
+    config: ReportConfig,
+    tensors: ScenarioTensors | None,
+    *,
+    progress: Callable[[str], None] = log,
+    label: str = "",
+) -> UnitResult:
+    """Every case of one scenario × recipe; ``tensors`` None means the scenario's inputs
+    failed (logged once; each case records the failure)."""
     start = time.perf_counter()
-    torch.manual_seed(config.seed)
+    scenario, recipe = unit.scenario, unit.recipe
+    torch.manual_seed(_unit_seed(config.seed, unit))
+    samples: ErrorSamples = {}
+    cases: list[dict[str, Any]] = []
+    ref_fwd, ref_grads, recipe_backward = None, {}, "attn_qat"
+    for impl in config.implementations:
+        case = _base_case(scenario, recipe, impl)
+        t0 = time.perf_counter()
+        try:
+            if tensors is None:
+                raise RuntimeError(f"the inputs of scenario {scenario.name} failed")
+            if impl.kind == "reference":
+                body, ref_fwd, ref_grads = reference_case(
+                    scenario, recipe, tensors, config.variants
+                )
+                recipe_backward = body["recipe_backward"]
+            elif impl.kind == "triton" and recipe not in TRITON_RECIPES:
+                body = {
+                    "status": "skipped",
+                    "error": f"kernels.attn_qat supports recipes {', '.join(TRITON_RECIPES)}",
+                }
+            elif impl.kind == "external" and (
+                reason := unsupported_reason(impl.spec, scenario, impl.dtype or "")
+            ):
+                body = {"status": "skipped", "error": reason}
+            elif impl.kind == "external" and tensors.streamed:
+                body = {
+                    "status": "skipped",
+                    "error": "a streamed (production-size) scenario: the FP4 tolerance rule of "
+                    "`fp4sim check` needs the dense reference; check the kernel at this shape "
+                    "with `fp4sim check attention --inputs`",
+                }
+            elif ref_fwd is None:
+                raise RuntimeError(
+                    "the reference case of this recipe failed; nothing to compare to"
+                )
+            elif impl.kind == "external":
+                body = external_case(
+                    scenario, recipe, impl, tensors, ref_fwd, ref_grads, recipe_backward,
+                    seed=config.seed, device=config.device, samples=samples,
+                )
+            else:
+                body = kernel_case(
+                    scenario, recipe, impl, tensors, ref_fwd, ref_grads, recipe_backward
+                )
+            case.update(body)
+        except Exception:  # noqa: BLE001 - recorded in the report
+            case["status"] = "error"
+            case["error"] = traceback.format_exc()
+        case["seconds"] = round(time.perf_counter() - t0, 3)
+        status = case["status"]
+        rule = case.get("rule")
+        if rule is not None:
+            status += " (agrees)" if rule["agrees"] else " (disagrees)"
+        progress(f"{label} {scenario.name} x {recipe} x {impl.name}: {status} "
+                 f"({case['seconds']:.1f} s)")
+        if case["status"] == "error":
+            progress("    " + problem_line(case["error"]))
+        cases.append(case)
+    return UnitResult(
+        unit.index, scenario.name, cases, samples, round(time.perf_counter() - start, 3)
+    )
+
+
+def run_units(
+    config: ReportConfig,
+    selected: Sequence[Unit],
+    progress: Callable[[str], None] = log,
+    tag: str = "",
+) -> list[UnitResult]:
+    """Compute ``selected`` units in order, preparing each scenario's inputs and exact
+    references once for consecutive units of the same scenario."""
+    threads = torch.get_num_threads()
     # The tensors are small: one thread is as fast on an idle CPU and many times faster on
     # a loaded one (OpenMP workers spin-waiting for preempted peers).
-    threads = torch.get_num_threads()
     if config.device == "cpu":
         torch.set_num_threads(1)
+    results: list[UnitResult] = []
+    cached: tuple[str, ScenarioTensors | None, float] | None = None
     try:
-        return _run_report(config, progress, start)
+        for n, unit in enumerate(selected, start=1):
+            prep_seconds = 0.0
+            if cached is None or cached[0] != unit.scenario.name:
+                t0 = time.perf_counter()
+                try:
+                    tensors: ScenarioTensors | None = prepare_scenario(
+                        unit.scenario, config.seed, config.device, config.streamed(unit.scenario)
+                    )
+                except Exception:  # noqa: BLE001 - every case of the scenario records it
+                    tensors = None
+                    progress(f"  scenario {unit.scenario.name}: inputs failed\n"
+                             f"{traceback.format_exc()}")
+                prep_seconds = time.perf_counter() - t0
+                cached = (unit.scenario.name, tensors, prep_seconds)
+            label = f"{tag}[{n}/{len(selected)}]"
+            result = run_unit(unit, config, cached[1], progress=progress, label=label)
+            result.seconds = round(result.seconds + prep_seconds, 3)
+            results.append(result)
     finally:
         torch.set_num_threads(threads)
+    return results
 
 
-def _run_report(
-    config: ReportConfig, progress: Callable[[str], None], start: float
-) -> dict[str, Any]:
-    from datetime import datetime, timezone
-
-    total = len(config.scenarios) * len(config.recipes) * len(config.implementations)
-    counter = [0]
+def merge(
+    config: ReportConfig, results: Sequence[UnitResult], compute_seconds: float
+) -> Computed:
+    """The report's cases in order (scenario, recipe, implementation) from unit results
+    computed in any order or process; samples concatenated in the same order."""
+    by_index = {r.index: r for r in results}
+    expected = units(config)
+    missing = [u.index for u in expected if u.index not in by_index]
+    if missing:
+        raise RuntimeError(f"units {missing} were not computed")
     cases: list[dict[str, Any]] = []
     samples: ErrorSamples = {}
     scenario_seconds: dict[str, float] = {}
-    for scenario in config.scenarios:
-        t0 = time.perf_counter()
-        cases += run_scenario(
-            scenario,
-            config.recipes,
-            config.implementations,
-            seed=config.seed,
-            device=config.device,
-            variants=config.variants,
-            progress=progress,
-            counter=counter,
-            total=total,
-            samples=samples,
+    for unit in expected:
+        r = by_index[unit.index]
+        cases += r.cases
+        scenario_seconds[r.scenario] = round(scenario_seconds.get(r.scenario, 0.0) + r.seconds, 3)
+        for key, pair in r.samples.items():
+            entry = samples.setdefault(key, {"kernel": {}, "reference": {}})
+            for side in ("kernel", "reference"):
+                for tensor, values in pair[side].items():
+                    entry[side].setdefault(tensor, []).extend(values)
+    return Computed(cases, samples, scenario_seconds, round(compute_seconds, 3))
+
+
+def compute(config: ReportConfig, progress: Callable[[str], None] = log) -> Computed:
+    """Every case of the report in one process."""
+    start = time.perf_counter()
+    results = run_units(config, units(config), progress)
+    computed = merge(config, results, time.perf_counter() - start)
+    computed.rank_seconds = [computed.compute_seconds]
+    return computed
+
+
+def diagnoser(config: ReportConfig) -> Callable[[str, str, str], list[str]]:
+    """The ``diagnose`` callback of ``reports.analysis.analyse``: runs a kernel's worst
+    disagreeing case once more under `fp4sim check`'s diagnosis."""
+    impls = {i.name: i for i in config.implementations}
+    scenarios = {s.name: s for s in config.scenarios}
+
+    def diagnose(name: str, scenario: str, recipe: str) -> list[str]:
+        return diagnose_external(
+            impls[name], scenarios[scenario], recipe, config.seed, config.device
         )
-        scenario_seconds[scenario.name] = round(time.perf_counter() - t0, 3)
-    kernel_verdicts = judge_kernels(config, cases, samples, progress)
-    scenarios = {
-        s.name: {**s.to_json(), "seed": case_seed_info(s, config.seed)} for s in config.scenarios
-    }
-    thresholds = [summary.evaluate_threshold(t, cases) for t in config.thresholds]
-    errors = [
-        {
-            "scenario": c["scenario"],
-            "recipe": c["recipe"],
-            "implementation": c["implementation"],
-            "error": c["error"],
-        }
-        for c in cases
-        if c["status"] == "error"
-    ]
-    failed = (
-        errors
-        or any(not t["passed"] for t in thresholds)
-        or any(not v["passed"] for v in kernel_verdicts)
-    )
-    return {
-        "schema_version": schema.SCHEMA_VERSION,
-        "tool": "fp4sim report",
-        "created_utc": datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"),
-        "exit_code": 1 if failed else 0,
-        "versions": collect_versions(),
-        "settings": {
-            "seed": config.seed,
-            "device": config.device,
-            "preset": config.preset,
-            "recipes": list(config.recipes),
-            "scenarios": [s.name for s in config.scenarios],
-            "implementations": [i.name for i in config.implementations],
-            "kernels": [i.to_json() for i in config.implementations if i.kind == "external"],
-            "variants": list(config.variants),
-            "ground_truth": GROUND_TRUTH,
-            "fail_on": [t.text for t in config.thresholds],
-            "element_guard_eps": metrics.ELEMENT_GUARD_EPS,
-            "log10_edges": list(metrics.LOG10_EDGES),
-            "quantiles": list(metrics.QUANTILES),
-            "sm_scale": "1/sqrt(head_dim) unless the scenario sets one",
-            "do_distribution": "N(0, 1), drawn after q, k, v from the scenario generator",
-            "forward_mode": "tiled",
-            "accum_dtype": "float32",
-            "torch_threads": torch.get_num_threads(),
-        },
-        "scenarios": scenarios,
-        "cases": cases,
-        "summary": {
-            "ranking": summary.ranking(cases),
-            "findings": summary.findings(cases, scenarios),
-        },
-        "verdicts": kernel_verdicts,
-        "statistics_assumptions": list(error_statistics.ASSUMPTIONS),
-        "thresholds": thresholds,
-        "errors": errors,
-        "timing": {
-            "compute_seconds": round(time.perf_counter() - start, 3),
-            "scenario_seconds": scenario_seconds,
-        },
-    }
+
+    return diagnose

@@ -6,8 +6,9 @@ its parameters, batch/heads/lengths/head dim), causality and tags that the findi
 ``(scenario, seed)`` alone by :func:`scenario_inputs`, so a test can recompute any
 number of the report.
 
-Two sets: ``QUICK_SCENARIOS`` (the default, sized to finish on a 2-core CPU in well
-under three minutes) and ``FULL_SCENARIOS`` (more strengths, lengths and head dims).
+Sets: ``QUICK_SCENARIOS`` (the default, sized to finish on a 2-core CPU in well under three
+minutes), ``FULL_SCENARIOS`` (more strengths, lengths and head dims) and
+``PRODUCTION_SCENARIOS`` (training and decode shapes, L = 16k to 128k, streamed).
 """
 
 from __future__ import annotations
@@ -239,7 +240,37 @@ SMOKE_SCENARIOS: tuple[Scenario, ...] = (
     ),
 )
 
-ALL_SCENARIOS: dict[str, Scenario] = {s.name: s for s in (*FULL_SCENARIOS, *SMOKE_SCENARIOS)}
+PRODUCTION_SCENARIOS: tuple[Scenario, ...] = (
+    _scenario(
+        "long-rows-L16384",
+        "nearly flat softmax over 16384 keys (logits x0.1), B = H = 1, Lq = Lk = 16384, d = 64: "
+        "P entries about 6e-5, where a normalized-P backward flushes every block",
+        _spec("flat", 16384, 16384, d=64, heads=1, kv_heads=1, logit_scale=0.1),
+        tags=("long_rows", "production"),
+    ),
+    _scenario(
+        "video-dit-L32760",
+        "a video diffusion transformer's self-attention: Gaussian, B = 1, H = 12, "
+        "Lq = Lk = 32760, d = 128, not causal",
+        _spec("gaussian", 32760, 32760, d=128, heads=12, kv_heads=12),
+        tags=("production",),
+    ),
+    _scenario(
+        "llm-L131072-decode",
+        "an LLM decoding 16 tokens against a 131072-token context: Gaussian, B = 1, H = 8 "
+        "query heads on 1 kv head (grouped-query), Lq = 16, Lk = 131072, d = 128, causal "
+        "(bottom-right aligned)",
+        _spec("gaussian", 16, 131072, d=128, heads=8, kv_heads=1),
+        causal=True,
+        tags=("production",),
+    ),
+)
+"""Production shapes (``--production``): run by the streaming reference (memory linear in L,
+``reference.streaming``); hours of CPU time, meant for a GPU or a sharded run."""
+
+ALL_SCENARIOS: dict[str, Scenario] = {
+    s.name: s for s in (*FULL_SCENARIOS, *SMOKE_SCENARIOS, *PRODUCTION_SCENARIOS)
+}
 
 
 def scenario_names() -> list[str]:

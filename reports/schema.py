@@ -7,8 +7,11 @@ counts add up to their total, every case names a known scenario and recipe, and 
 that is ``ok`` carries its forward comparison, its gradients and (for the reference)
 its diagnostics.
 
-Layout (``SCHEMA_VERSION`` 2; 2 added ``verdicts``, ``settings.kernels`` and a case's
-``rule``)::
+Layout (``SCHEMA_VERSION`` 3; 2 added ``verdicts``, ``settings.kernels`` and a case's
+``rule``; 3 added the second ground truth ``ste_tiled`` (``vs_ste_tiled`` comparisons,
+``settings.ground_truths``), ``summary.actions``, ``summary.identities``, the analysed
+tables ``summary.variant_errors`` and ``summary.forward``, and renamed a case's
+``d_identity`` to ``ds_rowsum``)::
 
     schema_version: int, tool: str, created_utc: str, exit_code: int
     versions: {python, numpy, torch, triton?, matplotlib, fp4sim, platform}
@@ -18,8 +21,9 @@ Layout (``SCHEMA_VERSION`` 2; 2 added ``verdicts``, ``settings.kernels`` and a c
     scenarios: {name: {name, description, distribution, spec{}, shape{}, tags[], seed{}}}
     cases: [{scenario, recipe, implementation, implementation_kind, status, error, seconds,
              forward{o_vs_exact, o_hp_vs_exact, o_vs_recipe_reference},
-             gradients{variant: {error, dq/dk/dv: {vs_exact, vs_ste, vs_recipe_variant?}}},
-             d_identity{variant: {max_abs, rms, relative_to_d}},
+             gradients{variant: {error, dq/dk/dv: {vs_exact, vs_ste?, vs_ste_tiled?,
+                        vs_recipe_variant?}}},
+             ds_rowsum{variant: {max_abs, rms, relative_to_d}} (row sums of the variant's dS),
              diagnostics{tensors{q,k,v}, p{...}, reference_diagnostics{}} | null,
              recipe_backward, rule? (external kernels: {agrees, dtype, nonfinite,
              tensors[{name, ok, worst_error, bound, ratio, ...}], worst_tensor, worst_ratio}),
@@ -28,7 +32,10 @@ Layout (``SCHEMA_VERSION`` 2; 2 added ``verdicts``, ``settings.kernels`` and a c
              norm_ratio}, element_relative_error: distribution, row_relative_error: distribution}
     distribution: {mean, max, quantiles{p50, p90, p99, p99.9}, histogram{counts[] (bins of
              settings.log10_edges), underflow, overflow, nan, total}}
-    summary: {ranking[], findings[]}, thresholds: [], errors: [], timing: {}
+    summary: {ranking[], findings[], actions[{severity, text}], identities[],
+              variant_errors[], forward[]}, thresholds: [], errors: [],
+    timing: {compute_seconds, scenario_seconds{}, ranks, rank_seconds[], gather_seconds,
+             analysis_seconds}
     verdicts: [{implementation, target, dtype, recipe, basis ("claimed" | "best match"),
              agree, of, agrees, passed, nonfinite_scenarios[], worst, causes[],
              statistics (reports.error_statistics) | null, headline, points[], text}]
@@ -41,7 +48,7 @@ from typing import Any
 
 from fp4sim.reports.metrics import LOG10_EDGES, QUANTILES, SCALAR_METRICS
 
-SCHEMA_VERSION = 2
+SCHEMA_VERSION = 3
 CASE_STATUSES = ("ok", "error", "skipped")
 GRAD_NAMES = ("dq", "dk", "dv")
 NUMBER = (int, float)
@@ -63,6 +70,15 @@ VERDICT_KEYS = (
 
 class ReportSchemaError(ValueError):
     """report.json does not have the documented structure."""
+
+
+def problem_line(error: str | None) -> str:
+    """The line of a failed case's ``error`` that names its problem: a traceback's last line
+    (its message), else the first ("kernel timed out after 5 s", "crashed with signal 11")."""
+    lines = (error or "").strip().splitlines()
+    if not lines:
+        return "failed"
+    return lines[-1] if lines[0].startswith("Traceback") else lines[0]
 
 
 class _Checker:
@@ -171,7 +187,7 @@ class _Checker:
         if case["status"] != "ok":
             return
         if not self.dict_keys(
-            case, path, ("forward", "gradients", "d_identity", "diagnostics", "recipe_backward")
+            case, path, ("forward", "gradients", "ds_rowsum", "diagnostics", "recipe_backward")
         ):
             return
         fwd = case["forward"]
@@ -198,14 +214,14 @@ class _Checker:
                     ):
                         for ref, cmp in block[g].items():
                             self.comparison(cmp, f"{vpath}.{g}.{ref}")
-        if self.typed(case["d_identity"], path + ".d_identity", dict):
-            for variant, stats in case["d_identity"].items():
+        if self.typed(case["ds_rowsum"], path + ".ds_rowsum", dict):
+            for variant, stats in case["ds_rowsum"].items():
                 if self.dict_keys(
-                    stats, f"{path}.d_identity.{variant}", ("max_abs", "rms", "relative_to_d")
+                    stats, f"{path}.ds_rowsum.{variant}", ("max_abs", "rms", "relative_to_d")
                 ):
                     for k in ("max_abs", "rms", "relative_to_d"):
                         self.typed(
-                            stats[k], f"{path}.d_identity.{variant}.{k}", NUMBER, nullable=True
+                            stats[k], f"{path}.ds_rowsum.{variant}.{k}", NUMBER, nullable=True
                         )
         diag = case["diagnostics"]
         if case["implementation_kind"] == "reference":
@@ -279,7 +295,7 @@ def validate_report(report: Any) -> list[str]:
         "settings": _empty,
         "scenarios": _empty,
         "cases": [],
-        "summary": {"ranking": [], "findings": []},
+        "summary": {"ranking": [], "findings": [], "actions": [], "identities": []},
         "thresholds": [],
         "errors": [],
         "verdicts": [],
@@ -345,7 +361,13 @@ def validate_report(report: Any) -> list[str]:
                 f"{len(report['cases'])} cases, expected scenarios x recipes x "
                 f"implementations = {expected}",
             )
-    if ck.dict_keys(report["summary"], "report.summary", ("ranking", "findings")):
+    if ck.dict_keys(
+        report["summary"], "report.summary", ("ranking", "findings", "actions", "identities")
+    ):
+        for i, a in enumerate(report["summary"]["actions"]):
+            if ck.dict_keys(a, f"report.summary.actions[{i}]", ("severity", "text")):
+                if a["severity"] not in ("bad", "warn"):
+                    ck.fail(f"report.summary.actions[{i}]", "severity must be bad or warn")
         for i, row in enumerate(report["summary"]["ranking"]):
             ck.dict_keys(
                 row,
@@ -356,6 +378,7 @@ def validate_report(report: Any) -> list[str]:
                     "implementation",
                     "variant",
                     "grad_vs_ste_geomean",
+                    "grad_vs_ste_tiled_geomean",
                     "grad_vs_exact_geomean",
                     "fwd_rel_l2_median",
                 ),

@@ -21,7 +21,7 @@ from collections.abc import Mapping, Sequence
 from typing import Any
 
 from fp4sim.reports import error_statistics
-from fp4sim.reports.summary import problem_line
+from fp4sim.reports.schema import problem_line
 
 NO_CAUSE = "no known cause matched (the reference emulations of known bugs of `fp4sim check`)"
 

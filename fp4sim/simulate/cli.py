@@ -10,13 +10,11 @@ The kernel is loaded with the loader of ``fp4sim check`` and ``report`` (fp4sim.
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 
 from fp4sim.simulate.config import PRESETS, get_preset, with_overrides
 from fp4sim.simulate.tasks import TASKS
 from fp4sim.simulate.variants import (
-    KERNEL_TIMEOUT_ENV,
     VALID_VARIANTS,
     SimulationSetupError,
     load_kernel,
@@ -46,7 +44,7 @@ def configure_parser(parser: argparse.ArgumentParser) -> None:
     add_kernel_options(parser, what="attention", capabilities=False)
     parser.add_argument("--device", default=None, help="cpu or cuda (default: the preset's)")
     parser.add_argument("--task", choices=sorted(TASKS), default=None,
-                        help="synthetic task (default: the preset's; recall for gpu, copy for cpu)")
+                        help="synthetic task (default: the preset's, recall)")
     size = "(default: the config's)"
     parser.add_argument("--steps", type=int, default=None,
                         help="training steps per variant " + size)
@@ -110,13 +108,12 @@ def run(args: argparse.Namespace) -> int:
             task=args.task, steps=args.steps,
             batch_size=args.batch_size, seq_len=args.seq_len, width=args.width,
             n_layers=args.n_layers, n_heads=args.n_heads, lr=args.lr, seed=args.seed,
-            log_every=args.log_every, jobs=args.jobs)
+            log_every=args.log_every, jobs=args.jobs, kernel_timeout=args.timeout)
         resolve_recipe(config.recipe, config.block_n)  # --recipe, --block-n before any work
         if config.kernel:  # loaded even when no chosen variant uses it: a typo is an error
             load_kernel(config.kernel)
     except ValueError as error:  # SimulationSetupError is a ValueError
         return _error(str(error))
-    os.environ[KERNEL_TIMEOUT_ENV] = repr(args.timeout)  # inherited by --jobs processes
     if config.device.startswith("cuda") and not cuda:
         return _error(f"device {config.device!r} asked for (config '{config.name}') but CUDA is "
                       "not available; use --device cpu or --config cpu")

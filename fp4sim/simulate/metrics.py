@@ -131,8 +131,8 @@ def verdict(*, status: str, final_loss: float | None, spikes: int,
 def paper_split(verdicts: dict[str, Verdict]) -> dict[str, bool | None]:
     """Whether the runs show the Attn-QAT paper's qualitative result, condition by
     condition: attn_qat learns like bf16 and is stable; p_only learns like bf16; drop_in
-    and o_only learn worse (or not at all, or diverge) and are unstable. ``None`` where the variant was not run
-    or the comparison is inconclusive."""
+    and o_only learn worse (or not at all, or diverge) and are unstable. ``None`` where the
+    variant was not run or the comparison is inconclusive."""
     def condition(name: str, test: Callable[[Verdict], bool]) -> bool | None:
         if name not in verdicts or verdicts[name].learning in (INCONCLUSIVE, FAILED):
             return None

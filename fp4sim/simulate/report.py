@@ -243,7 +243,8 @@ def build_html(result: SimulationResult) -> str:
         page.callout(
             "The runs " + ("reproduce" if reproduced else "do NOT reproduce")
             + " the Attn-QAT paper's qualitative split (attn_qat learns like bf16 and is "
-            "stable; drop_in and o_only learn worse and are unstable).",
+            "stable; p_only learns like bf16; drop_in and o_only learn worse and are "
+            "unstable).",
             kind="good" if reproduced else "bad")
     page.heading("Summary")
     page.table(TABLE_HEADERS, table_rows(result),

@@ -65,7 +65,8 @@ class SimulationResult:
 
 
 def _variant_of(config: SimulationConfig, name: str) -> Variant:
-    return build_variant(name, config.recipe, config.block_n, config.kernel, config.kernel_dtype)
+    return build_variant(name, config.recipe, config.block_n, config.kernel, config.kernel_dtype,
+                         config.kernel_timeout)
 
 
 def tail_mean(values: list[float], fraction: float = 0.05) -> float | None:

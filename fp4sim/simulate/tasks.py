@@ -92,6 +92,27 @@ def generate_recall(rng: np.random.Generator, batch_size: int, seq_len: int,
     return _split(tokens, scored)
 
 
+MAJORITY_SHARE = 0.25  # chance that a content token is the planted majority symbol
+
+
+def generate_majority(rng: np.random.Generator, batch_size: int, seq_len: int,
+                      vocab_size: int) -> TokenBatch:
+    if seq_len < 4:
+        raise ValueError(f"the majority task needs seq_len >= 4, got {seq_len}")
+    if vocab_size < 3:
+        raise ValueError(f"the majority task needs vocab_size >= 3, got {vocab_size}")
+    planted = rng.integers(1, vocab_size, size=(batch_size, 1), dtype=np.int64)
+    content = rng.integers(1, vocab_size, size=(batch_size, seq_len - 1), dtype=np.int64)
+    content = np.where(rng.random(content.shape) < MAJORITY_SHARE, planted, content)
+    counts = np.stack([(content == symbol).sum(axis=1) for symbol in range(vocab_size)], axis=1)
+    answer = counts.argmax(axis=1)[:, None]  # the mode; the smallest symbol on a (rare) tie
+    bos = np.full((batch_size, 1), BOS, dtype=np.int64)
+    tokens = np.concatenate([bos, content, answer], axis=1)
+    scored = np.zeros(tokens.shape, dtype=bool)
+    scored[:, -1] = True
+    return _split(tokens, scored)
+
+
 @dataclass(frozen=True)
 class Task:
     name: str
@@ -114,6 +135,13 @@ TASKS: dict[str, Task] = {
         generate=generate_recall,
         chance_loss=lambda seq_len, vocab: math.log(
             vocab - 1 - recall_layout(seq_len, vocab)[0]),
+    ),
+    "majority": Task(
+        name="majority",
+        description="random tokens with one symbol planted in a quarter of them; the "
+                    "last position predicts the most frequent symbol",
+        generate=generate_majority,
+        chance_loss=lambda seq_len, vocab: math.log(vocab - 1),
     ),
 }
 

@@ -9,7 +9,6 @@ callable ``fn(q, k, v, causal, sm_scale) -> o`` named as ``MODULE:ATTR`` by ``--
 from __future__ import annotations
 
 import dataclasses
-import os
 import signal
 import threading
 from collections.abc import Callable
@@ -105,11 +104,6 @@ def reference_attention(recipe: Any, backward: str) -> AttentionFn:
 
 KERNEL_DTYPES = ("float32", "bfloat16", "float16")
 
-# The per-call time limit of the external kernel, in seconds (``fp4sim simulate --timeout``).
-# An environment variable, so that variant processes (``--jobs``) inherit it.
-KERNEL_TIMEOUT_ENV = "FP4SIM_KERNEL_TIMEOUT"
-
-
 class KernelTimeout(RuntimeError):
     """The external kernel ran past ``--timeout``: the variant run fails with this line."""
 
@@ -137,12 +131,10 @@ def kernel_attention(kernel: Callable[..., Any], dtype: str = "float32",
                      timeout: float | None = None) -> AttentionFn:
     """``kernel`` called on q, k, v cast to ``dtype`` (kernels that take only 16-bit inputs,
     such as ``fp4sim.kernels:attn_qat``); its output is cast back to the model's dtype.
-    ``timeout`` (default: ``$FP4SIM_KERNEL_TIMEOUT``) limits each forward call."""
+    ``timeout`` (seconds; SimulationConfig.kernel_timeout) limits each forward call."""
     if dtype not in KERNEL_DTYPES:
         raise SimulationSetupError(f"kernel dtype must be one of {', '.join(KERNEL_DTYPES)}, "
                                    f"got {dtype!r}")
-    if timeout is None and os.environ.get(KERNEL_TIMEOUT_ENV):
-        timeout = float(os.environ[KERNEL_TIMEOUT_ENV])
 
     def attention(q, k, v, causal, sm_scale):  # noqa: ANN001, ANN202 - AttentionFn
         import torch
@@ -161,14 +153,16 @@ def kernel_attention(kernel: Callable[..., Any], dtype: str = "float32",
 
 
 def build_variant(name: str, recipe_name: str, block_n: int | None,
-                  kernel_spec: str | None = None, kernel_dtype: str = "float32") -> Variant:
+                  kernel_spec: str | None = None, kernel_dtype: str = "float32",
+                  kernel_timeout: float | None = None) -> Variant:
     """The variant ``name`` (see :data:`VALID_VARIANTS`) ready to plug into the model."""
     if name == KERNEL_VARIANT:
         if not kernel_spec:
             raise SimulationSetupError("variant 'kernel' needs --kernel MODULE:ATTR")
         return Variant(name=KERNEL_VARIANT, recipe_name=kernel_spec, backward=None,
                        description=f"external attention {kernel_spec}",
-                       attention=kernel_attention(load_kernel(kernel_spec), kernel_dtype))
+                       attention=kernel_attention(load_kernel(kernel_spec), kernel_dtype,
+                                                  kernel_timeout))
     check_variant_names([name], kernel_spec)
     if name == "bf16":
         recipe = resolve_recipe("bf16", block_n)

@@ -40,6 +40,8 @@ from typing import Any
 
 import numpy as np
 
+from fp4sim.formats import E2M1_MAGNITUDES, E2M1_TIES
+
 __all__ = [
     "AttentionErrorReport",
     "QuantizedDiff",
@@ -52,10 +54,10 @@ __all__ = [
     "tie_flip_summary",
 ]
 
-# E2M1 magnitudes of codes 0..7 (OCP MX v1.0 section 5.3.3); bit 3 is the sign.
-_E2M1_VALUES = np.array([0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0])
-# Rounding ties between adjacent E2M1 magnitudes (OCP MX v1.0 section 5.3.3).
-_E2M1_TIES = np.array([0.25, 0.75, 1.25, 1.75, 2.5, 3.5, 5.0])
+# E2M1 magnitudes of codes 0..7 (bit 3 is the sign) and the rounding ties between adjacent
+# magnitudes (OCP MX v1.0 section 5.3.3), from fp4sim.formats.
+_E2M1_VALUES = np.array(E2M1_MAGNITUDES)
+_E2M1_TIES = np.array(E2M1_TIES)
 
 # Unit roundoff 2^-(p) with p the significand precision (IEEE 754; bfloat16 has 8 bits).
 UNIT_ROUNDOFF: dict[str, float] = {

@@ -208,7 +208,8 @@ def call_attention_kernel(
                              causes=["kernel output contract"])
         grads = None
         if config.backward:
-            do = torch.from_numpy(do_np).to(device=o.device, dtype=o.dtype)
+            # a copy: a kernel that writes into its dO must not corrupt the reference's dO
+            do = torch.from_numpy(do_np.copy()).to(device=o.device, dtype=o.dtype)
             grads = torch.autograd.grad(o, (q, k, v), do, allow_unused=False)
     except Exception as err:
         return KernelRun(problem=f"kernel raised {type(err).__name__}: {err}",
@@ -450,16 +451,17 @@ def run_attention_check(
 
     try:
         reference.get_recipe(config.recipe)
-    except (KeyError, ValueError) as err:
-        raise UsageError(f"unknown recipe {config.recipe!r}: {err}") from err
+    except (KeyError, ValueError) as err:  # one line, as in report and simulate
+        raise UsageError(f"unknown recipe {config.recipe!r}; valid recipes: "
+                         f"{', '.join(reference.RECIPE_NAMES)}") from err
     check_device(config.device)
     with KernelWorker(config.kernel, spec_overrides=config.kernel_overrides,
                       timeout=config.timeout, device=config.device) as worker:
         assert worker.spec is not None
         effective = effective_config(config, worker.spec)
         result = _run_with_worker(worker, effective, log, progress_every)
-        result.untested = untested_lines(effective, worker.spec)  # type: ignore[attr-defined]
-        result.restarts = worker.starts - 1  # type: ignore[attr-defined]
+        result.untested = untested_lines(effective, worker.spec)
+        result.restarts = worker.starts - 1
     return result
 
 

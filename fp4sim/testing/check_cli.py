@@ -294,9 +294,7 @@ def _run_recipe_check(args: argparse.Namespace) -> int:
     except (UsageError, _Usage) as err:
         print(f"{prefix}: usage error: {err}", file=sys.stderr)
         return 2
-    untested = list(getattr(result, "untested", []))
-    conventions = list(getattr(result, "conventions", []))
-    restarts = int(getattr(result, "restarts", 0))
+    untested, conventions, restarts = result.untested, result.conventions, result.restarts
     if result.ok:
         print(f"{prefix}: OK: {result.examples_run} examples agree ({config.kernel}, seed"
               f" {config.seed}{', recipe ' + config.recipe if target == 'attention' else ''})")

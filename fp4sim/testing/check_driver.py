@@ -22,7 +22,10 @@ def hypothesis_blob(err: BaseException) -> str | None:
 @dataclass
 class CheckResult:
     """Outcome of a check run. ``first_failure_at`` counts examples (1-based) up to the first
-    disagreement; ``case`` is the shrunk failing case; ``diagnosis`` the printable report."""
+    disagreement; ``case`` is the shrunk failing case; ``diagnosis`` the printable report;
+    ``untested``: what the kernel's spec kept out of the run; ``conventions``: differences of
+    convention seen and accepted (with their case counts); ``restarts``: kernel worker
+    restarts after a timeout or crash."""
 
     ok: bool
     examples_run: int
@@ -32,6 +35,9 @@ class CheckResult:
     causes: list[str] = field(default_factory=list)
     blob: str | None = None
     shrink_seconds: float = 0.0
+    untested: list[str] = field(default_factory=list)
+    conventions: list[str] = field(default_factory=list)
+    restarts: int = 0
 
 
 class _Disagreement(AssertionError):

@@ -299,10 +299,10 @@ def run_quantizer_check(
             shrink_seconds=config.shrink_seconds,
             case_key=_tensor_case_key,
         )
-        result.restarts = worker.starts - 1  # type: ignore[attr-defined]
+        result.restarts = worker.starts - 1
     if result.case is not None:
         result.causes = causes_of.get(_tensor_case_key(result.case), [])
-    result.conventions = [  # type: ignore[attr-defined]
+    result.conventions = [
         f"{note} ({n} case(s))" for note, n in conventions.items()
     ]
     return result

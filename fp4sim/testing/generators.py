@@ -25,6 +25,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from fp4sim.formats import E2M1, E2M1_TIES
+
 __all__ = [
     "DISTRIBUTIONS",
     "DTYPES",
@@ -38,11 +40,8 @@ __all__ = [
 
 DTYPES: tuple[str, ...] = ("float32", "float16", "bfloat16")
 
-# Midpoints between adjacent E2M1 magnitudes 0, 0.5, 1, 1.5, 2, 3, 4, 6 (OCP MX v1.0 section 5.3.3).
-E2M1_TIES: tuple[float, ...] = (0.25, 0.75, 1.25, 1.75, 2.5, 3.5, 5.0)
-
-# E2M1 largest magnitude (OCP MX v1.0 section 5.3.3).
-_E2M1_MAX = 6.0
+# E2M1_TIES (re-exported): midpoints between adjacent E2M1 magnitudes, from fp4sim.formats.
+_E2M1_MAX = E2M1.max_value  # 6
 
 
 @dataclass(frozen=True)

@@ -23,6 +23,7 @@ from dataclasses import dataclass, field
 import numpy as np
 from hypothesis import strategies as st
 
+from fp4sim.formats import BLOCK_SIZES  # re-exported: block length of each format
 from fp4sim.testing.generators import (
     DISTRIBUTIONS,
     DTYPES,
@@ -45,9 +46,6 @@ __all__ = [
     "tensor_cases",
     "tie_values",
 ]
-
-# Block length of each format (NVFP4: 16, MXFP4: 32; docs/numerics.md).
-BLOCK_SIZES: dict[str, int] = {"nvfp4": 16, "mxfp4": 32}
 
 # Simplest first: Hypothesis shrinks sampled_from toward index 0.
 ATTENTION_DISTRIBUTIONS: tuple[str, ...] = (

@@ -53,8 +53,9 @@ class Knobs:
     l_from: str = "hp"  # hp | tilde: l sums the quantized P~
     o_from: str = "tilde"  # tilde | hp: O from the unquantized P
     o_hp_from: str = "hp"  # hp | tilde
-    rescale: str = "ok"  # ok | no_acc (accumulator not rescaled by exp(m_j - m)) | no_l
+    rescale: str = "ok"  # ok | no_acc | no_acc_hp | no_l: not rescaled by exp(m_j - m)
     dv_from: str = "tilde"  # tilde (backward P~) | hp (P) | tilde_fwd (forward's P~ / l)
+    ds_from: str = "hp"  # dS = P (dP - D) with hp: P | tilde: the backward's P~
     d_from: str = "o_hp"  # o_hp | o (the quantized output)
     # masks
     causal_flip: bool = False  # the causal flag ignored / applied
@@ -66,8 +67,11 @@ class Knobs:
     bwd_mask_offset: int | None = None
     pad_keys: str = "masked"  # masked | softmax (zero keys visible) | p_scale (in P amax)
     pad_to: int = 16  # the kernel's key block for pad_keys
+    p_tail: str = "quantized"  # unquantized: a partial last 16-key P block kept in high precision
+    bwd_tail_tile: str = "ok"  # dropped: the backward skips the last partial key tile
     # grouped-query heads
     head_map: str = "interleave"  # interleave: h // group | modulo: h % Hkv
+    head_map_bwd: str | None = None  # the backward's head map (None: as head_map)
     dkv_reduce: str = "sum"  # sum | first | mean over a head group
     # factors
     s_mult: float = 1.0  # multiplies tau in the forward scores
@@ -75,10 +79,12 @@ class Knobs:
     dq_mult: float = 1.0
     dk_mult: float = 1.0
     dv_mult: float = 1.0
+    lse_mult: float = 1.0  # multiplies the LSE the backward reads (a base-2 LSE: log2 e)
     # intermediate rounding ('bfloat16' | 'float16' | None)
     round_s: str | None = None
     round_p: str | None = None
     round_o_hp: str | None = None
+    round_acc: str | None = None  # the P~ V accumulator rounded after every key tile
     round_dp: str | None = None
     round_ds: str | None = None
     backward: str = "attn_qat"  # the recipe's variant (exact / drop_in handled as knobs)
@@ -174,6 +180,14 @@ def _visible(lq: int, lk: int, lk_pad: int, causal: bool, align: str, offset: in
     return vis
 
 
+def _tail_keys(lk: int, lk_pad: int, block: int) -> torch.Tensor:
+    """Bool (lk_pad,): the keys of a partial last ``block`` of the Lk real keys."""
+    j = torch.arange(lk_pad)
+    if lk % block == 0:
+        return torch.zeros_like(j, dtype=torch.bool)
+    return (j >= (lk // block) * block) & (j < lk)
+
+
 def _finite_or(x: torch.Tensor, fill: float) -> torch.Tensor:
     return torch.where(torch.isfinite(x), x, torch.full_like(x, fill))
 
@@ -215,8 +229,8 @@ def deviant_attention(
     q_hat = _fq(q, kn.q, cache, "q")
     k_hat, v_hat = _fq(k, kn.k, cache, "k"), _fq(v, kn.v, cache, "v")
 
-    def keys(x: torch.Tensor) -> torch.Tensor:
-        x = _expand(x, h, kn.head_map)
+    def keys(x: torch.Tensor, head_map: str = kn.head_map) -> torch.Tensor:
+        x = _expand(x, h, head_map)
         return torch.nn.functional.pad(x, (0, 0, 0, lk_pad - x.shape[-2]))
 
     k_pad, v_pad = keys(k_hat), keys(v_hat)
@@ -249,13 +263,29 @@ def deviant_attention(
             pt_t = torch.where(padded, torch.zeros_like(pt_flat), pt_flat)
         else:
             pt_t = pt_flat
-    l_rescale = torch.ones_like(rescale) if kn.rescale == "no_l" else rescale
-    acc_rescale = torch.ones_like(rescale) if kn.rescale == "no_acc" else rescale
+        if kn.p_tail == "unquantized":
+            tail = _tail_keys(lk, lk_pad, 16).reshape(lk_pad // bn, bn)
+            pt_t = torch.where(tail, p_t, pt_t)
+    ones = torch.ones_like(rescale)
+    l_rescale = ones if kn.rescale == "no_l" else rescale
     l_terms = pt_t if kn.l_from == "tilde" else p_t
     l = (l_terms.sum(dim=-1) * l_rescale.squeeze(-1)).sum(dim=-1)
-    p_hp = (p_t * acc_rescale).reshape(s.shape)
-    p_tilde = (pt_t * acc_rescale).reshape(s.shape)
-    o = _divide_rows((p_tilde if kn.o_from == "tilde" else p_hp) @ v_pad, l)
+    p_hp = (p_t * (ones if kn.rescale == "no_acc_hp" else rescale)).reshape(s.shape)
+    p_tilde = (pt_t * (ones if kn.rescale == "no_acc" else rescale)).reshape(s.shape)
+    if kn.round_acc is not None:  # acc_j = round(acc_{j-1} exp(m_{j-1} - m_j) + P~_j V_j)
+        p_src = (pt_t if kn.o_from == "tilde" else p_t)
+        v_t = v_pad.reshape(*v_pad.shape[:-2], lk_pad // bn, bn, v_pad.shape[-1])
+        m_fin = _finite_or(m_tiles, 0.0)
+        acc = torch.zeros_like(q_hat)
+        for j in range(lk_pad // bn):
+            if j:
+                step = torch.exp(m_fin[..., j - 1] - m_fin[..., j]).unsqueeze(-1)
+                acc = acc * torch.where(torch.isfinite(m_tiles[..., j - 1]).unsqueeze(-1),
+                                        step, 0.0)
+            acc = _round(acc + p_src[..., j, :] @ v_t[..., j, :, :], kn.round_acc)
+        o = _divide_rows(acc, l)
+    else:
+        o = _divide_rows((p_tilde if kn.o_from == "tilde" else p_hp) @ v_pad, l)
     o_hp = _divide_rows((p_hp if kn.o_hp_from == "hp" else p_tilde) @ v_pad, l)
     empty = l == 0
     lse = torch.where(empty, float("-inf"), m + torch.log(torch.where(empty, 1.0, l)))
@@ -279,12 +309,14 @@ def deviant_attention(
         vis_b = _visible(lq, lk, lk_pad, causal != flip, kn.bwd_mask_align or kn.mask_align,
                          kn.mask_offset if kn.bwd_mask_offset is None else kn.bwd_mask_offset,
                          softmax_keys)
+    hm_b = kn.head_map_bwd or kn.head_map
     q_s = _fq(q, _pick(kn.q_for_s, kn.q), cache, "q")
-    k_s = keys(_fq(k, _pick(kn.k_for_s, kn.k), cache, "k"))
+    k_s = keys(_fq(k, _pick(kn.k_for_s, kn.k), cache, "k"), hm_b)
     s_b = tau_b * (q_s @ k_s.transpose(-1, -2))
     s_b = _round(s_b, kn.round_s).masked_fill(~vis_b, float("-inf"))
     fin = torch.isfinite(lse).unsqueeze(-1)
-    p = torch.where(fin, torch.exp(s_b - _finite_or(lse, 0.0).unsqueeze(-1)), 0.0)
+    lse_b = lse * kn.lse_mult
+    p = torch.where(fin, torch.exp(s_b - _finite_or(lse_b, 0.0).unsqueeze(-1)), 0.0)
     if kn.dv_from == "hp" or p_bwd_kn is None:
         p_dv = p
     elif kn.dv_from == "tilde_fwd":
@@ -294,18 +326,25 @@ def deviant_attention(
         p_dv = _divide_rows(_fq(e, p_bwd_kn), l)
     else:
         p_dv = _fq(p, p_bwd_kn)
+    if kn.p_tail == "unquantized" and p_bwd_kn is not None and kn.dv_from != "hp":
+        p_dv = torch.where(_tail_keys(lk, lk_pad, 16), p, p_dv)
     o_for_d = _round(o_hp if kn.d_from == "o_hp" else o, kn.round_o_hp)
     d_row = (do * o_for_d).sum(dim=-1)
     dv = p_dv.transpose(-1, -2) @ _fq(do, kn.do_for_dv, cache, "do")
-    v_dp = keys(_fq(v, _pick(kn.v_for_dp, kn.v), cache, "v"))
+    v_dp = keys(_fq(v, _pick(kn.v_for_dp, kn.v), cache, "v"), hm_b)
     dp = _round(_fq(do, kn.do_for_dp, cache, "do") @ v_dp.transpose(-1, -2), kn.round_dp)
-    ds = _round(p * (dp - d_row.unsqueeze(-1)), kn.round_ds)
+    p_ds = p_dv if kn.ds_from == "tilde" else p
+    ds = _round(p_ds * (dp - d_row.unsqueeze(-1)), kn.round_ds)
+    if kn.bwd_tail_tile == "dropped":  # keys of the last partial tile get no gradient
+        kept = ~_tail_keys(lk, lk_pad, bn)
+        ds = ds * kept
+        dv = dv * kept.unsqueeze(-1)
     ds_q = _fq(ds, kn.ds_for_dqk)
-    k_dq = keys(_fq(k, _pick(kn.k_for_dq, kn.k), cache, "k"))
+    k_dq = keys(_fq(k, _pick(kn.k_for_dq, kn.k), cache, "k"), hm_b)
     q_dk = _fq(q, _pick(kn.q_for_dk, kn.q), cache, "q")
     dq = (tau_b * kn.dq_mult) * (ds_q @ k_dq)
     dk = (tau_b * kn.dk_mult) * (ds_q.transpose(-1, -2) @ q_dk)
-    dk = _reduce(dk[..., :lk, :], hkv, kn.head_map, kn.dkv_reduce)
-    dv = _reduce(dv[..., :lk, :], hkv, kn.head_map, kn.dkv_reduce) * kn.dv_mult
+    dk = _reduce(dk[..., :lk, :], hkv, hm_b, kn.dkv_reduce)
+    dv = _reduce(dv[..., :lk, :], hkv, hm_b, kn.dkv_reduce) * kn.dv_mult
     out |= {"dQ": dq, "dK": dk, "dV": dv}
     return out

@@ -15,11 +15,13 @@ from typing import Any
 
 import torch
 
-# E2M1 magnitudes of codes 0..7 and the ties between neighbours (OCP MX v1.0 5.3.3).
-E2M1_VALUES = (0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0)
-E2M1_TIES = (0.25, 0.75, 1.25, 1.75, 2.5, 3.5, 5.0)
-E4M3_MAX = 448.0  # E4M3 "fn" largest finite value (OCP FP8 spec)
-E4M3_MIN_NORMAL = 2.0**-6
+from fp4sim.formats import BLOCK_SIZES, E2M1_MAGNITUDES, E2M1_TIES, E4M3FN
+
+# E2M1 magnitudes of codes 0..7 and the ties between neighbours (OCP MX v1.0 5.3.3), and the
+# E4M3 "fn" limits (OCP FP8 spec), all from fp4sim.formats.
+E2M1_VALUES = E2M1_MAGNITUDES
+E4M3_MAX = E4M3FN.max_value  # 448
+E4M3_MIN_NORMAL = E4M3FN.min_normal  # 2^-6
 
 
 @dataclass(frozen=True)
@@ -44,6 +46,8 @@ class QuantKnobs:
     nan: str = "ptx"  # NaN code: ptx (+6) | ml_dtypes (signed zero, sign flipped)
     neg_zero: bool = True  # a negative value rounding to 0 keeps its sign (code 0x8)
     zero_scale_codes: str = "zeros"  # codes of a block whose scale is 0: zeros | reciprocal
+    nan_input: str = "keep"  # keep | zero (NaN -> 0 first) | skip_amax (amax ignores NaN)
+    scale_pre_round: str | None = None  # round amax/6 to 'bfloat16'/'float16' before E4M3
 
     def with_(self, **kw: Any) -> QuantKnobs:
         return replace(self, **kw)
@@ -53,10 +57,9 @@ def knobs_from_spec(spec: Any, axis: int = -1) -> QuantKnobs | None:
     """QuantKnobs equal to a ``fp4sim.reference.QuantSpec`` (None stays None)."""
     if spec is None:
         return None
-    block = 16 if spec.fmt == "nvfp4" else 32
     return QuantKnobs(
         fmt=spec.fmt,
-        block=block,
+        block=BLOCK_SIZES[spec.fmt],
         axis=axis,
         scale_op=spec.scale_op,
         amax_op=spec.scale_amax_op,
@@ -110,10 +113,20 @@ def e2m1_round(y: torch.Tensor, mode: str = "rne") -> torch.Tensor:
             step = a > t
         elif mode == "trunc":
             step = a >= E2M1_VALUES[i + 1]
+        elif mode == "add_half":
+            step = a >= t  # refined below: floor(x / step + 0.5) in float32
         else:
             raise ValueError(f"unknown E2M1 rounding {mode!r}")
         mag = mag + step.long()
     vals = torch.tensor(E2M1_VALUES, dtype=torch.float32)[mag]
+    if mode == "add_half":
+        # ties away implemented as floor(a / step + 0.5) * step in float32: the addition
+        # rounds, so values just below a tie also go up (a double rounding)
+        half = torch.tensor(0.5, dtype=torch.float32)
+        grid = torch.where(a < 2, torch.floor(a * 2 + half) * half,
+                           torch.where(a < 4, torch.floor(a + half),
+                                       torch.floor(a * half + half) * 2))
+        vals = grid.clamp(max=6.0).to(torch.float32)
     vals = torch.where(torch.isnan(y), torch.full_like(vals, 6.0), vals)  # PTX: NaN -> +6
     return torch.where(torch.signbit(y) & ~torch.isnan(y), -vals, vals)
 
@@ -134,13 +147,13 @@ def _mx_scale(amax: torch.Tensor, rule: str) -> torch.Tensor:
 def fake_quantize(x: torch.Tensor, kn: QuantKnobs) -> torch.Tensor:
     """Quantize then dequantize ``x`` (any float dtype; arithmetic in float32) along
     ``kn.axis`` in blocks of ``kn.block``, zero-padding a partial last block; float32."""
-    return quantize_parts(x, kn)[2]
+    return quantize_parts(x, kn, codes=False)[2]
 
 
 def e2m1_codes(vals: torch.Tensor, y: torch.Tensor, kn: QuantKnobs) -> torch.Tensor:
     """uint8 E2M1 codes (bit 3 the sign) of rounded values ``vals`` of scaled inputs ``y``."""
     mag = torch.searchsorted(torch.tensor(E2M1_VALUES), vals.abs().contiguous())
-    neg = torch.signbit(y) & (kn.neg_zero | (vals != 0))
+    neg = torch.signbit(y) & (kn.neg_zero | (vals != 0)) & ~torch.isnan(y)
     codes = mag.to(torch.uint8) | (neg.to(torch.uint8) << 3)
     if kn.nan == "ml_dtypes":  # ml_dtypes: NaN becomes zero with the sign flipped
         codes = torch.where(torch.isnan(y), torch.where(torch.signbit(y), 0, 8).to(torch.uint8),
@@ -148,9 +161,12 @@ def e2m1_codes(vals: torch.Tensor, y: torch.Tensor, kn: QuantKnobs) -> torch.Ten
     return codes
 
 
-def quantize_parts(x: torch.Tensor, kn: QuantKnobs) -> tuple[Any, Any, torch.Tensor]:
+def quantize_parts(x: torch.Tensor, kn: QuantKnobs, codes: bool = True
+                   ) -> tuple[Any, Any, torch.Tensor]:
     """(codes uint8 (blocked: (..., nblocks, block)), scale bytes uint8 (..., nblocks) or
-    None for a float32 scale, dequantized float32 values in ``x``'s layout)."""
+    None for a float32 scale, dequantized float32 values in ``x``'s layout); ``codes=False``
+    skips the codes and scale bytes (None, None, values), the attention's only need."""
+    want_codes = codes
     x32 = x.to(torch.float32)
     xm = torch.movedim(x32, kn.axis, -1)
     n = xm.shape[-1]
@@ -159,9 +175,16 @@ def quantize_parts(x: torch.Tensor, kn: QuantKnobs) -> tuple[Any, Any, torch.Ten
     if pad:
         xm = torch.nn.functional.pad(xm, (0, pad))
     blocks = xm.reshape(*xm.shape[:-1], xm.shape[-1] // blk, blk)
-    amax = blocks.abs().amax(dim=-1)
+    if kn.nan_input == "zero":
+        blocks = torch.where(torch.isnan(blocks), torch.zeros_like(blocks), blocks)
+    if kn.nan_input == "skip_amax":
+        amax = torch.nan_to_num(blocks.abs(), nan=0.0).amax(dim=-1)
+    else:
+        amax = blocks.abs().amax(dim=-1)
+    nan_block = torch.isnan(amax)
     if kn.fmt == "mxfp4":
-        scale = _mx_scale(amax, kn.scale_rule)
+        scale = _mx_scale(torch.where(nan_block, 0.0, amax), kn.scale_rule)
+        scale = torch.where(nan_block, torch.nan, scale)  # OCP MX: a NaN block's scale is NaN
         total = scale
         scaled = blocks / total.unsqueeze(-1)
     else:
@@ -176,12 +199,13 @@ def quantize_parts(x: torch.Tensor, kn: QuantKnobs) -> tuple[Any, Any, torch.Ten
             s = amax * torch.tensor(1.0 / kn.divisor, dtype=torch.float32)
         if ts is not None:
             s = s / ts
+        s = _round_dtype(s, kn.scale_pre_round)
         if kn.lower_clamp:
             s = s.clamp(min=E4M3_MIN_NORMAL)
         if kn.scale_dtype == "e4m3":
-            scale = e4m3_round(s if kn.upper_clamp else s, kn.e4m3_round)
-            if not kn.upper_clamp:  # no clamp: overflow past 448 wraps to NaN, i.e. inf here
-                scale = torch.where(s > E4M3_MAX * (1 + 2.0**-4), torch.inf, scale)
+            scale = e4m3_round(s, kn.e4m3_round)
+            if not kn.upper_clamp:  # a non-saturating E4M3 cast: from the midpoint 464 on, NaN
+                scale = torch.where(s >= 464.0, torch.nan, scale)
         elif kn.scale_dtype == "e8m0":
             scale = torch.pow(2.0, torch.ceil(torch.log2(s))).float()
             scale = torch.where(s > 0, scale, torch.zeros_like(scale))
@@ -197,24 +221,26 @@ def quantize_parts(x: torch.Tensor, kn: QuantKnobs) -> tuple[Any, Any, torch.Ten
     vals = e2m1_round(scaled, kn.elem_round)
     if kn.nan == "ml_dtypes":
         vals = torch.where(torch.isnan(scaled), torch.zeros_like(vals), vals)
-    codes = e2m1_codes(vals, scaled, kn)
     t_e = total.unsqueeze(-1)
-    zero = (t_e == 0).expand_as(codes)
+    zero = (t_e == 0).expand_as(vals)
     if kn.fmt == "mxfp4":
-        zero = zero | (amax == 0).unsqueeze(-1).expand_as(codes)
+        zero = zero | (amax == 0).unsqueeze(-1).expand_as(vals)
+    out = (torch.where(zero, torch.zeros_like(vals), vals) * t_e)
+    out = torch.movedim(out.reshape(*out.shape[:-2], -1)[..., :n], -1, kn.axis)
+    if not want_codes:
+        return None, None, out
+    codes_ = e2m1_codes(vals, scaled, kn)
     if kn.zero_scale_codes == "zeros" or kn.fmt == "mxfp4":
-        codes = torch.where(zero, torch.zeros_like(codes), codes)
-    vals = torch.where(zero, torch.zeros_like(vals), vals) * t_e
-    out = vals.reshape(*vals.shape[:-2], -1)[..., :n]
-    return codes, _scale_bytes(total if kn.fmt == "mxfp4" else scale, kn), torch.movedim(
-        out, -1, kn.axis)
+        codes_ = torch.where(zero, torch.zeros_like(codes_), codes_)
+    return codes_, _scale_bytes(total if kn.fmt == "mxfp4" else scale, kn), out
 
 
 def _scale_bytes(scale: torch.Tensor, kn: QuantKnobs) -> torch.Tensor | None:
     """E4M3 or E8M0 bytes of decoded block scales (None when the scale is not a byte)."""
     if kn.fmt == "mxfp4" or kn.scale_dtype == "e8m0":
         e = torch.log2(torch.where(scale > 0, scale, 1.0)).round().to(torch.int64) + 127
-        return torch.where(scale > 0, e, 0).clamp(0, 254).to(torch.uint8)
+        e = torch.where(scale > 0, e, 0).clamp(0, 254)
+        return torch.where(torch.isnan(scale), 255, e).to(torch.uint8)
     if kn.scale_dtype != "e4m3":
         return None
     idx = torch.searchsorted(_E4M3, scale.double().contiguous()).clamp(max=126)

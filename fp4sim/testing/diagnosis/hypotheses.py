@@ -10,7 +10,6 @@ from __future__ import annotations
 import math
 from collections.abc import Iterator
 from dataclasses import dataclass, replace
-from typing import Any
 
 from fp4sim.testing.diagnosis.deviant import Knobs
 from fp4sim.testing.diagnosis.fake_quant import QuantKnobs
@@ -68,29 +67,45 @@ def _granularity(base: Knobs) -> Iterator[Hypothesis]:
     for name, words, kn in ops:
         if kn is None:
             continue
-        where = "forward" if len(name) == 1 else "backward"
+        where = "" if len(name) == 1 else " (backward)"
+        changes: list[tuple[str, str, QuantKnobs]] = []
         for block in (8, 16, 32, 64, 0):
-            if block == kn.block:
-                continue
-            size = "one scale per row" if block == 0 else f"blocks of {block}"
-            yield Hypothesis(
-                f"granularity:{name}:block{block}", "granularity",
-                f"{words} ({where}) quantized in {size} instead of {kn.block}",
-                replace(base, **{name: kn.with_(block=block)}),
-            )
+            if block != kn.block:
+                size = "one scale per row" if block == 0 else f"blocks of {block}"
+                changes.append((f"block{block}", f"quantized in {size} instead of {kn.block}",
+                                kn.with_(block=block)))
         other = -2 if kn.axis == -1 else -1
         ours, theirs = _axis_words(name, other), _axis_words(name, kn.axis)
-        yield Hypothesis(
-            f"granularity:{name}:axis", "granularity",
-            f"{words} ({where}) blocked along the wrong axis ({ours} instead of {theirs})",
-            replace(base, **{name: kn.with_(axis=other)}),
-        )
+        changes.append(("axis", f"blocked along the wrong axis ({ours} instead of {theirs})",
+                        kn.with_(axis=other)))
         fmt = "mxfp4" if kn.fmt == "nvfp4" else "nvfp4"
-        yield Hypothesis(
-            f"granularity:{name}:{fmt}", "granularity",
-            f"{words} ({where}) quantized as {fmt.upper()} instead of {kn.fmt.upper()}",
-            replace(base, **{name: kn.with_(fmt=fmt, block=32 if fmt == "mxfp4" else 16)}),
-        )
+        changes.append((fmt, f"quantized as {fmt.upper()} instead of {kn.fmt.upper()}",
+                        kn.with_(fmt=fmt, block=32 if fmt == "mxfp4" else 16)))
+        for tag, text, new in changes:
+            yield from _operand_change(base, name, f"granularity:{name}:{tag}", "granularity",
+                                       f"{words}{where} {text}", new)
+
+
+# the backward products that read each forward operand
+_READS = {"q": ("q_for_s", "q_for_dk"), "k": ("k_for_s", "k_for_dq"), "v": ("v_for_dp",),
+          "p": ("p_for_dv",)}
+
+
+def _operand_change(base: Knobs, name: str, hid: str, family: str, text: str,
+                    new: QuantKnobs | None) -> Iterator[Hypothesis]:
+    """A forward operand's quantizer changed in the forward and the backward, in the
+    forward only, and (for a forward operand) in the backward only."""
+    reads = _READS.get(name)
+    if reads is None:
+        yield Hypothesis(hid, family, text, replace(base, **{name: new}))
+        return
+    yield Hypothesis(hid, family, f"{text} (forward and backward)",
+                     replace(base, **{name: new}))
+    kept = {r: getattr(base, name) for r in reads}
+    yield Hypothesis(f"{hid}:fwd_only", family, f"{text} (in the forward only)",
+                     replace(base, **{name: new}, **kept))
+    yield Hypothesis(f"{hid}:bwd_only", family, f"{text} (in the backward only)",
+                     replace(base, **{r: new for r in reads}))
 
 
 # scale-arithmetic deviations: (id, words, QuantKnobs changes)
@@ -146,12 +161,8 @@ def _which_quantized(base: Knobs) -> Iterator[Hypothesis]:
     for name, words in _FWD:
         if getattr(base, name) is None:
             continue
-        extra: dict[str, Any] = {}
-        if name == "p":  # the backward then still quantizes its own P~ with the recipe's rule
-            extra = {"p_for_dv": base.p}
-        yield Hypothesis(f"which:{name}:none", "which_quantized",
-                         f"{words} not quantized in the forward (used in high precision)",
-                         replace(base, **{name: None}, **extra))
+        yield from _operand_change(base, name, f"which:{name}:none", "which_quantized",
+                                   f"{words} not quantized (used in high precision)", None)
     for name, words in _BWD:
         if getattr(base, name) is None:
             continue
@@ -201,6 +212,7 @@ def _p_flow(base: Knobs) -> Iterator[Hypothesis]:
         ("dv_from", "tilde_fwd",
          "dV from the forward's P~ (quantized against the running max) instead of the "
          "backward's FQ(P)"),
+        ("ds_from", "tilde", "dS = P~ (dP - D) from the quantized P~ instead of P"),
         ("d_from", "o", "D from the quantized O (rowsum(dO*O) instead of rowsum(dO*O_hp);"
          " equivalently O_hp accumulated from P~)"),
     ]
@@ -240,9 +252,12 @@ def _mask(base: Knobs, causal: bool) -> Iterator[Hypothesis]:
 def _gqa(base: Knobs, group: int) -> Iterator[Hypothesis]:
     if group <= 1:
         return
-    yield Hypothesis("gqa:modulo", "gqa",
-                     "GQA head mapping h % Hkv instead of h // (H / Hkv)",
-                     replace(base, head_map="modulo"))
+    text = "GQA head mapping h % Hkv instead of h // (H / Hkv)"
+    yield Hypothesis("gqa:modulo", "gqa", text, replace(base, head_map="modulo"))
+    yield Hypothesis("gqa:modulo:fwd_only", "gqa", f"{text}, in the forward only",
+                     replace(base, head_map="modulo", head_map_bwd=base.head_map))
+    yield Hypothesis("gqa:modulo:bwd_only", "gqa", f"{text}, in the backward only",
+                     replace(base, head_map_bwd="modulo"))
     yield Hypothesis("gqa:dkv_first", "gqa",
                      "GQA dK, dV taken from the first query head of a group instead of summed",
                      replace(base, dkv_reduce="first"))
@@ -251,13 +266,21 @@ def _gqa(base: Knobs, group: int) -> Iterator[Hypothesis]:
                      replace(base, dkv_reduce="mean"))
 
 
-def _factor(base: Knobs, tau: float) -> Iterator[Hypothesis]:
-    mults = (
+def _factor(base: Knobs, tau: float, default_tau: float) -> Iterator[Hypothesis]:
+    mults = [
         ("missing_sm_scale", 1.0 / tau, "sm_scale missing"),
         ("double_sm_scale", tau, "sm_scale applied twice"),
         ("missing_log2e", LN2, "exp2 without the log2(e) factor"),
         ("double_log2e", LOG2E, "log2(e) applied with exp (or twice)"),
-    )
+    ]
+    if not math.isclose(tau, default_tau):
+        mults.append(("ignored_sm_scale", default_tau / tau,
+                      "the sm_scale argument ignored (1/sqrt(d) used)"))
+    for tag, mult, words in (("base2", LOG2E, "the LSE saved in base 2 (m log2 e + log2 l) "
+                              "but read as a natural log by the backward"),
+                             ("base_e_as_2", LN2, "a natural-log LSE read as base 2 by the "
+                              "backward")):
+        yield Hypothesis(f"factor:lse:{tag}", "factor", words, replace(base, lse_mult=mult))
     for tag, mult, words in mults:
         yield Hypothesis(f"factor:s:{tag}", "factor", f"{words} in the scores (forward and "
                          "backward)", replace(base, s_mult=mult))
@@ -274,6 +297,8 @@ def _factor(base: Knobs, tau: float) -> Iterator[Hypothesis]:
         ("x2", 2.0, "a factor 2"),
         ("half", 0.5, "a factor 1/2"),
     )
+    if not math.isclose(tau, default_tau):
+        grads += (("ignored_sm_scale", default_tau / tau, "1/sqrt(d) instead of sm_scale"),)
     for tag, mult, words in grads:
         for knobs, what in ((("dq_mult",), "dQ"), (("dk_mult",), "dK"),
                             (("dq_mult", "dk_mult"), "dS (dQ and dK)"), (("dv_mult",), "dV")):
@@ -302,14 +327,27 @@ def _running_max(base: Knobs) -> Iterator[Hypothesis]:
                              f"key tiles of {bn} instead of {base.block_n} (running max differs)",
                              replace(base, block_n=bn))
     yield Hypothesis("running_max:no_acc_rescale", "running_max",
-                     "accumulator not rescaled by exp(m_old - m_new) when the running max grows",
-                     replace(base, rescale="no_acc"))
+                     "output accumulator (P~ V) not rescaled by exp(m_old - m_new) when the "
+                     "running max grows", replace(base, rescale="no_acc"))
+    yield Hypothesis("running_max:no_acc_hp_rescale", "running_max",
+                     "high-precision accumulator (P V, for O_hp and D) not rescaled by "
+                     "exp(m_old - m_new) when the running max grows",
+                     replace(base, rescale="no_acc_hp"))
     yield Hypothesis("running_max:no_l_rescale", "running_max",
                      "row sum l not rescaled by exp(m_old - m_new) when the running max grows",
                      replace(base, rescale="no_l"))
 
 
 def _tail(base: Knobs, lk: int) -> Iterator[Hypothesis]:
+    if lk % 16 and base.p is not None:
+        yield Hypothesis("tail:p_unquantized", "tail",
+                         "the last, partial 16-key block of P left unquantized (high-precision P"
+                         " in P~, forward and backward)", replace(base, p_tail="unquantized"))
+    if lk % base.block_n:
+        yield Hypothesis("tail:bwd_drops_tile", "tail",
+                         f"the backward skips the last, partial {base.block_n}-key tile (its dK,"
+                         " dV stay 0 and it adds nothing to dQ)",
+                         replace(base, bwd_tail_tile="dropped"))
     for pad_to in (16, 32, 64, 128):
         if lk % pad_to == 0:
             continue
@@ -326,6 +364,7 @@ def _tail(base: Knobs, lk: int) -> Iterator[Hypothesis]:
 def _rounding(base: Knobs) -> Iterator[Hypothesis]:
     where = (
         ("round_s", "S"),
+        ("round_acc", "the P~ V accumulator (after every key tile)"),
         ("round_p", "P (before its quantization)"),
         ("round_o_hp", "O_hp (before D = rowsum(dO*O_hp))"),
         ("round_dp", "dP"),
@@ -338,9 +377,12 @@ def _rounding(base: Knobs) -> Iterator[Hypothesis]:
 
 
 def attention_hypotheses(
-    base: Knobs, *, causal: bool, group: int, lk: int, tau: float, backward: bool = True
+    base: Knobs, *, causal: bool, group: int, lk: int, tau: float, backward: bool = True,
+    default_tau: float | None = None,
 ) -> list[Hypothesis]:
-    """Every hypothesis for a case (families that cannot show on it are left out)."""
+    """Every hypothesis for a case (families that cannot show on it are left out);
+    ``tau`` the case's softmax scale, ``default_tau`` 1/sqrt(d)."""
+    default_tau = tau if default_tau is None else default_tau
     gens = (
         _granularity(base),
         _scale(base),
@@ -348,7 +390,7 @@ def attention_hypotheses(
         _p_flow(base),
         _mask(base, causal),
         _gqa(base, group),
-        _factor(base, tau),
+        _factor(base, tau, default_tau),
         _running_max(base),
         _tail(base, lk),
         _rounding(base),
@@ -369,7 +411,7 @@ def attention_hypotheses(
 FORWARD_KNOBS = frozenset({
     "q", "k", "v", "p", "p_max", "block_n", "p_norm", "l_from", "o_from", "rescale",
     "causal_flip", "mask_align", "mask_offset", "pad_keys", "pad_to", "head_map", "s_mult",
-    "round_s", "round_p"})
+    "round_s", "round_p", "round_acc", "p_tail"})
 
 
 def changes_forward(kn: Knobs, base: Knobs) -> bool:

@@ -15,9 +15,8 @@ from typing import Any
 
 import numpy as np
 
+from fp4sim.formats import BLOCK_SIZES as BLOCKS  # NVFP4 16, MXFP4 32
 from fp4sim.testing.diagnosis.fake_quant import QuantKnobs, quantize_parts
-
-BLOCKS = {"nvfp4": 16, "mxfp4": 32}
 
 
 @dataclass(frozen=True)
@@ -75,6 +74,8 @@ def quantizer_hypotheses(base: QuantKnobs) -> list[QuantHypothesis]:
     rows: list[tuple[str, str, dict[str, Any]]] = [
         ("ties:away", "E2M1 ties rounded away from zero instead of to even",
          {"elem_round": "away"}),
+        ("ties:away_add_half", "E2M1 ties rounded away from zero by floor(x + 0.5) in float32"
+         " (values just below a tie also round up)", {"elem_round": "add_half"}),
         ("ties:zero", "E2M1 ties rounded toward zero instead of to even", {"elem_round": "zero"}),
         ("ties:trunc", "E2M1 values truncated toward zero (no rounding)", {"elem_round": "trunc"}),
         ("double:bf16", "scaled values rounded to bfloat16 before E2M1 (double rounding, the"
@@ -83,6 +84,10 @@ def quantizer_hypotheses(base: QuantKnobs) -> list[QuantHypothesis]:
          " sticky bits lost)", {"pre_round": "float16"}),
         ("nan:other", "NaN inputs coded by the other convention",
          {"nan": "ml_dtypes" if base.nan == "ptx" else "ptx"}),
+        ("nan:to_zero", "NaN inputs replaced by 0 before quantizing (the block keeps a finite"
+         " scale)", {"nan_input": "zero"}),
+        ("nan:ignored_in_amax", "the block amax ignores NaN elements (the block keeps a finite"
+         " scale)", {"nan_input": "skip_amax"}),
         ("neg_zero:positive", "negative values that round to 0 written as +0 (code 0x0, not"
          " -0 0x8)", {"neg_zero": False}),
         ("zero_scale:other", "codes of a zero-scale block by the other convention",
@@ -118,6 +123,10 @@ def quantizer_hypotheses(base: QuantKnobs) -> list[QuantHypothesis]:
              {"tensor_scale": None if base.tensor_scale else "amax"}),
             ("scale:pow2", "block scale rounded up to a power of two (E8M0-like)",
              {"scale_dtype": "e8m0"}),
+            ("scale:amax_bf16", "amax/6 rounded to bfloat16 before E4M3 (double rounding of"
+             " the scale)", {"scale_pre_round": "bfloat16"}),
+            ("scale:amax_fp16", "amax/6 rounded to float16 before E4M3 (double rounding of"
+             " the scale)", {"scale_pre_round": "float16"}),
         ]
     else:
         for rule in ("rceil", "floor", "ceil", "even"):
@@ -198,7 +207,8 @@ def shape_hypotheses(x: np.ndarray, fmt: str, act_scale_count: int, exp_scale_co
         blk = cols / per_row
         if blk.is_integer():
             return [f"scales computed over {int(blk)}-element blocks instead of {BLOCKS[fmt]}"
-                    f" ({act_scale_count} scales for {exp_scale_count} blocks)"]
+                    f" [block:{int(blk)}: {act_scale_count} scales for {exp_scale_count}"
+                    " blocks]"]
     return []
 
 

@@ -77,11 +77,13 @@ def run_isolated(
     overrides: dict[str, Any] | None = None,
     input_type: str = "auto",
     timeout: float = 300.0,
+    only: list[str] | None = None,
 ) -> list[Verdict]:
-    """Run every property in a child process; ``timeout`` bounds each property."""
+    """Run every property (or those in ``only``) in a child process; ``timeout`` bounds
+    each property."""
     from fp4sim.harness import describe_exit
 
-    todo = property_names(quantizer)
+    todo = [n for n in property_names(quantizer) if only is None or n in only]
     verdicts: list[Verdict] = []
     while todo:
         job = {"kernel": kernel, "recipe": recipe, "device": device, "seed": seed,
@@ -114,9 +116,9 @@ def _one_child(job: dict[str, Any], timeout: float
     was killed for running past ``timeout``; and whether any property started."""
     cmd = [sys.executable, "-m", "fp4sim.testing.system.isolated", json.dumps(job)]
     with tempfile.TemporaryFile("w+") as errfile:  # a file: a chatty child cannot block
-        proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=errfile, text=True,
-                                cwd=os.getcwd())
-        done, killed, started = _read_child(proc, timeout)
+        with subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=errfile, text=True,
+                              cwd=os.getcwd()) as proc:  # closes the pipe, waits
+            done, killed, started = _read_child(proc, timeout)
         errfile.seek(0)
         err_lines = [ln for ln in errfile.read().splitlines() if ln.strip()]
     if killed:
@@ -128,9 +130,13 @@ def _one_child(job: dict[str, Any], timeout: float
 
 def _read_child(proc: Any, timeout: float) -> tuple[list[Verdict], bool, bool]:
     assert proc.stdout is not None
+    with selectors.DefaultSelector() as sel:
+        sel.register(proc.stdout, selectors.EVENT_READ)
+        return _read_lines(proc, sel, timeout)
+
+
+def _read_lines(proc: Any, sel: Any, timeout: float) -> tuple[list[Verdict], bool, bool]:
     started = False
-    sel = selectors.DefaultSelector()
-    sel.register(proc.stdout, selectors.EVENT_READ)
     done: list[Verdict] = []
     # loading torch and the kernel may take a while on a busy machine: at least 120 s
     deadline = time.monotonic() + max(timeout, 120.0)

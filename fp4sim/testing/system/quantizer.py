@@ -10,11 +10,9 @@ from typing import Any
 
 import numpy as np
 
+from fp4sim.formats import BLOCK_SIZES as BLOCKS  # along the last axis: NVFP4 16, MXFP4 32
 from fp4sim.testing.system.context import clear_rejection, kernel_error
 from fp4sim.testing.system.verdict import Verdict
-
-# Block sizes along the last axis: NVFP4 16 (NVIDIA PTX ISA), MXFP4 32 (OCP MX v1.0).
-BLOCKS = {"nvfp4": 16, "mxfp4": 32}
 
 
 @dataclass
