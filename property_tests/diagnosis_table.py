@@ -46,7 +46,8 @@ JUDGED: dict[str, tuple[str, ...]] = {
     "mut_PUnquantizedFwd": ("which:p:none:fwd_only",),
     "mut_LFromQuantizedP": ("p_flow:l_from:tilde",),
     "mut_DFromFp4O": ("p_flow:d_from:o",),
-    "mut_DvFromHighPrecisionP": ("p_flow:dv_from:hp",),
+    # the backward's P~ feeds only dV: an unquantized backward P is the same defect
+    "mut_DvFromHighPrecisionP": ("p_flow:dv_from:hp", "which:p:none:bwd_only"),
     "mut_DsFromQuantizedP": ("p_flow:ds_from:tilde",),
     "mut_BwdPQuantizedBeforeNormalizing": ("running_max:p_max:final:bwd_only",),
     "mut_CausalTopLeft": ("mask:top_left",),
@@ -69,7 +70,9 @@ JUDGED: dict[str, tuple[str, ...]] = {
     "mut_ScoresFp16": ("rounding:round_s:float16",),
     "mut_OhpSavedBf16": ("rounding:round_o_hp:bfloat16",),
     "mut_AccBf16": ("rounding:round_acc:bfloat16",),
-    "q_nvfp4_nan_to_zero": ("nan:to_zero",),
+    # NaN codes are a convention (compared by value): these two are then the same defect,
+    # "a NaN does not make its block's scale NaN"
+    "q_nvfp4_nan_to_zero": ("nan:to_zero", "nan:ignored_in_amax"),
     "q_nvfp4_flushed_block_codes": ("zero_scale:other",),
     "q_nvfp4_negative_zero_lost": ("neg_zero:positive",),
     "q_nvfp4_ties_away": ("ties:away", "ties:away_add_half"),
@@ -81,7 +84,7 @@ JUDGED: dict[str, tuple[str, ...]] = {
     "q_nvfp4_data_divide": ("scale:op",),
     "q_nvfp4_scale_bf16": ("scale:amax_bf16",),
     "q_mxfp4_floor_scale": ("scale:mx_floor",),
-    "q_mxfp4_nan_ignored_in_amax": ("nan:ignored_in_amax",),
+    "q_mxfp4_nan_ignored_in_amax": ("nan:ignored_in_amax", "nan:to_zero"),
     "q_mxfp4_block16": ("block:16",),
 }
 

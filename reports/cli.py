@@ -255,22 +255,28 @@ def _run(
             f"seed {config.seed}" + (f", {world.size} ranks" if world.size > 1 else "")
         )
     # 1. compute
-    if world.size > 1:
-        computed = distributed.compute_sharded(config, world, runner.log)
-        if computed is None:  # a non-zero rank: its results went to rank 0
-            return 0
-    else:
-        computed = runner.compute(config)
-    # 2. analyse (timings included, so the page and report.json carry the same ones)
-    report = analysis.analyse(
-        config, computed, diagnose=runner.diagnoser(config), progress=runner.log
+    computed = (
+        distributed.compute_sharded(config, world, runner.log)
+        if world.size > 1
+        else runner.compute(config)
     )
-    report["timing"]["total_seconds_before_render"] = round(time.perf_counter() - start, 3)
-    # 3. validate, before anything is rendered
-    schema.assert_valid_report(report)
-    # 4. render
+    report: dict[str, Any] | None = None
+    if computed is not None:  # rank 0 (or the only process) from here
+        # 2. analyse (timings included, so the page and report.json carry the same ones)
+        report = analysis.analyse(
+            config, computed, diagnose=runner.diagnoser(config), progress=runner.log
+        )
+        report["timing"]["total_seconds_before_render"] = round(
+            time.perf_counter() - start, 3
+        )
+        # 3. validate, before anything is rendered
+        schema.assert_valid_report(report)
+    # 4. render (the case figures shared by every rank under torchrun)
+    rendered = distributed.render_shared(world, report) if world.size > 1 else None
+    if report is None:  # a non-zero rank: its results and figures went to rank 0
+        return 0
     runner.log("fp4sim report: rendering the page")
-    html_text = document.build_page(report)
+    html_text = document.build_page(report, rendered)
     summary_md = markdown.summary_markdown(report)
     # print what to act on before writing anything, so a failed write loses no diagnosis
     for action in report["summary"]["actions"]:

@@ -8,7 +8,9 @@ torchrun sets ``RANK``, ``WORLD_SIZE`` and ``LOCAL_RANK`` in each process; witho
 report runs in one process. Each rank computes its share of the units (scenario × recipe,
 ``reports.runner.Unit``), assigned by cost (largest first to the least-loaded rank, a
 deterministic greedy schedule); rank 0 gathers the unit results, merges them in the
-report's order and analyses, renders and writes the one report. Every unit seeds its own
+report's order and analyses and validates it; the case figures (most of the rendering time)
+are then rendered by every rank for a share of the cases, and rank 0 builds and writes the
+one report. Every unit seeds its own
 generators and runs with one CPU thread, so the numbers do not depend on the rank that
 computed them: the report equals the single-process one in every number but the timings.
 
@@ -23,10 +25,12 @@ import time
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 import torch.distributed as dist
 
+from fp4sim.reports.document import CaseFigures, case_figures
 from fp4sim.reports.runner import Computed, ReportConfig, Unit, UnitResult, merge, run_units, units
 
 
@@ -112,3 +116,25 @@ def share_exit_code(world: World, code: int) -> int:
     box = [code if world.leader else 0]
     dist.broadcast_object_list(box, src=0)
     return int(box[0])
+
+
+def render_shared(world: World, report: dict[str, Any] | None) -> dict[int, CaseFigures] | None:
+    """Every rank renders the figures of the cases ``i`` with ``i % size == rank`` of rank 0's
+    validated ``report`` (broadcast); rank 0 returns them all, the others None."""
+    box = [report if world.leader else None]
+    dist.broadcast_object_list(box, src=0)
+    shared = box[0]
+    assert shared is not None
+    mine = {
+        i: case_figures(case)
+        for i, case in enumerate(shared["cases"])
+        if i % world.size == world.rank
+    }
+    gathered: list[dict[int, CaseFigures]] | None = (
+        [{} for _ in range(world.size)] if world.leader else None
+    )
+    dist.gather_object(mine, gathered, dst=0)
+    if not world.leader:
+        return None
+    assert gathered is not None
+    return {i: pngs for part in gathered for i, pngs in part.items()}

@@ -15,7 +15,7 @@ import json
 from typing import Any
 
 from fp4sim.reports import figures
-from fp4sim.reports.html import HtmlReport
+from fp4sim.reports.html import HtmlReport, figure_to_png
 from fp4sim.reports.markdown import truth_cell
 from fp4sim.reports.metrics import ELEMENT_GUARD_EPS
 from fp4sim.reports.schema import problem_line
@@ -179,7 +179,32 @@ def _verdicts_block(page: HtmlReport, report: dict[str, Any]) -> None:
     page.bullets(["Statistical tests: " + a for a in report.get("statistics_assumptions", [])])
 
 
-def _case_block(page: HtmlReport, case: dict[str, Any]) -> None:
+CaseFigures = dict[str, bytes]
+"""The PNGs of one case's figures: ``errors`` and (reference cases) ``diagnostics``."""
+
+ERRORS_CAPTION = (
+    "Top: CDF of the per-element relative error; middle: its histogram; bottom: CDF of the "
+    "per-row relative error. Gradients against ste_autograd (ste_autograd itself against "
+    "the exact gradient, dashed)."
+)
+DIAGNOSTICS_CAPTION = (
+    "E2M1 code use (fraction of elements per code) and the decoded block scales (E4M3 for "
+    "NVFP4, E8M0 for MXFP4)."
+)
+
+
+def case_figures(case: dict[str, Any]) -> CaseFigures:
+    """Render one ok case's figures (the bulk of the page's rendering time; independent per
+    case, so ``reports.distributed`` can spread them over ranks)."""
+    if case["status"] != "ok":
+        return {}
+    out = {"errors": figure_to_png(figures.case_error_figure(case))}
+    if case.get("diagnostics"):
+        out["diagnostics"] = figure_to_png(figures.case_diagnostics_figure(case["diagnostics"]))
+    return out
+
+
+def _case_block(page: HtmlReport, case: dict[str, Any], pngs: CaseFigures | None) -> None:
     if case["status"] == "error":
         page.traceback_block(
             f"This case failed to run: {problem_line(case['error'])}. The rest of the report "
@@ -190,13 +215,9 @@ def _case_block(page: HtmlReport, case: dict[str, Any]) -> None:
     if case["status"] == "skipped":
         page.paragraph(f"Skipped: {case['error']}", css_class="muted")
         return
+    pngs = pngs if pngs is not None else case_figures(case)
     with page.row():
-        page.figure(
-            figures.case_error_figure(case),
-            caption="Top: CDF of the per-element relative error; middle: its histogram; "
-            "bottom: CDF of the per-row relative error. Gradients against the STE "
-            "ground truth (the STE itself against the exact gradient, dashed).",
-        )
+        page.image_png(pngs["errors"], alt=ERRORS_CAPTION, caption=ERRORS_CAPTION)
         with page.block():
             fwd_rows = [
                 [name, *_metric_cells(case["forward"].get(key))]
@@ -243,10 +264,8 @@ def _case_block(page: HtmlReport, case: dict[str, Any]) -> None:
     diag = case.get("diagnostics")
     if diag:
         with page.row():
-            page.figure(
-                figures.case_diagnostics_figure(diag),
-                caption="E2M1 code use (fraction of elements per code) and the decoded block "
-                "scales (E4M3 for NVFP4, E8M0 for MXFP4).",
+            page.image_png(
+                pngs["diagnostics"], alt=DIAGNOSTICS_CAPTION, caption=DIAGNOSTICS_CAPTION
             )
             rows = []
             for name, stats in diag["tensors"].items():
@@ -376,7 +395,11 @@ def _truths_block(page: HtmlReport, report: dict[str, Any], finding: dict[str, A
         )
 
 
-def build_page(report: dict[str, Any]) -> str:
+def build_page(
+    report: dict[str, Any], rendered: dict[int, CaseFigures] | None = None
+) -> str:
+    """The page; ``rendered``: case index -> its figures, rendered elsewhere (other ranks);
+    missing ones are rendered here."""
     settings = report["settings"]
     versions = report["versions"]
     order = list(settings["scenarios"])
@@ -501,14 +524,16 @@ def build_page(report: dict[str, Any]) -> str:
             f"{'causal' if shape['causal'] else 'not causal'}; generator entropy "
             f"{scenario['seed']['generator_entropy']}."
         )
-        for case in [c for c in report["cases"] if c["scenario"] == name]:
+        for index, case in enumerate(report["cases"]):
+            if case["scenario"] != name:
+                continue
             title = (
                 f"{name} · recipe {case['recipe']} · {case['implementation']} · {case['status']}"
             )
             if case.get("rule"):  # an external kernel under the FP4 tolerance rule
                 title += " · " + ("agrees" if case["rule"]["agrees"] else "DISAGREES")
             with page.collapsible(title, open=case["status"] == "error"):
-                _case_block(page, case)
+                _case_block(page, case, (rendered or {}).get(index))
 
     page.heading("Settings and definitions")
     page.bullets(

@@ -730,7 +730,8 @@ class ReportConfig:
     """Scenarios with more score entries run the streaming reference (0: every scenario)."""
 
     def streamed(self, scenario: Scenario) -> bool:
-        return score_elements(scenario) > self.stream_above
+        """Production scenarios always stream; others above ``stream_above`` entries."""
+        return "production" in scenario.tags or score_elements(scenario) > self.stream_above
 
 
 @dataclass(frozen=True)

@@ -34,7 +34,10 @@ GROUND_TRUTH = "ste_autograd"
 INDEPENDENT_TRUTH = "ste_tiled"
 """The ground truth no explicit backward shares a formula with (the evidence for the
 principles; the default one is an identity check for Attn-QAT's dQ and dK)."""
-TRUTH_SHORT = {"ste_autograd": "STE (normalized P)", "ste_tiled": "STE (tiled P)"}
+TRUTH_SHORT = {
+    "ste_autograd": "the STE on the normalized P",
+    "ste_tiled": "the STE on each tile's P",
+}
 FLOOR = 1e-12
 
 FAR_FACTOR = 3.0

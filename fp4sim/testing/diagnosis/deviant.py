@@ -249,11 +249,10 @@ def deviant_attention(
         torch.exp(m_tiles - _finite_or(m, 0.0).unsqueeze(-1)),
         torch.zeros_like(m_tiles),
     ).unsqueeze(-1)
-    p_t = _round(p_t, kn.round_p)
     if kn.p is None:
         pt_t = p_t
     else:
-        p_in = p_t
+        p_in = _round(p_t, kn.round_p)  # rounded as the quantizer's input only
         if kn.pad_keys == "p_scale":  # zero padded keys (S = 0) enter the P block amax only
             padded = (torch.arange(lk_pad) >= lk).reshape(lk_pad // bn, bn)
             leak = torch.exp(-_finite_or(m_tiles, 0.0)).unsqueeze(-1).expand_as(p_t)
@@ -323,9 +322,9 @@ def deviant_attention(
         p_dv = _divide_rows(p_tilde, l)
     elif (kn.p_max_bwd or kn.p_max) == "final":  # consistent: P~ = FQ(exp(S - m)) / l
         e = torch.exp(s_b - _finite_or(m, 0.0).unsqueeze(-1))
-        p_dv = _divide_rows(_fq(e, p_bwd_kn), l)
+        p_dv = _divide_rows(_fq(_round(e, kn.round_p), p_bwd_kn), l)
     else:
-        p_dv = _fq(p, p_bwd_kn)
+        p_dv = _fq(_round(p, kn.round_p), p_bwd_kn)
     if kn.p_tail == "unquantized" and p_bwd_kn is not None and kn.dv_from != "hp":
         p_dv = torch.where(_tail_keys(lk, lk_pad, 16), p, p_dv)
     o_for_d = _round(o_hp if kn.d_from == "o_hp" else o, kn.round_o_hp)

@@ -16,6 +16,7 @@ of them. ``kernel_outputs(case)`` is the only way the engine touches the kernel.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import time
 from collections.abc import Callable
@@ -36,7 +37,7 @@ EXPLAIN_RATIO = 0.5
 # Out-of-bound factor of the noise scale: the rule's backward factor (assertions.RULE_FACTORS)
 NOISE_FACTOR = 3.0
 UNIT = {"float32": 2.0**-24, "bfloat16": 2.0**-8, "float16": 2.0**-11, "float64": 2.0**-53}
-RETEST_TOP = 8
+RETEST_TOP = 60  # every explaining candidate, cascaded: each input drops the failed
 
 
 @dataclass
@@ -129,6 +130,7 @@ class _Input:
     bound: dict[str, Any]  # elementwise tolerance bound per tensor
     failing: list[str]
     out_dtype: str
+    bound_h: dict[str, Any]  # the bound against a hypothesis (floors of either operands)
 
 
 def _as64(t: Any) -> Any:
@@ -187,8 +189,12 @@ def _prepare(case: Any, do: np.ndarray | None, kernel: dict[str, Any], recipe: A
                                             sm_scale=case.sm_scale, accum_dtype=torch.float64)
     do_f = np.zeros(case.q.shape, np.float32) if do is None else np.asarray(do, np.float32)
     floors = accumulation_floors(case, fwd64, do_f)
+    # the same floors with unquantized operands: a hypothesis that reads Q, K or V where the
+    # recipe reads Q^, K^, V^ has float32 errors where Q^, K^, V^ are 0 (flushed elements)
+    raw = dataclasses.replace(fwd64, q_hat=q64, k_hat=k64, v_hat=v64)
+    floors_raw = accumulation_floors(case, raw, do_f)
     u = UNIT[out_dtype]
-    bound, failing, ref = {}, [], {}
+    bound, failing, ref, bound_h = {}, [], {}, {}
     for n in kern:
         if n not in ref64 or n not in low:
             continue
@@ -200,11 +206,14 @@ def _prepare(case: Any, do: np.ndarray | None, kernel: dict[str, Any], recipe: A
         # the rule's bound (assertions.py): factor * max ref error + u * max|ref|, plus a
         # componentwise few-ulp term for the kernel's own rounding of large entries
         b = NOISE_FACTOR * ref_err + u * scale + 4 * u * r.abs()
-        b = b + torch.from_numpy(np.asarray(floors[n], dtype=np.float64))
+        base_b = b
+        b = base_b + torch.from_numpy(np.asarray(floors[n], dtype=np.float64))
         bound[n] = b
+        bound_h[n] = torch.maximum(
+            b, base_b + torch.from_numpy(np.asarray(floors_raw[n], dtype=np.float64)))
         if _rows_over(kern[n], ref[n], b)[0] > 0:
             failing.append(n)
-    return _Input(case, do, kern, ref, bound, failing, out_dtype)
+    return _Input(case, do, kern, ref, bound, failing, out_dtype, bound_h)
 
 
 def _rows(x: Any) -> Any:
@@ -253,17 +262,29 @@ def _bound_for(bound: Any, ref: Any, hyp: Any) -> Any:
     return bound * scale
 
 
-def _score(inp: _Input, hyp_out: dict[str, Any]) -> Score:
+_OPERAND_KNOBS = ("q", "k", "v", "q_for_s", "k_for_s", "v_for_dp", "k_for_dq", "q_for_dk")
+
+
+def _reads_raw_operands(kn: Knobs) -> bool:
+    """Whether a hypothesis reads an unquantized Q, K or V somewhere."""
+    return any(getattr(kn, name) is None for name in _OPERAND_KNOBS)
+
+
+def _score(inp: _Input, hyp_out: dict[str, Any], raw_operands: bool = False) -> Score:
     ratios, rows_over, blocks = {}, {}, {}
     explains = True
     for n, a in inp.kernel.items():
         if n not in inp.ref or n not in hyp_out:
             continue
-        h, r, b = hyp_out[n], inp.ref[n], inp.bound[n]
-        noise = float(b.norm())
-        b = _bound_for(b, r, h)
+        h, r, b_r = hyp_out[n], inp.ref[n], inp.bound[n]
+        noise = float(b_r.norm())
+        b = _bound_for(inp.bound_h[n] if raw_operands else b_r, r, h)
         d_h = float((a - h).norm())
         d_r = float((a - r).norm())
+        # the residual over the bound: a failure far below the noise scale (a structural
+        # zero missed by 1e-9) is judged by how much of it is left over the bound
+        ex_h = float(((a - h).abs() - b).clamp(min=0).nan_to_num(nan=math.inf).norm())
+        ex_r = float(((a - r).abs() - b_r).clamp(min=0).nan_to_num(nan=math.inf).norm())
         if not math.isfinite(d_h):
             ratio = math.inf
         elif d_r + noise == 0:
@@ -275,7 +296,8 @@ def _score(inp: _Input, hyp_out: dict[str, Any]) -> Score:
         if n in inp.failing:
             ratios[n] = ratio
             blocks[n] = _block_explained(a, r, h, b)
-            if ratio > EXPLAIN_RATIO:
+            small = ex_r > 0 and ex_h <= 0.1 * ex_r
+            if ratio > EXPLAIN_RATIO and not small:
                 explains = False
         else:
             ratios[n] = ratio
@@ -364,7 +386,7 @@ def diagnose_attention(
                 out = _run(case, do, hyp.knobs, inp.out_dtype, cache)
             except (ValueError, RuntimeError, NotImplementedError):
                 continue  # a deviation that cannot apply to this shape
-            ranked.append(Ranked(hyp, _score(inp, out)))
+            ranked.append(Ranked(hyp, _score(inp, out, _reads_raw_operands(hyp.knobs))))
     ranked.sort(key=lambda r: (not r.score.explains, r.key))
     # re-test the best candidates on larger inputs
     candidates = [r for r in ranked if r.score.explains][:RETEST_TOP]
@@ -386,19 +408,20 @@ def diagnose_attention(
         shapes.append(f"Lq={s.lq} Lk={s.lk} H={s.heads} Hkv={s.kv_heads}")
         ecache: dict = {}
         with torch.no_grad():
-            for r in candidates:
+            for r in [c for c in candidates if all(s.explains for s in c.retests)]:
                 try:
                     out = _run(extra, edo, r.hypothesis.knobs, einp.out_dtype, ecache)
                 except (ValueError, RuntimeError, NotImplementedError):
                     r.retests.append(Score({}, {}, {}, False))
                     continue
-                sc = _score(einp, out)
+                sc = _score(einp, out, _reads_raw_operands(r.hypothesis.knobs))
                 if not einp.failing:  # kernel agrees here: H must not disagree with it
                     sc.explains = all(o <= max(1, int(ROW_SLACK * t))
                                       for o, t in sc.rows_over.values())
                 r.retests.append(sc)
-    survivors = [r for r in candidates
-                 if r.score.explains and all(s.explains for s in r.retests)]
+    n_retests = len(shapes)
+    survivors = [r for r in candidates if r.score.explains and len(r.retests) == n_retests
+                 and all(s.explains for s in r.retests)]
     survivors.sort(key=lambda r: r.key)
     named = survivors[0].hypothesis if survivors else None
     equivalent = []

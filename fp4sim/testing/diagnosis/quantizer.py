@@ -38,8 +38,12 @@ class QuantScore:
 
     @property
     def exact(self) -> bool:
-        return (self.broken == 0 and self.codes_explained == self.codes_differing
-                and self.scales_explained == self.scales_differing)
+        """Every differing element value reproduced (scale bytes that change no value may
+        differ); with no value differing, every differing scale byte."""
+        if self.codes_differing == 0:
+            return (self.broken == 0 and self.scales_differing > 0
+                    and self.scales_explained == self.scales_differing)
+        return self.broken == 0 and self.codes_explained == self.codes_differing
 
     @property
     def net(self) -> int:
@@ -165,6 +169,21 @@ def _hyp_bytes(x: np.ndarray, hyp: QuantHypothesis, block: int) -> tuple[Any, An
     return codes.reshape(-1, block), sb.reshape(-1)
 
 
+def _values(codes: np.ndarray, scale_bits: np.ndarray, fmt: str) -> np.ndarray:
+    """Dequantized values (without a tensor scale) of blocked codes and their scale bytes."""
+    import fp4sim
+
+    dec = np.asarray(fp4sim.e2m1_decode(np.asarray(codes, np.uint8)), dtype=np.float64)
+    sb = np.asarray(scale_bits, np.uint8)
+    scale = fp4sim.e4m3_decode(sb) if fmt == "nvfp4" else fp4sim.e8m0_decode(sb)
+    with np.errstate(invalid="ignore", over="ignore"):
+        return dec * np.asarray(scale, dtype=np.float64).reshape(-1, 1)
+
+
+def _same(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    return (a == b) | (np.isnan(a) & np.isnan(b))
+
+
 def rank_quantizer_hypotheses(
     x: np.ndarray, fmt: str, settings: dict[str, Any], act_codes: np.ndarray,
     act_scale_bits: np.ndarray, exp_codes: np.ndarray, exp_scale_bits: np.ndarray,
@@ -175,7 +194,14 @@ def rank_quantizer_hypotheses(
     if base is None:
         return []
     block = exp_codes.shape[-1]
-    d_codes = act_codes != exp_codes
+    # the code of a NaN input is a convention (quantizer_conventions): not scored
+    x2 = np.asarray(x, dtype=np.float32).reshape(-1, x.shape[-1])
+    x2 = np.pad(x2, ((0, 0), (0, (-x2.shape[-1]) % block))).reshape(-1, block)
+    care = ~np.isnan(x2) if x2.shape == act_codes.shape else np.ones(act_codes.shape, bool)
+    # bits with no effect on values are conventions (quantizer_conventions, issue 12): an
+    # element counts by its dequantized value, code x block scale
+    act_v = _values(act_codes, act_scale_bits, fmt)
+    d_codes = ~_same(act_v, _values(exp_codes, exp_scale_bits, fmt)) & care
     d_scales = act_scale_bits != exp_scale_bits
     out = []
     for hyp in quantizer_hypotheses(base):
@@ -185,13 +211,14 @@ def rank_quantizer_hypotheses(
             continue
         if codes is None or codes.shape != act_codes.shape or sbytes.shape != d_scales.shape:
             continue
-        c_ok, s_ok = codes == act_codes, sbytes == act_scale_bits
+        c_ok = _same(_values(codes, sbytes, fmt), act_v) | ~care
+        s_ok = sbytes == act_scale_bits
         out.append(QuantScore(
             hyp,
             codes_explained=int((d_codes & c_ok).sum()), codes_differing=int(d_codes.sum()),
             scales_explained=int((d_scales & s_ok).sum()),
             scales_differing=int(d_scales.sum()),
-            broken=int((~d_codes & ~c_ok).sum() + (~d_scales & ~s_ok).sum()),
+            broken=int((~d_codes & ~c_ok).sum()),
         ))
     out.sort(key=lambda s: (not s.exact, -s.net))
     return out
@@ -215,6 +242,9 @@ def shape_hypotheses(x: np.ndarray, fmt: str, act_scale_count: int, exp_scale_co
 def quantizer_cause_lines(scores: list[QuantScore], top: int = 3) -> list[str]:
     """The named cause (a hypothesis reproducing every byte) or an honest 'none'."""
     exact = [s for s in scores if s.exact]
+    if scores and not exact and scores[0].codes_differing == 0 and not scores[0].scales_differing:
+        return ["no element value differs: the bits differ only where the value is the same"
+                " (a convention such as -0 or the codes of a zero-scale block, not a defect)"]
     if exact:
         lines = [exact[0].describe()]
         if len(exact) > 1:
