@@ -157,12 +157,17 @@ def reconcile(
         act_codes = _unpack(packed)[..., : exp_codes.shape[-1]]
         ev = _values(exp_codes, exp_scale, expected.tensor_scale, fmt, block)
         av = _values(act_codes, sb, tensor_scale, fmt, block)
-        neutral = _same(ev, av) | np.isnan(x)
+        equal_value = _same(ev, av) | np.isnan(x)
         code_diff = act_codes != exp_codes
-        fixed_codes = np.where(neutral, exp_codes, act_codes)
         nb = exp_scale.shape[-1]
-        block_neutral = neutral.reshape(*neutral.shape[:-1], nb, block).all(axis=-1)
+        block_neutral = equal_value.reshape(*equal_value.shape[:-1], nb, block).all(axis=-1)
         fixed_scale = np.where(block_neutral, exp_scale, sb)
+        # A code is replaced only where its block keeps a scale byte equal to the emulator's:
+        # in a block whose scale still differs, the kernel's codes must stay paired with the
+        # kernel's scale, or the diagnosis would see differences the kernel never made.
+        same_scale = np.repeat(fixed_scale == exp_scale, block, axis=-1)[..., : x.shape[-1]]
+        neutral = equal_value & same_scale
+        fixed_codes = np.where(neutral, exp_codes, act_codes)
         lines = []
         zero_scale = np.repeat(exp_scale == 0, block, axis=-1)
         counts = {
