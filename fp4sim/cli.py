@@ -64,15 +64,14 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
     return parser
 
 
-# Exit status when stdout's reader left before the command finished: 128 + SIGPIPE, what a
+# Exit status when a write to stdout failed because its reader left: 128 + SIGPIPE, what a
 # tool killed by the closed pipe reports (POSIX shells), distinct from 0, 1 and 2.
 EXIT_CLOSED_PIPE = 141
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """Run one subcommand; a closed stdout (`fp4sim ... | head`) ends it quietly: the
-    command's own code if it had finished, else EXIT_CLOSED_PIPE."""
-    code = EXIT_CLOSED_PIPE
+    """Run one subcommand. A closed stdout (`fp4sim ... | head`) ends it quietly with
+    EXIT_CLOSED_PIPE whenever a write failed, so a lost result line never reads as success."""
     try:
         try:
             code = _main(argv)
@@ -81,6 +80,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     except BrokenPipeError:
         # Python's own flush at exit would fail again: stdout now points at /dev/null.
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return EXIT_CLOSED_PIPE
     return code
 
 

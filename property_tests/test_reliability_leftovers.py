@@ -63,18 +63,21 @@ def _run_into_closed_pipe(args: list[str]) -> tuple[int, str]:
 
 
 @pytest.mark.parametrize(("args", "expected"), [
-    (["--help"], 0),
-    (["report", "--help"], 0),
-    (["simulate", "--help"], 0),
-    (["check", "quantizer", "--help"], 0),
-    (["demo"], 141),  # stopped by the reader before it finished: fp4sim.cli.EXIT_CLOSED_PIPE
+    # Every write fails here, so a command that prints ends with fp4sim.cli.EXIT_CLOSED_PIPE.
+    # --help is argparse's own output: argparse ignores an OSError while writing it, which
+    # surfaces (141) or not (0) depending on whether stdout is buffered.
+    (["--help"], (0, 141)),
+    (["report", "--help"], (0, 141)),
+    (["simulate", "--help"], (0, 141)),
+    (["check", "quantizer", "--help"], (0, 141)),
+    (["demo"], 141),
     (["check", "quantizer", "--format", "nvfp4", "--kernel",
       "property_tests.mutant_kernels:emulator_nvfp4", "--examples", "3", "--quiet"], 141),
 ])
 def test_a_closed_stdout_ends_every_command_quietly(args, expected):
     code, stderr = _run_into_closed_pipe(args)
     assert "Traceback" not in stderr and "BrokenPipeError" not in stderr, stderr
-    assert code == expected, (code, stderr)
+    assert code in (expected if isinstance(expected, tuple) else (expected,)), (code, stderr)
 
 
 # ---------------------------------------------------------------------------------------------
