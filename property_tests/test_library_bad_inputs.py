@@ -313,5 +313,8 @@ def test_demo_into_a_closed_pipe_exits_quietly():
     proc.stdout.close()  # what `head -1` does
     stderr = proc.stderr.read().decode()
     proc.stderr.close()
-    assert proc.wait(timeout=120) == 141  # fp4sim.cli.EXIT_CLOSED_PIPE: stopped by the reader
+    # 141 (fp4sim.cli.EXIT_CLOSED_PIPE) if a write failed after the reader left; 0 if the whole
+    # output was already in the pipe's buffer by then (a race `head` has too). No traceback
+    # either way; test_reliability_leftovers checks 141 deterministically.
+    assert proc.wait(timeout=120) in (0, 141)
     assert "Traceback" not in stderr and "BrokenPipeError" not in stderr, stderr
