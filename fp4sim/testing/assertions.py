@@ -35,6 +35,7 @@ No row may exceed the bound unless an allowance says why, and the report then sa
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -404,7 +405,10 @@ class AttentionErrorReport:
             f"{self.name} ({self.kind}): {verdict}: max|out - ref64| = {self.max_error:.3e};"
             f" at {self.worst_index} error {self.worst_error:.3e} vs bound {self.bound:.3e}"
             f" (ref error {self.ref_error:.3e}, floor {self.floor:.3e}); rows over bound"
-            f" {self.n_rows_over}/{self.n_rows}; relative L2 {self.relative_l2:.3e}"
+            f" {self.n_rows_over}/{self.n_rows}; relative L2 "
+            # an all-zero reference (e.g. dQ with one visible key) has no relative error
+            + (f"{self.relative_l2:.3e}" if not math.isinf(self.relative_l2)
+               else "n/a (the reference is zero)")
             + (f"; {self.nonfinite} non-finite values" if self.nonfinite else "")
         )
         if self.rows_allowed:
