@@ -42,7 +42,27 @@ def _finite(name: str, *tensors: torch.Tensor) -> None:
             raise AssertionError(f"{name}: non-finite output")
 
 
+# Implementation switches of the training kernels (training._OPTIONS) run under memcheck: the
+# default, and each non-default path (plain loads instead of tensor descriptors, materialized
+# instead of packed Q^/K^/V^).
+TRAINING_OPTION_SETS = [{}, {"tma": False, "packed": False}, {"tma": True, "packed": True}]
+
+
 def sanitize_training(dtype: torch.dtype) -> int:
+    runs = 0
+    # the switches do not depend on the dtype: the non-default sets run in bf16 only
+    for options in TRAINING_OPTION_SETS if dtype == torch.bfloat16 else TRAINING_OPTION_SETS[:1]:
+        saved = dict(training._OPTIONS)
+        training._OPTIONS.update(options)
+        try:
+            runs += _training_runs(dtype, options)
+        finally:
+            training._OPTIONS.clear()
+            training._OPTIONS.update(saved)
+    return runs
+
+
+def _training_runs(dtype: torch.dtype, options: dict) -> int:
     runs = 0
     for recipe in training.RECIPES:
         for h, hkv, lq, lk, d, causal in ATTENTION_SHAPES:
@@ -54,11 +74,13 @@ def sanitize_training(dtype: torch.dtype) -> int:
                 o = training.attn_qat(q, k, v, causal=causal, recipe=recipe,
                                       prequantize=prequantize)
                 o.backward(torch.randn_like(o))
-                _finite(f"attn_qat {recipe}", o, q.grad, k.grad, v.grad)
+                _finite(f"attn_qat {recipe} {options}", o, q.grad, k.grad, v.grad)
                 runs += 1
-            fwd = training.attn_qat_forward(q, k, v, causal=causal, recipe=recipe, store_p=True)
-            _finite(f"attn_qat_forward {recipe}", fwd.o, fwd.o_hp)
-            runs += 1
+            if not options:  # the forward-only debug path does not depend on the switches
+                fwd = training.attn_qat_forward(q, k, v, causal=causal, recipe=recipe,
+                                                store_p=True)
+                _finite(f"attn_qat_forward {recipe}", fwd.o, fwd.o_hp)
+                runs += 1
     return runs
 
 

@@ -22,6 +22,7 @@ to stdout.
 from __future__ import annotations
 
 import argparse
+import gc
 import json
 import math
 import multiprocessing
@@ -137,8 +138,13 @@ def run_variant(entry: Entry, seed: int, variant: str, deadline_at: float) -> di
                             variants=(variant,), **entry.overrides)
 
     def log(line: str) -> None:
-        if _PROGRESS.search(line) and time.time() > deadline_at:
-            raise SearchDeadline("search deadline")
+        if _PROGRESS.search(line):
+            # each step's forward result stays alive in a reference cycle until the cyclic
+            # gc runs, which does not see GPU memory (docs/bench/simulate.md, call of
+            # 2026-12-02 18:52)
+            gc.collect()
+            if time.time() > deadline_at:
+                raise SearchDeadline("search deadline")
 
     start = time.perf_counter()
     run = train_named_variant(config, variant, log)

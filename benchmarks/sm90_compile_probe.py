@@ -54,6 +54,7 @@ KERNELS = {"fwd": "_attn_fwd_kernel", "dkdv": "_attn_bwd_dkdv_kernel", "dq": "_a
 FP32_POINTERS = {"M_OUT", "L_OUT", "LSE_OUT", "LQ_OUT", "PDBG", "PQDBG",  # forward outputs
                  "LSE", "M_IN", "L_IN", "DELTA"}  # backward inputs
 INT_ARGS = {"H", "GROUP", "Lq", "Lk", "LK_PAD"}
+PACKED_POINTERS = {"QC", "QS", "KC", "KS", "VC", "VS"}  # codes / scale bytes (uint8)
 TABLE_HEADER = (
     "| variant | regs | spill st/ld B | smem KiB | convert_layout | wgmma (ptx) | div.rn | div.full"
     " | cvt e4m3 | SASS loop instr | of which P quantizer |\n" + "|---" * 11 + "|"
@@ -87,11 +88,17 @@ class Variant:
     consistent: int = 0
     causal: int = 0
     dtype: str = "bf16"
+    fast: int = 1  # ex2.approx.ftz exp (attn_qat_jit._exp)
+    packed: int = 0  # backward reads packed Q^, K^, V^
+    tma: int = 0  # forward K, V through tensor descriptors
+    ws: int = 0  # warp-specialized forward key loop
 
     @property
     def tag(self) -> str:
         optional = (f"_qkv{self.quant_qkv}" if self.quant_qkv else "") + (
             "_cons" if self.consistent else "") + ("_causal" if self.causal else "")
+        optional += "".join(f"_{name}" for name in ("packed", "tma", "ws")
+                            if getattr(self, name)) + ("" if self.fast else "_slowexp")
         return (f"{self.kernel}_d{self.head_dim}_m{self.block_m}_n{self.block_n}"
                 f"_w{self.warps}_s{self.stages}_qp{self.quant_p}{optional}")
 
@@ -112,11 +119,21 @@ def quantizer_filter(attention: ModuleType) -> Callable[[str, int], bool]:
         file == attention_file and line in wrapper_lines)
 
 
+def mask_filter() -> Callable[[str, int], bool]:
+    """Predicate (file, line) -> inside the tile mask function ``attn_qat_jit._visible``."""
+    jit = importlib.import_module("fp4sim.kernels.attn_qat_jit")
+    source_lines, first = inspect.getsourcelines(jit._visible.fn)
+    lines = range(first, first + len(source_lines))
+    return lambda file, line: file == Path(jit.__file__).name and line in lines
+
+
 def signature(kernel: triton.JITFunction, variant: Variant) -> tuple[dict, dict, dict]:
     flags = dict(HEAD_DIM=variant.head_dim, BLOCK_M=variant.block_m, BLOCK_N=variant.block_n,
                  CAUSAL=bool(variant.causal), CAUSAL_SHIFT=0, QUANT_QKV=bool(variant.quant_qkv),
                  QUANT_P=bool(variant.quant_p), CONSISTENT=bool(variant.consistent), DIAG=False,
-                 STORE_P=False, STATIC_END=0, STATIC_GROUP=0, UPCAST=False)
+                 STORE_P=False, STATIC_END=0, STATIC_GROUP=0, UPCAST=False,
+                 FAST=bool(variant.fast), PACKED=bool(variant.packed), USE_TMA=bool(variant.tma),
+                 WARP_SPEC=bool(variant.ws))
     # Kernels take different flag subsets; a flag a kernel gains but we lack fails the compile.
     constexprs = {name: value for name, value in flags.items() if name in kernel.arg_names}
     types = {}
@@ -127,6 +144,12 @@ def signature(kernel: triton.JITFunction, variant: Variant) -> tuple[dict, dict,
             types[name] = "fp32"
         elif name in INT_ARGS:
             types[name] = "i32"
+        elif name.startswith("desc_") and variant.tma:
+            # the forward and dQ descriptors tile keys (block_n), dK/dV's tile queries
+            rows = variant.block_m if variant.kernel == "dkdv" else variant.block_n
+            types[name] = f"tensordesc<{variant.dtype}[1, {rows}, {variant.head_dim}]>"
+        elif name in PACKED_POINTERS:
+            types[name] = "*u8"
         else:
             types[name] = "*fp32" if name in FP32_POINTERS else "*" + variant.dtype
     pointer_attrs = {(kernel.arg_names.index(name),): [["tt.divisibility", 16]]
@@ -134,10 +157,13 @@ def signature(kernel: triton.JITFunction, variant: Variant) -> tuple[dict, dict,
     return types, constexprs, pointer_attrs
 
 
-def hot_loop(text: str, syntax: dict[str, re.Pattern[str]], files: dict[str, str]
+def hot_loop(text: str, syntax: dict[str, re.Pattern[str]], files: dict[str, str],
+             is_mask: Callable[[str, int], bool] = lambda file, line: False,
              ) -> tuple[list[Instruction], list[Instruction]]:
     """All instructions of a listing (each tagged with the last source marker seen) and the body
-    of its hot loop: the smallest backward-branch loop above the size threshold."""
+    of its hot loop: the smallest backward-branch loop above the size threshold, preferring
+    loops without mask instructions (the kernels run the unmasked copy of the loop on every
+    tile but the ragged or diagonal ones)."""
     instructions: list[Instruction] = []
     labels: dict[str, int] = {}  # label -> index of the instruction it precedes
     source = ("?", 0)
@@ -155,7 +181,8 @@ def hot_loop(text: str, syntax: dict[str, re.Pattern[str]], files: dict[str, str
         if match and labels.get(match.group(1), index + 1) <= index:
             loops.append(instructions[labels[match.group(1)]:index + 1])
     hot = [body for body in loops if len(body) > HOT_LOOP_MIN_INSTRUCTIONS] or loops
-    return instructions, min(hot, key=len, default=[])
+    unmasked = [body for body in hot if not any(is_mask(f, n) for _, f, n in body)]
+    return instructions, min(unmasked or hot, key=len, default=[])
 
 
 def convert_layout_sites(ttgir: str) -> list[dict[str, str]]:
@@ -233,8 +260,9 @@ def compile_variant(attention: ModuleType, variant: Variant, out_dir: Path) -> d
     # `.file N "path"` or `.file N "dir", "name"`, depending on the LLVM version.
     file_table = re.findall(r'^\s*\.file\s+(\d+)\s+"([^"]*)"(?:,\s*"([^"]+)")?', ptx, re.M)
     ptx_files = {number: Path(name or path).name for number, path, name in file_table}
-    _, ptx_loop = hot_loop(ptx, PTX_SYNTAX, ptx_files)
-    sass_instructions, sass_loop = hot_loop(sass, SASS_SYNTAX, {})
+    is_mask = mask_filter()
+    _, ptx_loop = hot_loop(ptx, PTX_SYNTAX, ptx_files, is_mask)
+    sass_instructions, sass_loop = hot_loop(sass, SASS_SYNTAX, {}, is_mask)
     loop_ops = Counter(sass_opcode(text) for text, _, _ in sass_loop)
     quantizer_ops = Counter(
         sass_opcode(text) for text, file, line in sass_loop if is_quantizer(file, line))
@@ -293,7 +321,7 @@ def main() -> None:
     parser.add_argument("kernel", nargs="?", choices=KERNELS)
     parser.add_argument("--all", action="store_true", help="standard set, one table row each")
     int_options = dict(hd=128, bm=64, bn=64, warps=4, stages=3, quant_p=1, quant_qkv=0,
-                       consistent=0, causal=0)
+                       consistent=0, causal=0, fast=1, packed=0, tma=0, ws=0)
     for name, default in int_options.items():
         parser.add_argument("--" + name.replace("_", "-"), type=int, default=default)
     parser.add_argument("--dtype", default="bf16")
@@ -315,7 +343,8 @@ def main() -> None:
                 print(table_row(detail["summary"]), flush=True)
             return
         variant = Variant(args.kernel, args.hd, args.bm, args.bn, args.warps, args.stages,
-                          args.quant_p, args.quant_qkv, args.consistent, args.causal, args.dtype)
+                          args.quant_p, args.quant_qkv, args.consistent, args.causal, args.dtype,
+                          args.fast, args.packed, args.tma, args.ws)
         detail = compile_variant(attention, variant, args.out)
         print(json.dumps(detail["summary"]) if args.quiet else json.dumps(detail, indent=1))
 

@@ -3,10 +3,14 @@
     python benchmarks/streaming_rss.py --length 16384            # streaming, L = 16384
     python benchmarks/streaming_rss.py --length 4096 --dense     # the dense reference
 
-Runs the forward (with diagnostics), the attn_qat and ste_autograd backward, and the exact
-float64 attention with its gradient, at B = H = 1, d = 64, attn-qat recipe; prints one JSON
-line: seconds per component and the process's peak RSS (ru_maxrss). Run each configuration
-in its own process: the peak RSS is the process's high-water mark.
+Runs what ``fp4sim report`` runs for one streamed case: the forward (with diagnostics), the
+backward variants in one walk (``--variants``; default the report's six besides ste_tiled),
+ste_tiled, and the exact float64 attention with its gradient, at B = H = 1, d = 64, attn-qat
+recipe; prints one JSON line: seconds per component and the process's peak RSS
+(ru_maxrss). Run each configuration in its own process: the peak RSS is the process's
+high-water mark. One torch thread by default, as the report uses on the CPU (on a shared,
+loaded CPU two OpenMP threads were 10-300x slower per operation: workers spin-wait for a
+preempted peer).
 """
 
 from __future__ import annotations
@@ -22,6 +26,9 @@ import torch
 from fp4sim import reference
 from fp4sim.reference import streaming
 
+WALK = ("ste_autograd", "exact", "drop_in", "p_only", "o_only", "attn_qat")
+"""The report's backward variants besides ste_tiled (computed in one walk)."""
+
 
 def _peak_rss_mib() -> float:
     kib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # KiB on Linux
@@ -33,7 +40,10 @@ def main() -> int:
     parser.add_argument("--length", type=int, default=16384)
     parser.add_argument("--head-dim", type=int, default=64)
     parser.add_argument("--dense", action="store_true", help="the dense reference instead")
-    parser.add_argument("--threads", type=int, default=0, help="torch threads (0: default)")
+    parser.add_argument("--threads", type=int, default=1, help="torch threads (0: torch's default)")
+    parser.add_argument("--variants", nargs="*", default=list(WALK),
+                        help="backward variants of the one streamed walk")
+    parser.add_argument("--no-ste-tiled", action="store_true", help="skip ste_tiled")
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -50,11 +60,18 @@ def main() -> int:
     times["forward"] = time.perf_counter() - t0
     t0 = time.perf_counter()
     if args.dense:
-        for variant in ("attn_qat", "ste_autograd"):
+        for variant in args.variants:
             reference.attention_backward(variant, fwd, q, k, v, do, recipe)
     else:
-        streaming.streaming_backward(["attn_qat", "ste_autograd"], fwd, q, k, v, do, recipe)
-    times["backward_attn_qat_ste"] = time.perf_counter() - t0
+        streaming.streaming_backward(args.variants, fwd, q, k, v, do, recipe)
+    times["backward_walk"] = time.perf_counter() - t0
+    if not args.no_ste_tiled:
+        t0 = time.perf_counter()
+        if args.dense:
+            reference.attention_backward("ste_tiled", fwd, q, k, v, do, recipe)
+        else:
+            streaming.streaming_backward(["ste_tiled"], fwd, q, k, v, do, recipe)
+        times["backward_ste_tiled"] = time.perf_counter() - t0
     t0 = time.perf_counter()
     if args.dense:
         leaves = [t.double().requires_grad_(True) for t in (q, k, v)]
@@ -64,6 +81,7 @@ def main() -> int:
         streaming.streaming_exact(q, k, v, do)
     times["exact_float64"] = time.perf_counter() - t0
     print(json.dumps({
+        "variants": args.variants,
         "path": "dense" if args.dense else "streaming",
         "length": args.length,
         "head_dim": args.head_dim,

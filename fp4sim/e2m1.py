@@ -82,10 +82,12 @@ _HIGH_HALF_TABLES = {
 }
 
 
-def e2m1_encode_bits_into(bits: np.ndarray, out: np.ndarray, nan: str = "ptx") -> np.ndarray:
-    """RNE-encode contiguous 1-D float32 bit patterns ``bits`` into the uint8 array ``out``."""
+def e2m1_encode_bits_into(bits: np.ndarray, out: np.ndarray, nan: str = "ptx",
+                          index: np.ndarray | None = None) -> np.ndarray:
+    """RNE-encode contiguous 1-D float32 bit patterns ``bits`` into the uint8 array ``out``
+    (``index``: optional uint32 scratch, see encode_with_high_half_table)."""
     _check_nan_policy(nan)
-    return encode_with_high_half_table(bits, out, _HIGH_HALF_TABLES[nan])
+    return encode_with_high_half_table(bits, out, _HIGH_HALF_TABLES[nan], index)
 
 
 def as_random_words(rbits: object, shape: tuple[int, ...]) -> np.ndarray:

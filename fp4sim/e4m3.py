@@ -76,6 +76,41 @@ def e4m3_encode(x: object, overflow: str = "saturate", nan: str = "ptx") -> np.n
     return out.reshape(x32.shape)
 
 
+# Arithmetic RNE for the block-scale path (PTX .satfinite, NaN -> 0x7F); no table, no
+# undecided entries. Normals: RNE of the float32 pattern to 3 mantissa bits (a carry out of
+# the mantissa is the next binade, as it should be). Subnormals (|x| < 2^-6): adding 2^14,
+# whose float32 ulp is 2^-9 (E4M3's subnormal spacing), rounds to nearest even there.
+_MIN_NORMAL_BITS = np.uint32(0x3C800000)  # float32 2^-6
+_ROUND_TO_3_BITS = np.uint32((1 << 19) - 1)  # half an E4M3 ulp (2^20 patterns) minus one
+_EXPONENT_REBIAS = np.uint32((127 - 7) << 3)  # float32 -> E4M3 exponent, in code units
+_SUBNORMAL_MAGIC = np.float32(2.0 ** 14)
+
+
+def e4m3_encode_satfinite(x: np.ndarray) -> np.ndarray:
+    """``e4m3_encode(x, 'saturate', 'ptx')`` for a float32 array, by uint32 arithmetic
+    (the block-scale path). Bit-exact with the table for every float32 pattern."""
+    bits = float32_bits(x).reshape(-1)
+    # Block scales are >= 0 and rarely NaN: one max skips the sign and NaN passes then.
+    signed_or_nan = bits.size > 0 and bits.max() > F32_INF_BITS
+    magnitude = bits & np.uint32(F32_ABS_MASK) if signed_or_nan else bits
+    code = magnitude >> 20
+    code &= np.uint32(1)  # the kept LSB: ties go to even
+    code += magnitude
+    code += _ROUND_TO_3_BITS
+    code >>= 20
+    code -= _EXPONENT_REBIAS  # wraps below 2^-6: replaced next
+    small = magnitude < _MIN_NORMAL_BITS
+    if small.any():
+        rounded = (magnitude[small].view(np.float32) + _SUBNORMAL_MAGIC).view(np.uint32)
+        code[small] = rounded - _SUBNORMAL_MAGIC.view(np.uint32)
+    if code.max() > E4M3_MAX_CODE:  # (a max is cheaper than np.minimum with a scalar)
+        np.minimum(code, np.uint32(E4M3_MAX_CODE), out=code)  # Inf and beyond 448 give 448
+    if signed_or_nan:
+        code |= (bits >> 24) & np.uint32(0x80)
+        code[magnitude > F32_INF_BITS] = E4M3_NAN
+    return code.astype(np.uint8).reshape(np.shape(x))
+
+
 # OCP OFP8 E4M3: subnormal m * 2^-9, normal (1 + m/8) * 2^(e - 7), from fp4sim.formats.
 E4M3_VALUES = decode_table(E4M3FN)
 

@@ -89,7 +89,7 @@ def decode_table(fmt: ElementFormat) -> np.ndarray:
 
 UNDECIDED = 0xFF  # marker in a uint8 table: the top 16 bits do not decide the code
 UNDECIDED_WIDE = 0xFFFF  # marker in a uint16 table (formats that use all 256 codes)
-TABLE_CHUNK = 1 << 16  # elements per pass: keeps the temporaries in L2 cache
+TABLE_CHUNK = 1 << 17  # elements per pass: temporaries near L2 size, few NumPy calls
 
 
 @dataclass(frozen=True, eq=False)
@@ -135,13 +135,17 @@ def build_high_half_table(encode_exact: Callable[[np.ndarray], np.ndarray],
     return tables
 
 
-def encode_with_high_half_table(bits: np.ndarray, out: np.ndarray,
-                                tables: HighHalfTable) -> np.ndarray:
-    """Encode 1-D uint32 patterns ``bits`` into uint8 ``out`` by table lookup, chunked."""
+def encode_with_high_half_table(bits: np.ndarray, out: np.ndarray, tables: HighHalfTable,
+                                index: np.ndarray | None = None) -> np.ndarray:
+    """Encode 1-D uint32 patterns ``bits`` into uint8 ``out`` by table lookup, chunked.
+
+    ``index``: optional uint32 scratch of at least min(n, TABLE_CHUNK) elements, for callers
+    that encode many chunks (a fresh temporary per call costs more than the lookup)."""
     n = bits.shape[0]
     wide = tables.code.dtype == np.uint16
     marker = tables.marker
-    index = np.empty(min(n, TABLE_CHUNK), dtype=np.uint32)
+    if index is None or index.size < min(n, TABLE_CHUNK):
+        index = np.empty(min(n, TABLE_CHUNK), dtype=np.uint32)
     looked_up = np.empty(min(n, TABLE_CHUNK), dtype=np.uint16) if wide else None
     for start in range(0, n, TABLE_CHUNK):
         stop = min(start + TABLE_CHUNK, n)

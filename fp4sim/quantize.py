@@ -31,9 +31,10 @@ Special values (documented bytes, never garbage):
 Padding (pad=True): the block axis is padded with +0.0 up to a multiple of the block size;
 ``codes``/``packed``/scales cover the padded length, dequantize returns the original shape.
 Speed and memory: the input is walked in pieces of whole blocks (fp4sim.pieces, at most 2^20
-elements each), with float32 bit operations on chunks of 2^16 elements inside a piece; inputs
-of 2^20 elements or more spread their pieces over up to 4 threads. Every result is per block,
-so it does not depend on the split, and the temporaries are bounded by the piece size:
+elements each), with float32 bit operations on chunks of 2^17 elements inside a piece; inputs
+of 2^20 elements or more spread their pieces over up to 4 threads (kept between calls, as are
+each thread's chunk temporaries). Every result is per block, so it does not depend on the
+split, and the temporaries are bounded by the piece size:
 fake_quantize needs about 1.15x the input beyond it (the output included), quantize about 0.7x.
 dequantize validates a QuantizedTensor (dtypes, shapes, code range) before reading it.
 """
@@ -41,7 +42,11 @@ dequantize validates a QuantizedTensor (dtypes, shapes, code range) before readi
 from __future__ import annotations
 
 import os
+import queue
+import threading
+from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import numpy as np
@@ -76,10 +81,47 @@ from fp4sim.pieces import Piece, piece_blocks, piece_target, split_into_pieces, 
 from fp4sim.settings import QuantizeSettings  # re-exported: fp4sim.quantize.QuantizeSettings
 
 TENSOR_SCALE_DIVISOR = np.float32(NVFP4_TENSOR_SCALE_DIVISOR)  # docs/numerics.md: 448 * 6
-_ROWS_ELEMENTS = 1 << 16  # elements per chunk of blocks: temporaries stay in L2 cache
+_ROWS_ELEMENTS = 1 << 17  # elements per chunk: 5 % faster than 2^16 or 2^18 (fewer calls)
 _PARALLEL_MIN_ELEMENTS = 1 << 20  # below this, threads cost more than they save
 _PIECE_ELEMENTS = 1 << 20  # elements per piece (fp4sim.pieces): bounds a call's temporaries
 _MAX_WORKERS = 4
+_CPUS = os.cpu_count() or 1  # read once: os.cpu_count() took 20 us per call on the 2-core VM
+
+
+class _Scratch:
+    """One worker's chunk-sized temporaries, kept across chunks and calls.
+
+    Allocating the chunk temporaries (256 KiB each) afresh for every chunk made the encode
+    pass about 4x slower on the 2-core CI VM (the lookup then ran on newly mapped pages).
+    Each buffer is keyed by name; ``get`` returns a view of the requested size and dtype
+    (contents undefined). About 0.8 MiB per worker thread.
+    """
+
+    def __init__(self) -> None:
+        self._buffers: dict[str, np.ndarray] = {}
+
+    def get(self, name: str, size: int, dtype: type) -> np.ndarray:
+        nbytes = size * np.dtype(dtype).itemsize
+        buffer = self._buffers.get(name)
+        if buffer is None or buffer.size < nbytes:
+            buffer = self._buffers[name] = np.empty(max(nbytes, 4 * _ROWS_ELEMENTS), np.uint8)
+        return buffer[:nbytes].view(dtype)
+
+
+_IDLE_SCRATCH: queue.SimpleQueue = queue.SimpleQueue()  # _Scratch objects not in use
+
+
+@contextmanager
+def _scratch() -> Iterator[_Scratch]:
+    """A _Scratch for the calling worker alone (threads never share one)."""
+    try:
+        scratch = _IDLE_SCRATCH.get_nowait()
+    except queue.Empty:
+        scratch = _Scratch()
+    try:
+        yield scratch
+    finally:
+        _IDLE_SCRATCH.put(scratch)
 
 
 @dataclass(frozen=True, eq=False)
@@ -132,13 +174,25 @@ def block_flush_mask(q: QuantizedTensor) -> np.ndarray:
     return q.flushed_blocks
 
 
-def _row_max_bits(abs_bits: np.ndarray, out: np.ndarray) -> np.ndarray:
-    """Per-row max of (rows, width) uint32 magnitudes, one strided column at a time
-    (faster in NumPy than a reduction over a short inner axis)."""
-    np.maximum(abs_bits[:, 0], abs_bits[:, 1], out=out)
-    for column in range(2, abs_bits.shape[1]):
-        np.maximum(out, abs_bits[:, column], out=out)
-    return out
+def _pairwise_max_into(level: np.ndarray, spare: np.ndarray, width: int,
+                       out: np.ndarray) -> None:
+    """Per-row max of the flat (rows * width) uint32 ``level`` into ``out`` (rows,).
+
+    Halving passes max(even, odd) cost about 0.5 ns per element in NumPy, a reduction over
+    a short inner axis about 2 ns and one strided pass per column about 0.8 ns. ``level``
+    and ``spare`` (at least half its size) are overwritten in turn.
+    """
+    while width % 2 == 0 and width > 2:
+        half = spare[: level.size // 2]
+        np.maximum(level[0::2], level[1::2], out=half)
+        level, spare, width = half, level, width // 2
+    if width == 2:
+        np.maximum(level[0::2], level[1::2], out=out)
+        return
+    columns = level.reshape(-1, width)  # odd width: one strided pass per column
+    np.maximum(columns[:, 0], columns[:, 1], out=out)
+    for column in range(2, width):
+        np.maximum(out, columns[:, column], out=out)
 
 
 def _zero_scale_codes(x_rows: np.ndarray, policy: str, nan: str) -> np.ndarray:
@@ -152,17 +206,18 @@ def _zero_scale_codes(x_rows: np.ndarray, policy: str, nan: str) -> np.ndarray:
     return np.where(is_zero, np.uint8(e2m1_nan_code(nan)), sign | np.uint8(MAX_MAGNITUDE_CODE))
 
 
-def _block_amax_bits_into(bits: np.ndarray, out: np.ndarray) -> None:
+def _block_amax_bits_into(bits: np.ndarray, out: np.ndarray, scratch: _Scratch) -> None:
     """Pass 1: per-block max of |x| as uint32 patterns into ``out`` (NaN patterns exceed
     Inf's, so a NaN anywhere makes the block's max a NaN pattern)."""
     nblocks, width = bits.shape
     rows = max(1, _ROWS_ELEMENTS // width)
-    abs_buf = np.empty((min(rows, nblocks), width), dtype=np.uint32)
     for r0 in range(0, nblocks, rows):
         r1 = min(r0 + rows, nblocks)
-        abs_rows = abs_buf[: r1 - r0]
-        np.bitwise_and(bits[r0:r1], np.uint32(F32_ABS_MASK), out=abs_rows)
-        _row_max_bits(abs_rows, out[r0:r1])
+        size = (r1 - r0) * width
+        magnitudes = scratch.get("words", size, np.uint32)
+        np.bitwise_and(bits[r0:r1].reshape(-1), np.uint32(F32_ABS_MASK), out=magnitudes)
+        _pairwise_max_into(magnitudes, scratch.get("half", size // 2, np.uint32), width,
+                           out[r0:r1])
 
 
 def _tensor_scale_value(amax_bits: np.ndarray, settings: QuantizeSettings) -> np.float32 | None:
@@ -210,17 +265,17 @@ def _encode_stochastic_into(y: np.ndarray, words: np.ndarray, out: np.ndarray, n
 
 def _encode_blocks_into(blocks: np.ndarray, s_eff: np.ndarray, multiplier: np.ndarray | None,
                         settings: QuantizeSettings, rbits: np.ndarray | None,
-                        codes: np.ndarray, packed: np.ndarray | None) -> None:
+                        codes: np.ndarray, packed: np.ndarray | None,
+                        scratch: _Scratch) -> None:
     """Pass 2: codes = E2M1(x * multiplier) (or x / s_eff), and their packed bytes (skipped
     when ``packed`` is None: fake_quantize does not need them)."""
     nblocks, width = blocks.shape
     rows = max(1, _ROWS_ELEMENTS // width)
-    y_buf = np.empty((min(rows, nblocks), width), dtype=np.float32)
-    pair_buf = np.empty((min(rows, nblocks), width // 2), dtype=np.uint16)
     with np.errstate(divide="ignore", over="ignore", invalid="ignore"):
         for r0 in range(0, nblocks, rows):
             r1 = min(r0 + rows, nblocks)
-            y = y_buf[: r1 - r0]
+            size = (r1 - r0) * width
+            y = scratch.get("words", size, np.float32).reshape(r1 - r0, width)
             if multiplier is not None:
                 np.multiply(blocks[r0:r1], multiplier[r0:r1, None], out=y)
             else:
@@ -228,14 +283,14 @@ def _encode_blocks_into(blocks: np.ndarray, s_eff: np.ndarray, multiplier: np.nd
             out = codes[r0:r1]
             if rbits is None:
                 e2m1_encode_bits_into(y.view(np.uint32).reshape(-1), out.reshape(-1),
-                                      settings.nan)
+                                      settings.nan, index=scratch.get("index", size, np.uint32))
             else:
                 _encode_stochastic_into(y, rbits[r0 * width:r1 * width], out, settings.nan)
             if packed is None:
                 continue
             # docs/numerics.md packing: little-endian byte pairs, element 2i in the low nibble.
             pairs = out.view("<u2")
-            pair = pair_buf[: r1 - r0]
+            pair = scratch.get("pairs", size // 2, np.uint16).reshape(pairs.shape)
             np.right_shift(pairs, 4, out=pair)
             np.bitwise_or(pair, pairs, out=pair)
             np.copyto(packed[r0:r1], pair, casting="unsafe")
@@ -302,6 +357,17 @@ def _block_flags(amax: np.ndarray, s_eff: np.ndarray, settings: QuantizeSettings
 
 
 
+def _axis_last(a: np.ndarray, axis: int) -> np.ndarray:
+    """``a`` seen with ``axis`` moved last (``a`` itself when it already is: np.moveaxis
+    costs more than the whole computation on small inputs)."""
+    return a if axis in (-1, a.ndim - 1) else np.moveaxis(a, axis, -1)
+
+
+def _axis_back(a: np.ndarray, axis: int) -> np.ndarray:
+    """Inverse of _axis_last."""
+    return a if axis in (-1, a.ndim - 1) else np.moveaxis(a, -1, axis)
+
+
 @dataclass(frozen=True)
 class _Plan:
     """One call's input seen with its block axis last, and the pieces to walk it in."""
@@ -330,20 +396,53 @@ def _piece_budget(total: int) -> tuple[int, int]:
     """(elements per piece, worker threads): pieces of at most _PIECE_ELEMENTS bound the
     temporaries; large inputs are spread over up to _MAX_WORKERS threads (NumPy releases the
     GIL inside its loops, and pieces write disjoint slices)."""
-    workers = min(os.cpu_count() or 1, _MAX_WORKERS)
+    workers = min(_CPUS, _MAX_WORKERS)
     if workers < 2 or total < _PARALLEL_MIN_ELEMENTS:
         return _PIECE_ELEMENTS, 1
     return min(_PIECE_ELEMENTS, max(_ROWS_ELEMENTS, -(-total // workers))), workers
 
 
+_POOL: tuple[int, ThreadPoolExecutor] | None = None  # (pid, helper threads), made on first use
+_POOL_LOCK = threading.Lock()
+
+
+def _helper_pool() -> ThreadPoolExecutor:
+    """Helper threads kept between calls: starting a pool per call cost about 0.15 ms (5 %
+    of a 2^20-element quantize). A forked child (other pid) makes its own."""
+    global _POOL
+    with _POOL_LOCK:
+        if _POOL is None or _POOL[0] != os.getpid():
+            helpers = max(1, min(_CPUS, _MAX_WORKERS) - 1)
+            _POOL = (os.getpid(), ThreadPoolExecutor(helpers, thread_name_prefix="fp4sim"))
+        return _POOL[1]
+
+
 def _for_each_piece(task, pieces: list[Piece], workers: int) -> None:
+    """Run ``task`` on every piece: the calling thread and up to workers - 1 helper threads
+    each take the next piece from a shared queue until none is left."""
     if workers < 2 or len(pieces) < 2:
         for piece in pieces:
             task(piece)
         return
-    with ThreadPoolExecutor(max_workers=min(workers, len(pieces))) as pool:
-        for future in [pool.submit(task, piece) for piece in pieces]:
-            future.result()
+    todo: queue.SimpleQueue = queue.SimpleQueue()
+    for piece in pieces:
+        todo.put(piece)
+
+    def drain() -> None:
+        while True:
+            try:
+                piece = todo.get_nowait()
+            except queue.Empty:
+                return
+            task(piece)
+
+    pool = _helper_pool()
+    helpers = [pool.submit(drain) for _ in range(min(workers, len(pieces)) - 1)]
+    try:
+        drain()
+    finally:
+        for helper in helpers:  # all pieces are done (or abandoned) before returning
+            helper.result()
 
 
 def _plan(x: object, fmt: str | BlockFormat, axis: int, settings: QuantizeSettings) -> _Plan:
@@ -354,7 +453,7 @@ def _plan(x: object, fmt: str | BlockFormat, axis: int, settings: QuantizeSettin
         raise ValueError("x must have at least one dimension")
     ax = normalize_axis(axis, x32.ndim)
     bs = block_format.block_size
-    moved = np.moveaxis(x32, ax, -1)
+    moved = _axis_last(x32, ax)
     length = moved.shape[-1]
     if length % bs and not settings.pad:
         raise ValueError(f"axis {ax} of x has length {length}, not a multiple of the "
@@ -381,7 +480,7 @@ def _random_words(rbits: object, plan: _Plan):
         raise TypeError(f"rbits must be a uint32 or uint8 array, got dtype {rb.dtype}")
     # Words are given in x's axis order, for x or for x padded along the block axis;
     # padding elements (zeros) get word 0, which cannot change a zero's code.
-    moved = np.moveaxis(rb, plan.axis, -1) if rb.ndim == plan.x32.ndim else rb
+    moved = _axis_last(rb, plan.axis) if rb.ndim == plan.x32.ndim else rb
     padded = moved.shape == plan.padded_shape
     if not padded and moved.shape != plan.moved.shape:
         raise ValueError(f"rbits must have shape {plan.padded_shape} (one word per element), "
@@ -406,7 +505,8 @@ def _amax_and_tensor_scale(plan: _Plan, amax_bits: np.ndarray) -> tuple[np.float
 
     def task(piece: Piece) -> None:
         blocks = piece_blocks(plan.moved, piece, bs)
-        _block_amax_bits_into(blocks.view(np.uint32), amax_bits[piece.blocks])
+        with _scratch() as scratch:
+            _block_amax_bits_into(blocks.view(np.uint32), amax_bits[piece.blocks], scratch)
 
     _for_each_piece(task, plan.pieces, plan.workers)
     return _tensor_scale_value(amax_bits, plan.settings), True
@@ -417,12 +517,13 @@ def _encode_piece(plan: _Plan, piece: Piece, ts: np.float32 | None, amax_bits: n
     """Quantize one piece into ``codes``/``packed``; returns (scale bytes, scales, s_eff)."""
     blocks = piece_blocks(plan.moved, piece, plan.fmt.block_size)
     bits = amax_bits[piece.blocks]
-    if not amax_ready:
-        _block_amax_bits_into(blocks.view(np.uint32), bits)
-    scale_bits, scales, s_eff, multiplier = _block_scales(bits.view(np.float32), plan.fmt,
-                                                          plan.settings, ts)
-    _encode_blocks_into(blocks, s_eff, multiplier, plan.settings,
-                        None if words is None else words(piece), codes, packed)
+    with _scratch() as scratch:
+        if not amax_ready:
+            _block_amax_bits_into(blocks.view(np.uint32), bits, scratch)
+        scale_bits, scales, s_eff, multiplier = _block_scales(bits.view(np.float32), plan.fmt,
+                                                              plan.settings, ts)
+        _encode_blocks_into(blocks, s_eff, multiplier, plan.settings,
+                            None if words is None else words(piece), codes, packed, scratch)
     _fix_special_blocks(blocks, codes, packed, bits, s_eff, multiplier, plan.fmt,
                         plan.settings, ts)
     return scale_bits, scales, s_eff
@@ -473,8 +574,8 @@ def quantize(x: object, fmt: str | BlockFormat = "nvfp4", axis: int = -1, *,
     packed_moved_shape = plan.padded_shape[:-1] + (plan.padded_shape[-1] // 2,)
     codes = np.empty(plan.in_input_order(plan.padded_shape), dtype=np.uint8)
     packed = np.empty(plan.in_input_order(packed_moved_shape), dtype=np.uint8)
-    codes_moved = np.moveaxis(codes, plan.axis, -1)
-    packed_moved = np.moveaxis(packed, plan.axis, -1)
+    codes_moved = _axis_last(codes, plan.axis)
+    packed_moved = _axis_last(packed, plan.axis)
     ts, amax_ready = _amax_and_tensor_scale(plan, amax_bits)
 
     def task(piece: Piece) -> None:
@@ -493,7 +594,7 @@ def quantize(x: object, fmt: str | BlockFormat = "nvfp4", axis: int = -1, *,
     scale_shape = plan.padded_shape[:-1] + (plan.padded_shape[-1] // bs,)
 
     def back(a: np.ndarray) -> np.ndarray:
-        return np.ascontiguousarray(np.moveaxis(a.reshape(scale_shape), -1, plan.axis))
+        return np.ascontiguousarray(_axis_back(a.reshape(scale_shape), plan.axis))
 
     return QuantizedTensor(
         codes=codes,
@@ -576,15 +677,15 @@ def dequantize(q: QuantizedTensor) -> np.ndarray:
     inconsistent arrays raises TypeError/ValueError instead of returning garbage."""
     _check_quantized(q)
     bs = q.fmt.block_size
-    codes_moved = np.moveaxis(q.codes, q.axis, -1)
-    s_eff = np.ascontiguousarray(np.moveaxis(q.effective_scales, q.axis, -1)).reshape(-1)
+    codes_moved = _axis_last(q.codes, q.axis)
+    s_eff = np.ascontiguousarray(_axis_last(q.effective_scales, q.axis)).reshape(-1)
     out = np.empty(q.shape, dtype=np.float32)
-    out_moved = np.moveaxis(out, q.axis, -1)
+    out_moved = _axis_last(out, q.axis)
     budget, workers = _piece_budget(codes_moved.size)
     pieces = split_into_pieces(codes_moved.shape[:-1], out_moved.shape[-1],
                                codes_moved.shape[-1], bs, budget)
 
-    packed_moved = np.moveaxis(q.packed, q.axis, -1)
+    packed_moved = _axis_last(q.packed, q.axis)
 
     def task(piece: Piece) -> None:
         codes = np.ascontiguousarray(codes_moved[piece.dst]).reshape(-1, bs)
@@ -615,7 +716,7 @@ def fake_quantize(x: object, fmt: str | BlockFormat = "nvfp4", axis: int = -1,
     bs = plan.fmt.block_size
     amax_bits = np.empty(plan.nblocks, dtype=np.uint32)
     out = np.empty(plan.x32.shape, dtype=np.float32)
-    out_moved = np.moveaxis(out, plan.axis, -1)
+    out_moved = _axis_last(out, plan.axis)
     ts, amax_ready = _amax_and_tensor_scale(plan, amax_bits)
 
     def task(piece: Piece) -> None:

@@ -50,6 +50,7 @@ non-contiguous inputs are copied (documented cost: one extra pass over that inpu
 from __future__ import annotations
 
 import math
+from typing import NamedTuple
 
 import torch
 import triton
@@ -66,8 +67,16 @@ SUPPORTED_HEAD_DIMS = (64, 128)
 # shape was exact; benchmarks/gpu_dot_scaled_probe.py, docs/bench/kernels-inference.md), so at
 # d = 64 QK^T decodes in registers and only PV uses dot_scaled.
 _MX_DOT_SCALED_DEFAULT: dict[int, tuple[bool, bool]] = {64: (False, True), 128: (True, True)}
+# Which kernel fp4_inference_attention runs by default ('tiles' or 'loop', see its docstring).
+DEFAULT_KERNEL = "tiles"
 
-__all__ = ["BLOCK_N", "fp4_inference_attention", "pack_for_inference"]
+__all__ = [
+    "BLOCK_N",
+    "PackedShape",
+    "check_packed_inputs",
+    "fp4_inference_attention",
+    "pack_for_inference",
+]
 
 
 @triton.jit
@@ -267,38 +276,35 @@ def _check_uint8(name: str, t: torch.Tensor, ndim: int = 4) -> None:
         raise ValueError(f"{name} must have {ndim} dims, got shape {tuple(t.shape)}")
 
 
-def fp4_inference_attention(
+class PackedShape(NamedTuple):
+    """Sizes of a validated packed problem (layout in the module docstring)."""
+
+    fmt: str
+    block: int
+    batch: int
+    heads: int
+    kv_heads: int
+    lq: int
+    lk: int
+    head_dim: int
+    lk_padded: int
+
+
+def check_packed_inputs(
     q_packed: torch.Tensor,
     q_scales: torch.Tensor,
     k_packed: torch.Tensor,
     k_scales: torch.Tensor,
     v_packed: torch.Tensor,
     v_scales: torch.Tensor,
-    fmt: object = "nvfp4",
-    causal: bool = False,
-    sm_scale: float | None = None,
+    fmt: object,
     head_dim: int | None = None,
-    block_m: int | None = None,
-    num_warps: int | None = None,
-    num_stages: int | None = None,
-    mx_dot_scaled: bool | tuple[bool, bool] | None = None,
-    _quantize_p: bool = True,
-    return_p_codes: bool = False,
-) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
-    """FP4 attention forward on packed inputs (layout in the module docstring) -> bf16 O.
+    v_tile: int = 0,
+) -> PackedShape:
+    """Validate packed Q, K, V (dtypes, device, shapes of the module docstring's layout).
 
-    ``fmt``: 'nvfp4' or 'mxfp4' (all of Q, K, V, P in that format). ``sm_scale`` defaults to
-    1/sqrt(d). ``head_dim``, if given, must equal 2 * q_packed.shape[-1]. ``block_m``,
-    ``num_warps``, ``num_stages`` override the launch configuration (tuning only).
-    ``mx_dot_scaled``: None (the verified default per head dim, ``_MX_DOT_SCALED_DEFAULT``), a
-    bool, or (for QK^T, for PV): whether MXFP4 products use ``tl.dot_scaled`` or decode in
-    registers like NVFP4 (a cross-check; under the interpreter always the decode, see the module
-    docstring). ``return_p_codes=True`` (testing aid, slower) also returns the forward P codes
-    uint8 (B, H, Lq, Lk), each tile's codes against the running max as the reference's tiled
-    mode defines them (tiles a causal row never visits hold 0, as P = 0 there).
-    ``_quantize_p=False`` is a benchmark ablation only (P is not quantized, so the
-    function differs).
-    Returns O (B, H, Lq, d) in bfloat16.
+    ``v_tile`` > 0: V in the key-tiled layout of ``kernels.decode.tile_v`` instead, v_packed
+    (B, Hkv, T, d, v_tile/2) and v_scales (B, Hkv, T, d, v_tile/blk), T = ceil(Lk / v_tile).
     """
     name = format_name(fmt)
     blk = BLOCK_SIZES[name]
@@ -310,7 +316,7 @@ def fp4_inference_attention(
         ("v_packed", v_packed),
         ("v_scales", v_scales),
     ):
-        _check_uint8(nm, t)
+        _check_uint8(nm, t, 5 if v_tile and nm.startswith("v_") else 4)
     check_device(q_packed, q_scales, k_packed, k_scales, v_packed, v_scales)
     bsz, heads, lq, d2 = q_packed.shape
     d = 2 * d2
@@ -339,6 +345,16 @@ def fp4_inference_attention(
             f"got {tuple(k_scales.shape)}"
         )
     lkp = -(-lk // blk) * blk
+    if v_tile:
+        nt = -(-lk // v_tile)
+        for nm, t, last in (("v_packed", v_packed, v_tile // 2), ("v_scales", v_scales,
+                                                                    v_tile // blk)):
+            if tuple(t.shape) != (bsz, hkv, nt, d, last):
+                raise ValueError(
+                    f"tiled {nm} must have shape {(bsz, hkv, nt, d, last)} (kernels.decode."
+                    f"tile_v), got {tuple(t.shape)}"
+                )
+        return PackedShape(name, blk, bsz, heads, hkv, lq, lk, d, lkp)
     if tuple(v_packed.shape) != (bsz, hkv, d, lkp // 2):
         raise ValueError(
             f"v_packed must be V^T packed along keys, shape (B, Hkv, d, Lkp/2) = "
@@ -348,6 +364,68 @@ def fp4_inference_attention(
     if tuple(v_scales.shape) != (bsz, hkv, d, lkp // blk):
         raise ValueError(
             f"v_scales must have shape {(bsz, hkv, d, lkp // blk)}, got {tuple(v_scales.shape)}"
+        )
+    return PackedShape(name, blk, bsz, heads, hkv, lq, lk, d, lkp)
+
+
+def fp4_inference_attention(
+    q_packed: torch.Tensor,
+    q_scales: torch.Tensor,
+    k_packed: torch.Tensor,
+    k_scales: torch.Tensor,
+    v_packed: torch.Tensor,
+    v_scales: torch.Tensor,
+    fmt: object = "nvfp4",
+    causal: bool = False,
+    sm_scale: float | None = None,
+    head_dim: int | None = None,
+    block_m: int | None = None,
+    num_warps: int | None = None,
+    num_stages: int | None = None,
+    mx_dot_scaled: bool | tuple[bool, bool] | None = None,
+    _quantize_p: bool = True,
+    return_p_codes: bool = False,
+    kernel: str | None = None,
+) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+    """FP4 attention forward on packed inputs (layout in the module docstring) -> bf16 O.
+
+    ``fmt``: 'nvfp4' or 'mxfp4' (all of Q, K, V, P in that format). ``sm_scale`` defaults to
+    1/sqrt(d). ``head_dim``, if given, must equal 2 * q_packed.shape[-1]. ``block_m``,
+    ``num_warps``, ``num_stages`` override the launch configuration (tuning only).
+    ``mx_dot_scaled``: None (the verified default per head dim, ``_MX_DOT_SCALED_DEFAULT``), a
+    bool, or (for QK^T, for PV): whether MXFP4 products use ``tl.dot_scaled`` or decode in
+    registers like NVFP4 (a cross-check; under the interpreter always the decode, see the module
+    docstring). ``return_p_codes=True`` (testing aid, slower) also returns the forward P codes
+    uint8 (B, H, Lq, Lk), each tile's codes against the running max as the reference's tiled
+    mode defines them (tiles a causal row never visits hold 0, as P = 0 there).
+    ``_quantize_p=False`` is a benchmark ablation only (P is not quantized, so the
+    function differs).
+    ``kernel``: 'tiles' (this module's kernel) or 'loop' (``kernels.decode`` with one split: the
+    same function, its fast operand decode; GQA groups share K/V tiles); None picks
+    ``DEFAULT_KERNEL`` when no option above needs this module's kernel.
+    Returns O (B, H, Lq, d) in bfloat16.
+    """
+    shp = check_packed_inputs(
+        q_packed, q_scales, k_packed, k_scales, v_packed, v_scales, fmt, head_dim
+    )
+    name, blk, bsz, heads, hkv, lq, lk, d, lkp = shp
+    tiles_only = (
+        block_m is not None or mx_dot_scaled is not None or not _quantize_p or return_p_codes
+    )
+    if kernel is None:
+        kernel = "tiles" if tiles_only else DEFAULT_KERNEL
+    if kernel not in ("tiles", "loop"):
+        raise ValueError(f"kernel must be 'tiles' or 'loop', got {kernel!r}")
+    if kernel == "loop":
+        if tiles_only:
+            raise ValueError("block_m, mx_dot_scaled, _quantize_p and return_p_codes need "
+                             "kernel='tiles'")
+        from fp4sim.kernels.decode import fp4_decode_attention  # lazy: decode imports this
+
+        return fp4_decode_attention(
+            q_packed, q_scales, k_packed, k_scales, v_packed, v_scales, fmt=name,
+            causal=causal, sm_scale=sm_scale, num_splits=1, num_warps=num_warps,
+            num_stages=num_stages,
         )
     tau = 1.0 / math.sqrt(d) if sm_scale is None else float(sm_scale)
     q_packed, q_scales, k_packed, k_scales, v_packed, v_scales = (

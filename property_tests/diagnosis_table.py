@@ -7,7 +7,7 @@ kernels and references.
     python property_tests/diagnosis_table.py --seeds 5 [--examples 100] [--only NAME,...]
 
 "Real defect" is judged by reading the catalog's sentence: JUDGED maps each mutant to the
-hypothesis ids (fp4sim.testing.diagnosis) that state that defect; the table prints both
+hypothesis ids (fp4sim.judge.diagnosis) that state that defect; the table prints both
 sentences side by side so a reader can check the judgement.
 """
 

@@ -2,14 +2,20 @@
 
 from __future__ import annotations
 
+import argparse
+import dataclasses
 import os
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
+from hypothesis import strategies as st
 
-from fp4sim.cli import main
+from fp4sim.cli import build_parser, main
+from fp4sim.judge.attention import AttentionCheckConfig
+from fp4sim.testing.check_driver import run_hypothesis
+from fp4sim.testing.check_quantizer import QuantizerCheckConfig
 
 ROOT = Path(__file__).resolve().parents[1]
 MUTANTS = "property_tests.mutant_kernels"
@@ -93,7 +99,12 @@ def test_correct_quantizer_exits_0(capsys: pytest.CaptureFixture[str]) -> None:
         "30",
     ]
     assert main(argv) == 0
-    assert "OK: 30 examples agree" in capsys.readouterr().out
+    captured = capsys.readouterr()
+    assert "OK: 30 examples agree" in captured.out
+    # progress goes to stderr, so the verdict on stdout stays one clean line
+    assert "fp4sim check quantizer: property_tests.mutant_kernels:emulator_nvfp4 loaded" in \
+        captured.err, captured.err
+    assert "examples checked" not in captured.out
 
 
 def test_numpy_only_kernel_is_probed(capsys: pytest.CaptureFixture[str]) -> None:
@@ -165,3 +176,55 @@ def test_attention_failure_repro(tmp_path: Path, capsys: pytest.CaptureFixture[s
 
     script = runpy.run_path(str(repro), run_name="not_main")  # loads CONFIG and CASE
     assert rerun("attention", script["CONFIG"], script["CASE"]) == 1
+
+
+def _check_subparsers() -> dict[str, argparse.ArgumentParser]:
+    parser = build_parser("check")
+    sub = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
+    check = sub.choices["check"]
+    targets = next(a for a in check._actions if isinstance(a, argparse._SubParsersAction))
+    return dict(targets.choices)
+
+
+@pytest.mark.parametrize("target", ["quantizer", "attention"])
+def test_every_check_option_has_help_and_its_default(target: str) -> None:
+    missing = []
+    for action in _check_subparsers()[target]._actions:
+        if isinstance(action, argparse._HelpAction):
+            continue
+        text = action.help or ""
+        if "default" not in text and "(required)" not in text:
+            missing.append("/".join(action.option_strings) or action.dest)
+    assert not missing, f"check {target}: options without help or default: {missing}"
+
+
+def test_examples_help_states_the_config_defaults() -> None:
+    for target, config in (("quantizer", QuantizerCheckConfig), ("attention",
+                                                                 AttentionCheckConfig)):
+        action = next(a for a in _check_subparsers()[target]._actions
+                      if "--examples" in a.option_strings)
+        default = next(f.default for f in dataclasses.fields(config) if f.name == "examples")
+        assert f"(default {default})" in action.help, (target, action.help)
+
+
+def test_long_checks_print_progress() -> None:
+    """Progress every N examples, and at least every few seconds: a check whose examples are
+    slow is never silent; the first disagreement and the shrinking are announced."""
+    lines: list[str] = []
+    result = run_hypothesis(st.integers(0, 10**6), lambda x: None, examples=30, seed=0,
+                            shrink_seconds=1.0, case_key=lambda x: x, log=lines.append,
+                            progress_every=10, progress_seconds=1e9)
+    assert result.ok and lines == [f"{n}/30 examples checked" for n in (10, 20, 30)], lines
+    lines.clear()
+    run_hypothesis(st.integers(0, 10**6), lambda x: None, examples=5, seed=0,
+                   shrink_seconds=1.0, case_key=lambda x: x, log=lines.append,
+                   progress_every=100, progress_seconds=0.0)
+    assert len(lines) == 5, lines  # the time limit alone: one line per slow example
+    lines.clear()
+    result = run_hypothesis(st.integers(0, 10**6), lambda x: "bad" if x >= 10 else None,
+                            examples=200, seed=0, shrink_seconds=5.0, case_key=lambda x: x,
+                            log=lines.append, progress_every=1000, progress_seconds=0.0)
+    assert not result.ok and result.case == 10
+    first = result.first_failure_at
+    assert f"disagreement at example {first}; shrinking it (at most 5 s)" in lines, lines
+    assert any(line.startswith("shrinking: ") for line in lines), lines

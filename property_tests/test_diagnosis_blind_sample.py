@@ -15,11 +15,14 @@ if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
 from fp4sim import reference  # noqa: E402
-from fp4sim.testing import check_attention as ca  # noqa: E402
-from fp4sim.testing.diagnosis import diagnose_attention  # noqa: E402
-from fp4sim.testing.diagnosis.engine import kernel_outputs_from_callable  # noqa: E402
-from fp4sim.testing.generators import AttentionInputSpec, generate_attention_inputs  # noqa: E402
-from fp4sim.testing.strategies import AttentionCase  # noqa: E402
+from fp4sim.judge import attention as ca  # noqa: E402
+from fp4sim.judge.diagnosis import diagnose_attention  # noqa: E402
+from fp4sim.judge.diagnosis.engine import kernel_outputs_from_callable  # noqa: E402
+from fp4sim.judge.inputs import (  # noqa: E402
+    AttentionCase,
+    AttentionInputSpec,
+    generate_attention_inputs,
+)
 from property_tests.blind_mutants import attention as blind  # noqa: E402
 
 RECIPE = reference.get_recipe("attn-qat")
@@ -48,7 +51,7 @@ SAMPLE = {
 def test_blind_mutant_is_caught_and_named(name: str) -> None:
     case, want = SAMPLE[name]
     kernel = getattr(blind, name)
-    outputs = kernel_outputs_from_callable(kernel, ca._grad_output)
-    found = diagnose_attention(case, RECIPE, outputs, ca._grad_output)
+    outputs = kernel_outputs_from_callable(kernel, ca.grad_output)
+    found = diagnose_attention(case, RECIPE, outputs, ca.grad_output)
     assert found.failing, f"{name}: the case does not fail the tolerance rule"
     assert found.named is not None and found.named.name == want, "\n".join(found.lines())

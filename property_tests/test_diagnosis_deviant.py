@@ -1,4 +1,4 @@
-"""The diagnosis engine's configurable reference (fp4sim.testing.diagnosis.deviant) with every
+"""The diagnosis engine's configurable reference (fp4sim.judge.diagnosis.deviant) with every
 knob at its default equals fp4sim.reference, and its quantizer equals the torch quantizer bit
 for bit: a hypothesis is then exactly "the reference with one deviation"."""
 
@@ -9,9 +9,9 @@ import pytest
 import torch
 
 from fp4sim import reference
+from fp4sim.judge.diagnosis.deviant import deviant_attention, faithful
+from fp4sim.judge.diagnosis.fake_quant import QuantKnobs, e4m3_round, quantize_parts
 from fp4sim.reference.quant_torch import e4m3_decode_torch, e4m3_encode_torch, quantize_torch_full
-from fp4sim.testing.diagnosis.deviant import deviant_attention, faithful
-from fp4sim.testing.diagnosis.fake_quant import QuantKnobs, e4m3_round, quantize_parts
 from fp4sim.testing.generators import generate_tensor
 
 SHAPES = [  # (B, H, Hkv, Lq, Lk, d, causal)

@@ -20,12 +20,15 @@ if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
 from fp4sim import reference  # noqa: E402
-from fp4sim.testing import check_attention as ca  # noqa: E402
-from fp4sim.testing.diagnosis import diagnose_attention  # noqa: E402
-from fp4sim.testing.diagnosis.deviant import Knobs, deviant_attention, faithful  # noqa: E402
-from fp4sim.testing.diagnosis.engine import kernel_outputs_from_callable  # noqa: E402
-from fp4sim.testing.generators import AttentionInputSpec, generate_attention_inputs  # noqa: E402
-from fp4sim.testing.strategies import AttentionCase  # noqa: E402
+from fp4sim.judge import attention as ca  # noqa: E402
+from fp4sim.judge.diagnosis import diagnose_attention  # noqa: E402
+from fp4sim.judge.diagnosis.deviant import Knobs, deviant_attention, faithful  # noqa: E402
+from fp4sim.judge.diagnosis.engine import kernel_outputs_from_callable  # noqa: E402
+from fp4sim.judge.inputs import (  # noqa: E402
+    AttentionCase,
+    AttentionInputSpec,
+    generate_attention_inputs,
+)
 from property_tests import mutant_kernels as mk  # noqa: E402
 
 RECIPE = reference.get_recipe("attn-qat")
@@ -67,8 +70,8 @@ def deviant_kernel(knobs: Knobs) -> Any:
 
 
 def _diagnose(kernel: Any, case: AttentionCase) -> Any:
-    outputs = kernel_outputs_from_callable(kernel, ca._grad_output)
-    return diagnose_attention(case, RECIPE, outputs, ca._grad_output)
+    outputs = kernel_outputs_from_callable(kernel, ca.grad_output)
+    return diagnose_attention(case, RECIPE, outputs, ca.grad_output)
 
 
 BASE = faithful(RECIPE)

@@ -304,3 +304,24 @@ def test_gpu_known_issue_dot_scaled_qk_d64() -> None:
     a = fp4_inference_attention(*packed, fmt="mxfp4", mx_dot_scaled=(True, True)).float()
     b = fp4_inference_attention(*packed, fmt="mxfp4", mx_dot_scaled=False).float()
     assert float((a - b).norm() / b.norm()) < 2.0**-7
+
+
+@pytest.mark.parametrize("fmt", ["nvfp4", "mxfp4"])
+@pytest.mark.parametrize("causal", [False, True])
+def test_loop_kernel_is_the_same_function(fmt: str, causal: bool) -> None:
+    """kernel='loop' (kernels.decode, one split) against kernel='tiles': the same schedule, so
+    the same bits in the interpreter (both decode exactly, float32 IEEE products, the same
+    float32 op order per element); on the GPU both obey rules A and B (exp2 and MMA types
+    differ there)."""
+    rng = np.random.default_rng(9)
+    q = rng.standard_normal((1, 4, 70, 64)).astype(np.float32)
+    k = rng.standard_t(4, (1, 2, 150, 64)).astype(np.float32)
+    v = rng.standard_normal((1, 2, 150, 64)).astype(np.float32)
+    packed = pack_for_inference(*(torch.from_numpy(t).to(DEVICE) for t in (q, k, v)), fmt)
+    a = fp4_inference_attention(*packed, fmt=fmt, causal=causal, kernel="tiles")
+    b = fp4_inference_attention(*packed, fmt=fmt, causal=causal, kernel="loop")
+    if not ON_GPU:
+        assert torch.equal(a, b)
+    _check_rules(_run_case(q, k, v, fmt, causal, kernel="loop"))
+    with pytest.raises(ValueError, match="need kernel='tiles'"):
+        fp4_inference_attention(*packed, fmt=fmt, kernel="loop", return_p_codes=True)

@@ -24,7 +24,8 @@ import torch
 
 from fp4sim import reference
 from fp4sim.cli import main as fp4sim_main
-from fp4sim.reports import identities, metrics, output, schema, summary
+from fp4sim.publish import folder as output
+from fp4sim.reports import identities, metrics, schema, summary
 from fp4sim.reports.scenarios import (
     ALL_SCENARIOS,
     FULL_SCENARIOS,

@@ -17,8 +17,10 @@ from fp4sim.simulate.model import build_model, masked_cross_entropy
 from fp4sim.simulate.tasks import (
     generate_copy,
     generate_majority,
+    generate_pairs,
     generate_recall,
     get_task,
+    pairs_layout,
     recall_layout,
 )
 from fp4sim.simulate.training import (
@@ -87,6 +89,36 @@ def test_recall_answers_are_the_values_bound_to_the_queried_keys(seq_len: int,
         for target_position in np.flatnonzero(batch.scored[row]):
             query = tokens[target_position]  # the token read just before the answer
             assert tokens[target_position + 1] == binding[int(query)]
+
+
+@pytest.mark.parametrize(("seq_len", "vocab"), [(16, 81), (64, 81), (64, 36), (12, 9)])
+def test_pairs_answers_are_the_values_of_the_pair_tokens_with_the_queried_key(
+        seq_len: int, vocab: int) -> None:
+    batch = generate_pairs(np.random.default_rng(4), 8, seq_len, vocab)
+    n, pairs, queries = pairs_layout(seq_len, vocab)
+    assert (n + 1) ** 2 <= vocab < (n + 2) ** 2
+    assert batch.scored.sum(axis=1).tolist() == [queries] * 8
+    for row in range(8):
+        tokens = np.concatenate([batch.inputs[row, :1], batch.targets[row]])
+        assert tokens[0] == 0
+        context = tokens[1:1 + pairs]
+        # decoded independently: pair token 2n+1 + key*n + value for key, value in 0..n-1
+        assert ((context > 2 * n) & (context <= 2 * n + n * n)).all()
+        keys, values = (context - 2 * n - 1) // n, (context - 2 * n - 1) % n
+        assert len(set(keys.tolist())) == pairs
+        binding = dict(zip((keys + 1).tolist(), (values + n + 1).tolist(), strict=True))
+        scored = np.flatnonzero(batch.scored[row])
+        assert len(scored) == queries and scored[0] == pairs + 1
+        for target_position in scored:
+            query = int(tokens[target_position])  # the key token read just before the answer
+            assert 1 <= query <= n
+            assert tokens[target_position + 1] == binding[query]
+    assert math.isclose(get_task("pairs").chance_loss(seq_len, vocab), math.log(n))
+
+
+def test_pairs_task_rejects_a_too_small_vocabulary() -> None:
+    with pytest.raises(ValueError, match="vocab_size >= 9"):
+        pairs_layout(16, 8)
 
 
 @pytest.mark.parametrize(("seq_len", "vocab"), [(8, 5), (64, 17), (128, 32)])
@@ -307,7 +339,7 @@ def test_a_short_run_of_every_variant_completes_on_the_cpu(name: str) -> None:
     assert [entry["step"] for entry in run.diagnostics] == [0, 1]
     for entry in run.diagnostics:
         assert "error" not in entry, entry.get("error")
-        assert 0 <= entry["d_identity_residual"] < 1
+        assert 0 <= entry["d_from_fp4_output_error"] < 1
         assert entry["grad_rel_error.attn_qat"] >= 0
 
 

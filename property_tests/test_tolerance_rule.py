@@ -16,11 +16,15 @@ if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
 from fp4sim import reference  # noqa: E402
-from fp4sim.testing import assertions, attention_error  # noqa: E402
-from fp4sim.testing import check_attention as ca  # noqa: E402
-from fp4sim.testing.attention_tolerance import p_flip_allowances  # noqa: E402
-from fp4sim.testing.generators import AttentionInputSpec, generate_attention_inputs  # noqa: E402
-from fp4sim.testing.strategies import AttentionCase  # noqa: E402
+from fp4sim.judge import attention as ca  # noqa: E402
+from fp4sim.judge import rule  # noqa: E402
+from fp4sim.judge.bounds import p_flip_allowances  # noqa: E402
+from fp4sim.judge.inputs import (  # noqa: E402
+    AttentionCase,
+    AttentionInputSpec,
+    generate_attention_inputs,
+)
+from fp4sim.testing import attention_error  # noqa: E402
 from property_tests import mutant_kernels as mk  # noqa: E402
 
 CONFIG = ca.AttentionCheckConfig(kernel="in-process")
@@ -114,10 +118,10 @@ def test_backward_factor_is_tight(monkeypatch: pytest.MonkeyPatch) -> None:
                                          diagnose=False)
     assert {r.name for r in outcome.failed} == {"dQ", "dK"}, outcome.describe(case)
     # bound = factor * ref error + u * max|ref| + floor: every term 10x
-    factors = dict(assertions.RULE_FACTORS, backward=10 * assertions.RULE_FACTORS["backward"])
-    monkeypatch.setattr(assertions, "RULE_FACTORS", factors)
-    units = {k: 10 * u for k, u in assertions.UNIT_ROUNDOFF.items()}
-    monkeypatch.setattr(assertions, "UNIT_ROUNDOFF", units)
+    factors = dict(rule.RULE_FACTORS, backward=10 * rule.RULE_FACTORS["backward"])
+    monkeypatch.setattr(rule, "RULE_FACTORS", factors)
+    units = {k: 10 * u for k, u in rule.UNIT_ROUNDOFF.items()}
+    monkeypatch.setattr(rule, "UNIT_ROUNDOFF", units)
     floors = ca.accumulation_floors
     monkeypatch.setattr(ca, "accumulation_floors",
                         lambda *a: {n: 10 * f for n, f in floors(*a).items()})

@@ -5,7 +5,7 @@ from fp4sim.reference.backward import (
     BackwardParts,
     attention_backward,
     backward_parts,
-    d_identity_residual,
+    ds_rowsum_stats,
 )
 from fp4sim.reference.exact import attention_exact
 from fp4sim.reference.forward import ForwardResult, fp4_attention_forward
@@ -32,7 +32,7 @@ __all__ = [
     "attention_backward",
     "attention_exact",
     "backward_parts",
-    "d_identity_residual",
+    "ds_rowsum_stats",
     "fake_quantize_torch",
     "fp4_attention",
     "fp4_attention_forward",

@@ -198,7 +198,7 @@ def attention_backward(
     return parts.dq, parts.dk, parts.dv
 
 
-def d_identity_residual(
+def ds_rowsum_stats(
     variant: str,
     fwd,
     q: torch.Tensor,
@@ -209,9 +209,12 @@ def d_identity_residual(
     causal: bool = False,
     sm_scale: float | None = None,
 ) -> dict:
-    """Stats of rowsum(dS) (zero when D matches the P used, attention-math.md "The D identity").
+    """Statistics of rowsum(dS) over the rows of ``variant``'s dS: zero when its D matches
+    the P it uses (docs/attention-math.md "The D identity"). The same quantity as
+    ``ds_rowsum`` in `fp4sim report`.
 
-    Also ``predicted_max_abs`` = max |dO . (O_hp - O)|, the residual drop_in/o_only should show.
+    Also ``predicted_max_abs`` = max |dO . (O_hp - O)|, the row sum that drop_in / o_only
+    (D from the FP4 output O) should show.
     """
     parts = backward_parts(variant, fwd, q, k, v, do, recipe, causal, sm_scale)
     r = parts.ds.sum(dim=-1)

@@ -15,7 +15,16 @@ known, so the tile quantization calls the dense code (``quantize_p_tiles``,
   every tile to the final max at once).
 * backward (FlashAttention-2's recomputation): for each row block, each key chunk recomputes S,
   P = exp(S - LSE) and the variant's P~ from the saved LSE, m, l; dQ accumulates over chunks,
-  dK, dV over row blocks (each variant keeps its own (B, H, Lk, d) dK and dV).
+  dK, dV over row blocks (each variant keeps its own (B, Hkv, Lk, d) dK and dV).
+* grouped-query heads: K and V are never copied per query head. Products with a kv head's keys
+  or values treat its G query heads as extra rows (dK, dV sum over them in the product); S is
+  taken one query head of each group at a time, each product shaped as the dense reference's.
+  Memory: the slices and O(L) per head, not multiplied by G.
+* diagnostics: the second pass over a row block (the backward's codes need the final LSE)
+  reuses the forward's S and codes while a row block's S fits ``CACHE_ELEMENTS``; the sums
+  are kept per row and as integers, so forwards of head ranges merge exactly
+  (``streaming_forward_part``, ``merge_forward_parts``; ``reports.head_parts`` splits a
+  report case over kv heads this way).
 * ``ste_autograd`` in closed form: autograd through ``STE(P, P~_fwd / l) @ V^`` with
   P = softmax(S) gives dV = (P~_fwd / l)^T dO and dS = P * (dP - D), dP = dO V^^T,
   D = rowsum(P * dP) = rowsum(dO * O_hp): Attn-QAT's dS and a dV from the forward's own P~
@@ -41,8 +50,8 @@ from fp4sim.reference.backward import _check, _check_matches_forward, _resolve_s
 from fp4sim.reference.diagnostics import FP4_CODES
 from fp4sim.reference.exact import default_sm_scale
 from fp4sim.reference.forward import ForwardResult
-from fp4sim.reference.masks import check_attention_inputs, expand_kv, reduce_kv
-from fp4sim.reference.operands import quantize_operands, resolve_accum_dtype
+from fp4sim.reference.masks import check_attention_inputs
+from fp4sim.reference.operands import QuantizedOperands, quantize_operands, resolve_accum_dtype
 from fp4sim.reference.p_quant import PQuantized, quantize_p_tiles
 from fp4sim.reference.recipes import BACKWARD_VARIANTS, QuantSpec, Recipe, get_recipe
 from fp4sim.reference.softmax import (
@@ -57,6 +66,10 @@ from fp4sim.reference.ste_tiled import ste_tiled_grads
 NEG_INF = float("-inf")
 DEFAULT_BUDGET = 1 << 21
 """Default elements of one (B, H, rows, keys) slice (8 MiB in float32)."""
+
+CACHE_ELEMENTS = 1 << 25
+"""Most elements of one row block's S (B, H, rows, Lk) kept for the forward's diagnostic
+pass (float32 S and uint8 codes: 160 MiB); larger row blocks recompute S and the codes."""
 
 QUANTIZED_S = ("p_only", "o_only", "attn_qat", "ste_autograd")
 """Variants whose S is recomputed from Q^, K^ (docs/attention-math.md principle (1))."""
@@ -102,6 +115,7 @@ class _Layout:
     """Shapes and the walk over (row block, key chunk) pairs."""
 
     h: int
+    hkv: int
     lq: int
     lk: int
     lk_pad: int
@@ -130,26 +144,58 @@ class _Layout:
             vis = vis & (j <= i + (self.lk - self.lq))
         return vis
 
+    def rows_of(self, x: torch.Tensor) -> torch.Tensor:
+        """(B, H, R, n) -> (B, Hkv, G R, n): a kv head's G query heads as extra rows (query
+        head h reads kv head h // G, ``masks.expand_kv``), so that a product with one kv
+        head's keys or values needs no copy of them per query head."""
+        b, _, r, n = x.shape
+        return x.reshape(b, self.hkv, (self.h // self.hkv) * r, n)
+
+    def heads_of(self, x: torch.Tensor) -> torch.Tensor:
+        """The inverse of ``rows_of``: (B, Hkv, G R, n) -> (B, H, R, n)."""
+        b, _, gr, n = x.shape
+        return x.reshape(b, self.h, gr // (self.h // self.hkv), n)
+
+    def times_keys(self, x: torch.Tensor, keys: torch.Tensor) -> torch.Tensor:
+        """x (B, H, R, c) @ keys (B, Hkv, c, n) -> (B, H, R, n) (S, O, dP, dQ)."""
+        return self.heads_of(self.rows_of(x) @ keys)
+
+    def per_head(self, x: torch.Tensor, keys: torch.Tensor) -> torch.Tensor:
+        """``times_keys`` one query head of each group at a time: each head's product has the
+        shape of the dense reference's per-head product, so S rounds as the dense S does on
+        the cases the tests pin (and as this module did before sharing K, V); a copy of one
+        slice's S, never of K."""
+        group = self.h // self.hkv
+        if group == 1:
+            return x @ keys
+        parts = [x[:, g::group] @ keys for g in range(group)]  # (B, Hkv, R, n) each
+        return torch.stack(parts, dim=2).reshape(x.shape[0], self.h, x.shape[2], keys.shape[-1])
+
+    def to_keys(self, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+        """a^T b summed over each kv head's query heads: a (B, H, R, c), b (B, H, R, n) ->
+        (B, Hkv, c, n) (dK, dV)."""
+        return self.rows_of(a).transpose(-1, -2) @ self.rows_of(b)
+
 
 def _layout(q, k, recipe: Recipe, causal: bool, blocking: Blocking | None) -> _Layout:
     b, h, lq = q.shape[:3]
-    lk = k.shape[2]
+    hkv, lk = k.shape[1], k.shape[2]
     if blocking is None:
         blocking = choose_blocking(recipe, b * h, lq, lk)
     _check_blocking(blocking, recipe)
-    return _Layout(h, lq, lk, padded_length(lk, recipe.block_n), causal, recipe.block_n,
+    return _Layout(h, hkv, lq, lk, padded_length(lk, recipe.block_n), causal, recipe.block_n,
                    blocking)
 
 
-def _key_slice(x: torch.Tensor, h: int, c0: int, c1: int) -> torch.Tensor:
-    """Keys [c0, c1) of (B, Hkv, Lk, d), GQA-expanded to H heads, zero keys past Lk."""
-    part = expand_kv(x[:, :, c0:c1], h)
+def _key_slice(x: torch.Tensor, c0: int, c1: int) -> torch.Tensor:
+    """Keys [c0, c1) of (B, Hkv, Lk, d), zero keys past Lk (never expanded over query heads)."""
+    part = x[:, :, c0:c1]
     short = (c1 - c0) - part.shape[-2]
     return torch.nn.functional.pad(part, (0, 0, 0, short)) if short else part
 
 
-def _scores(q_blk, k_chunk, tau: float, vis: torch.Tensor) -> torch.Tensor:
-    s = tau * (q_blk @ k_chunk.transpose(-1, -2))
+def _scores(lay: _Layout, q_blk, k_chunk, tau: float, vis: torch.Tensor) -> torch.Tensor:
+    s = tau * lay.per_head(q_blk, k_chunk.transpose(-1, -2))
     return s.masked_fill(~vis, NEG_INF)
 
 
@@ -212,34 +258,66 @@ def _row_max(q_blk, k_src, lay: _Layout, tau: float, r0: int, r1: int) -> torch.
     m = torch.full(q_blk.shape[:-1], NEG_INF, dtype=q_blk.dtype, device=q_blk.device)
     for c0, c1 in lay.chunks(r1):
         vis = lay.visible(r0, r1, c0, c1, q_blk.device)
-        s = _scores(q_blk, _key_slice(k_src, lay.h, c0, c1), tau, vis)
+        s = _scores(lay, q_blk, _key_slice(k_src, c0, c1), tau, vis)
         m = torch.maximum(m, s.amax(dim=-1))
     return m
 
 
-class _ForwardDiagnostics:
-    """Streaming sums of every key of ``reference.diagnostics.forward_diagnostics``."""
+class ForwardDiagnostics:
+    """Streaming sums of every key of ``reference.diagnostics.forward_diagnostics``.
+
+    The per-row P mass ratios are kept as (B, H, Lq) tensors and the counts as integers, so
+    that parts of a problem split over heads merge (``merge``) into exactly the whole's."""
+
+    COUNTS = ("fwd_nonzero", "fwd_flushed", "fwd_saturated", "bwd_nonzero", "bwd_flushed",
+              "bwd_saturated", "mismatch", "visible")
 
     def __init__(self, device) -> None:
-        self.kept_fwd: list[torch.Tensor] = []
-        self.kept_bwd: list[torch.Tensor] = []
+        self.kept_fwd_blocks: list[torch.Tensor] = []
+        self.kept_bwd_blocks: list[torch.Tensor] = []
+        self.kept_fwd: torch.Tensor | None = None
+        self.kept_bwd: torch.Tensor | None = None
         self.hist = torch.zeros(FP4_CODES, dtype=torch.int64, device=device)
-        self.counts = {k: 0 for k in ("fwd_nonzero", "fwd_flushed", "fwd_saturated",
-                                      "bwd_nonzero", "bwd_flushed", "bwd_saturated",
-                                      "mismatch", "visible")}
+        self.counts = dict.fromkeys(self.COUNTS, 0)
 
-    def add_block(self, fwd_pq: PQuantized, bwd_pq: PQuantized, vis: torch.Tensor) -> None:
-        shape = vis.shape
-        codes_fwd = fwd_pq.codes.reshape(shape)
-        codes_bwd = bwd_pq.codes.reshape(shape)
-        self.hist += torch.bincount(codes_fwd[vis].reshape(-1).long(), minlength=FP4_CODES)
+    def add_quantized(self, prefix: str, pq: PQuantized) -> None:
         c = self.counts
-        for prefix, pq in (("fwd", fwd_pq), ("bwd", bwd_pq)):
-            c[f"{prefix}_nonzero"] += int(pq.nonzero.sum())
-            c[f"{prefix}_flushed"] += int(pq.flushed.sum())
-            c[f"{prefix}_saturated"] += int(pq.saturated.sum())
-        c["mismatch"] += int(((codes_fwd != codes_bwd) & vis).sum())
-        c["visible"] += int(vis.sum())
+        c[f"{prefix}_nonzero"] += int(pq.nonzero.sum())
+        c[f"{prefix}_flushed"] += int(pq.flushed.sum())
+        c[f"{prefix}_saturated"] += int(pq.saturated.sum())
+
+    def add_codes(self, codes_fwd: torch.Tensor, codes_bwd: torch.Tensor,
+                  vis: torch.Tensor) -> None:
+        """Codes of one slice (B, H, rows, keys); ``vis`` (rows, keys) broadcasts over them."""
+        hidden = ~vis
+        # hidden entries counted in an extra bin (a boolean-mask gather costs far more)
+        marked = codes_fwd.masked_fill(hidden, FP4_CODES).reshape(-1).long()
+        self.hist += torch.bincount(marked, minlength=FP4_CODES + 1)[:FP4_CODES]
+        self.counts["mismatch"] += int((codes_fwd != codes_bwd).masked_fill(hidden, False).sum())
+        self.counts["visible"] += int(vis.sum()) * (codes_fwd.numel() // vis.numel())
+
+    def close(self) -> None:
+        """Row blocks -> (B, H, Lq) tensors (called once the forward has walked every row)."""
+        if self.kept_fwd_blocks:
+            self.kept_fwd = torch.cat(self.kept_fwd_blocks, dim=2)
+        if self.kept_bwd_blocks:
+            self.kept_bwd = torch.cat(self.kept_bwd_blocks, dim=2)
+        self.kept_fwd_blocks, self.kept_bwd_blocks = [], []
+
+    @classmethod
+    def merge(cls, parts: Sequence[ForwardDiagnostics]) -> ForwardDiagnostics:
+        """Parts over consecutive head ranges (in head order) as one: ratios concatenated
+        along heads, counts summed (integers: exact)."""
+        out = cls(parts[0].hist.device)
+        for part in parts:
+            out.hist += part.hist
+            for key in cls.COUNTS:
+                out.counts[key] += part.counts[key]
+        for name in ("kept_fwd", "kept_bwd"):
+            kept = [getattr(p, name) for p in parts]
+            if all(x is not None for x in kept):
+                setattr(out, name, torch.cat(kept, dim=1))
+        return out
 
     def result(self, ops, quantized_p: bool) -> dict:
         out: dict = {}
@@ -251,7 +329,8 @@ class _ForwardDiagnostics:
                 tq.codes.reshape(-1).long(), minlength=FP4_CODES).tolist()
             out[f"{name}_saturated"] = int(tq.saturated.sum())
             out[f"{name}_flushed_blocks"] = int(tq.flushed.sum())
-        kept = torch.cat([k.reshape(-1) for k in self.kept_fwd])
+        assert self.kept_fwd is not None
+        kept = self.kept_fwd.reshape(-1)  # (B, H, Lq) order, as the dense diagnostics
         out["p_mass_kept_fwd"] = float(kept.nanmean())
         out["p_mass_kept_fwd_row_min"] = _row_min(kept)
         if not quantized_p:
@@ -259,7 +338,8 @@ class _ForwardDiagnostics:
         c = self.counts
         out["p_code_histogram"] = self.hist.tolist()
         out.update(_block_stats("p_fwd", c["fwd_nonzero"], c["fwd_flushed"], c["fwd_saturated"]))
-        kept_b = torch.cat([k.reshape(-1) for k in self.kept_bwd])
+        assert self.kept_bwd is not None
+        kept_b = self.kept_bwd.reshape(-1)
         out["p_mass_kept_bwd"] = float(kept_b.nanmean())
         out["p_mass_kept_bwd_row_min"] = _row_min(kept_b)
         out.update(_block_stats("p_bwd", c["bwd_nonzero"], c["bwd_flushed"], c["bwd_saturated"]))
@@ -288,6 +368,18 @@ def _mass_ratio(num: torch.Tensor, den: torch.Tensor) -> torch.Tensor:
     return torch.where(den > 0, num / torch.where(den > 0, den, 1.0), torch.nan)
 
 
+@dataclass
+class ForwardPart:
+    """A streamed forward before its diagnostics are summarized: ``result`` (its
+    ``diagnostics`` None) and the raw sums (None without diagnostics); see
+    ``merge_forward_parts``."""
+
+    result: ForwardResult
+    diagnostics: ForwardDiagnostics | None
+    ops: QuantizedOperands | None = None
+    """The part's quantized operands (dropped before a part travels between processes)."""
+
+
 def streaming_forward(
     q: torch.Tensor,
     k: torch.Tensor,
@@ -306,16 +398,39 @@ def streaming_forward(
     streaming avoids; ``diagnostics`` has the dense keys, the P code histogram counting
     visible entries). Equal to the dense result to rounding (module docstring).
     """
+    part = streaming_forward_part(q, k, v, recipe, causal, sm_scale, mode, accum_dtype,
+                                  diagnostics, blocking)
+    assert part.ops is not None
+    return merge_forward_parts([part], part.ops)
+
+
+def streaming_forward_part(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    recipe: str | Recipe = "attn-qat",
+    causal: bool = False,
+    sm_scale: float | None = None,
+    mode: str = "tiled",
+    accum_dtype: torch.dtype | None = torch.float32,
+    diagnostics: bool = False,
+    blocking: Blocking | None = None,
+) -> ForwardPart:
+    """``streaming_forward`` with its diagnostics left as mergeable sums."""
     recipe = get_recipe(recipe)
     if mode not in ("tiled", "dense"):
         raise ValueError(f"mode must be 'tiled' or 'dense', got {mode!r}")
-    _, h, _, lq, lk, d = check_attention_inputs(q, k, v, recipe.nan_policy)
+    _, _, _, _, _, d = check_attention_inputs(q, k, v, recipe.nan_policy)
     acc_dtype = resolve_accum_dtype(accum_dtype, q)
     tau = default_sm_scale(d, sm_scale)
     ops = quantize_operands(q, k, v, recipe, acc_dtype)
     lay = _layout(q, k, recipe, causal, blocking)
     final_max = _uses_final_max(recipe, mode)
-    diag = _ForwardDiagnostics(q.device) if diagnostics else None
+    diag = ForwardDiagnostics(q.device) if diagnostics else None
+    quantized_p = recipe.p is not None
+    # the diagnostic pass reuses the forward's S and codes when a row block's fit the cache
+    cache_ok = diag is not None and quantized_p and (
+        q.shape[0] * lay.h * lay.blocking.rows * lay.lk_pad <= CACHE_ELEMENTS)
     outs: dict[str, list[torch.Tensor]] = {"o": [], "o_hp": [], "m": [], "l": []}
     for r0, r1 in lay.row_blocks():
         q_blk = ops.q_hat[:, :, r0:r1]
@@ -326,21 +441,31 @@ def streaming_forward(
         l_tilde = torch.zeros_like(l)
         acc = torch.zeros(*shape, d, dtype=acc_dtype, device=q.device)
         acc_hp = torch.zeros_like(acc)
+        cached: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = []
         for c0, c1 in lay.chunks(r1):
             vis = lay.visible(r0, r1, c0, c1, q.device)
-            s = _scores(q_blk, _key_slice(ops.k_hat, h, c0, c1), tau, vis)
+            s = _scores(lay, q_blk, _key_slice(ops.k_hat, c0, c1), tau, vis)
             tp = _forward_tiles(s, recipe, m_run, m_final)
             m_new = tp.m_tiles[..., -1]
             alpha = _rescale(m_run, m_new)
             # every tile rescaled to the running max, as a flash kernel's accumulators
-            w = _rescale(tp.m_tiles, m_new.unsqueeze(-1)).unsqueeze(-1)
-            v_chunk = _key_slice(ops.v_hat, h, c0, c1)
+            w = _rescale(tp.m_tiles, m_new.unsqueeze(-1))
+            v_chunk = _key_slice(ops.v_hat, c0, c1)
             pt_t = tp.p_tilde_t
-            l = l * alpha + (tp.p_t.sum(dim=-1) * w.squeeze(-1)).sum(dim=-1)
-            l_tilde = l_tilde * alpha + (pt_t.sum(dim=-1) * w.squeeze(-1)).sum(dim=-1)
-            acc = acc * alpha.unsqueeze(-1) + (pt_t * w).reshape(s.shape) @ v_chunk
-            acc_hp = acc_hp * alpha.unsqueeze(-1) + (tp.p_t * w).reshape(s.shape) @ v_chunk
+            l = l * alpha + (tp.p_t.sum(dim=-1) * w).sum(dim=-1)
+            acc = acc * alpha.unsqueeze(-1) + lay.times_keys(
+                (pt_t * w.unsqueeze(-1)).reshape(s.shape), v_chunk)
+            if quantized_p:
+                l_tilde = l_tilde * alpha + (pt_t.sum(dim=-1) * w).sum(dim=-1)
+                acc_hp = acc_hp * alpha.unsqueeze(-1) + lay.times_keys(
+                    (tp.p_t * w.unsqueeze(-1)).reshape(s.shape), v_chunk)
+            if cache_ok:
+                assert diag is not None and tp.pq is not None
+                diag.add_quantized("fwd", tp.pq)
+                cached.append((s, tp.pq.codes.reshape(s.shape), vis))
             m_run = m_new
+        if not quantized_p:  # P~ = P: the same sums
+            l_tilde, acc_hp = l, acc
         if m_final is not None:
             m_run = m_final
         outs["o"].append(safe_divide_rows(acc, l))
@@ -348,36 +473,70 @@ def streaming_forward(
         outs["m"].append(m_run)
         outs["l"].append(l)
         if diag is not None:
-            diag.kept_fwd.append(_mass_ratio(l_tilde, l))
-            if recipe.p is not None:
-                _diagnostic_pass(diag, q_blk, ops, lay, recipe, tau, r0, r1, m_final,
-                                 log_sum_exp(m_run, l), m_run, l)
+            diag.kept_fwd_blocks.append(_mass_ratio(l_tilde, l))
+            if quantized_p:
+                lse = log_sum_exp(m_run, l)
+                slices = cached if cache_ok else _recomputed_forward_codes(
+                    diag, q_blk, ops, lay, recipe, tau, r0, r1, m_final)
+                _diagnostic_pass(diag, slices, recipe, lse, m_run, l)
     o, o_hp, m_all, l_all = (torch.cat(outs[n], dim=2) for n in ("o", "o_hp", "m", "l"))
-    return ForwardResult(
+    if diag is not None:
+        diag.close()
+    result = ForwardResult(
         o=o, o_hp=o_hp, lse=log_sum_exp(m_all, l_all), m=m_all, l=l_all,
-        q_hat=ops.q_hat, k_hat=ops.k_hat, v_hat=ops.v_hat, p_codes=None,
-        diagnostics=None if diag is None else diag.result(ops, recipe.p is not None),
+        q_hat=ops.q_hat, k_hat=ops.k_hat, v_hat=ops.v_hat, p_codes=None, diagnostics=None,
         recipe=recipe, mode=mode, causal=causal, sm_scale=tau,
     )
+    return ForwardPart(result, diag, ops)
 
 
-def _diagnostic_pass(diag, q_blk, ops, lay, recipe, tau, r0, r1, m_final, lse, m, l) -> None:
-    """Second pass over one row block: the forward's tile codes (recomputed with its running
-    max) against the backward's (from the final LSE), and the backward's P mass kept."""
+def merge_forward_parts(parts: Sequence[ForwardPart], ops: QuantizedOperands) -> ForwardResult:
+    """Forward parts over consecutive kv-head ranges (in order; each part all the query
+    heads of its kv heads) as one ``ForwardResult``: tensors concatenated along heads,
+    diagnostics summarized from the merged sums; ``ops`` the whole problem's quantized
+    operands (their code histograms). One part: its own result, summarized."""
+    first = parts[0].result
+    if len(parts) == 1:
+        merged = first
+    else:
+        fields = ("o", "o_hp", "lse", "m", "l", "q_hat", "k_hat", "v_hat")
+        merged = dataclasses.replace(first, **{
+            f: torch.cat([getattr(p.result, f) for p in parts], dim=1) for f in fields})
+    raw = [p.diagnostics for p in parts]
+    if any(r is None for r in raw):
+        return merged
+    diag = raw[0] if len(raw) == 1 else ForwardDiagnostics.merge(raw)  # type: ignore[arg-type]
+    assert diag is not None and first.recipe is not None
+    return dataclasses.replace(merged, diagnostics=diag.result(ops, first.recipe.p is not None))
+
+
+def _recomputed_forward_codes(diag, q_blk, ops, lay, recipe, tau, r0, r1, m_final
+                              ) -> Iterator[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
+    """(S, forward codes, visible) of each chunk of a row block, recomputed with the forward's
+    running max (when the row block's S did not fit the cache)."""
     shape = q_blk.shape[:-1]
     m_run = torch.full(shape, NEG_INF, dtype=q_blk.dtype, device=q_blk.device)
-    sum_p = torch.zeros(shape, dtype=q_blk.dtype, device=q_blk.device)
-    sum_pt = torch.zeros_like(sum_p)
     for c0, c1 in lay.chunks(r1):
         vis = lay.visible(r0, r1, c0, c1, q_blk.device)
-        s = _scores(q_blk, _key_slice(ops.k_hat, lay.h, c0, c1), tau, vis)
+        s = _scores(lay, q_blk, _key_slice(ops.k_hat, c0, c1), tau, vis)
         tp = _forward_tiles(s, recipe, m_run, m_final)
         m_run = tp.m_tiles[..., -1]
+        diag.add_quantized("fwd", tp.pq)
+        yield s, tp.pq.codes.reshape(s.shape), vis
+
+
+def _diagnostic_pass(diag, slices, recipe, lse, m, l) -> None:
+    """Second pass over one row block: the forward's tile codes against the backward's (from
+    the final LSE), and the backward's P mass kept."""
+    sum_p = torch.zeros_like(l)
+    sum_pt = torch.zeros_like(l)
+    for s, codes_fwd, vis in slices:
         bwd = softmax_backward(s, lse, m, l, recipe)
         sum_p += bwd.p.sum(dim=-1)
         sum_pt += bwd.p_tilde.sum(dim=-1)
-        diag.add_block(tp.pq, bwd.pq, vis.expand(s.shape))
-    diag.kept_bwd.append(_mass_ratio(sum_pt, sum_p))
+        diag.add_quantized("bwd", bwd.pq)
+        diag.add_codes(codes_fwd, bwd.pq.codes.reshape(s.shape), vis)
+    diag.kept_bwd_blocks.append(_mass_ratio(sum_pt, sum_p))
 
 
 # ---------------------------------------------------------------------------------------
@@ -396,6 +555,14 @@ class StreamingGrads:
     ds_rowsum: torch.Tensor
 
 
+def merge_grads(parts: Sequence[StreamingGrads]) -> StreamingGrads:
+    """Gradients of parts over consecutive kv-head ranges, concatenated along heads."""
+    if len(parts) == 1:
+        return parts[0]
+    return StreamingGrads(*(torch.cat([getattr(p, f.name) for p in parts], dim=1)
+                            for f in dataclasses.fields(StreamingGrads)))
+
+
 @dataclass(frozen=True)
 class ExactResult:
     """Exact attention O (B, H, Lq, d), its LSE (B, H, Lq), D = rowsum(dO * O) and the grads."""
@@ -406,6 +573,16 @@ class ExactResult:
     grads: StreamingGrads | None
 
 
+def merge_exact(parts: Sequence[ExactResult]) -> ExactResult:
+    """Exact results of parts over consecutive kv-head ranges, concatenated along heads."""
+    if len(parts) == 1:
+        return parts[0]
+    d = None if parts[0].d is None else torch.cat([p.d for p in parts], dim=1)
+    grads = None if parts[0].grads is None else merge_grads([p.grads for p in parts])
+    return ExactResult(torch.cat([p.o for p in parts], dim=1),
+                       torch.cat([p.lse for p in parts], dim=1), d, grads)
+
+
 def _online_rows(q_blk, k_src, v_src, lay: _Layout, tau: float, r0: int, r1: int):
     """Unquantized online softmax of one row block: (O, LSE)."""
     shape = q_blk.shape[:-1]
@@ -414,12 +591,12 @@ def _online_rows(q_blk, k_src, v_src, lay: _Layout, tau: float, r0: int, r1: int
     acc = torch.zeros(*shape, v_src.shape[-1], dtype=q_blk.dtype, device=q_blk.device)
     for c0, c1 in lay.chunks(r1):
         vis = lay.visible(r0, r1, c0, c1, q_blk.device)
-        s = _scores(q_blk, _key_slice(k_src, lay.h, c0, c1), tau, vis)
+        s = _scores(lay, q_blk, _key_slice(k_src, c0, c1), tau, vis)
         m_new = torch.maximum(m, s.amax(dim=-1))
         alpha = _rescale(m, m_new)
         e = torch.exp(s - _finite_or_zero(m_new).unsqueeze(-1))
         l = l * alpha + e.sum(dim=-1)
-        acc = acc * alpha.unsqueeze(-1) + e @ _key_slice(v_src, lay.h, c0, c1)
+        acc = acc * alpha.unsqueeze(-1) + lay.times_keys(e, _key_slice(v_src, c0, c1))
         m = m_new
     return safe_divide_rows(acc, l), log_sum_exp(m, l)
 
@@ -432,14 +609,14 @@ def streaming_exact(
     causal: bool = False,
     sm_scale: float | None = None,
     dtype: torch.dtype = torch.float64,
-    keys: int = 512,
+    keys: int = 2048,
     rows: int = 256,
 ) -> ExactResult:
     """``attention_exact`` (softmax(tau Q K^T) V in ``dtype``) and, given ``do``, the gradient
     autograd gives it, by the two FlashAttention passes. ``grads`` is None without ``do``."""
     _, h, hkv, lq, lk, d = check_attention_inputs(q, k, v, nan_policy="propagate")
     tau = default_sm_scale(d, sm_scale)
-    lay = _Layout(h, lq, lk, padded_length(lk, 1), causal, 1, Blocking(rows, keys))
+    lay = _Layout(h, hkv, lq, lk, padded_length(lk, 1), causal, 1, Blocking(rows, keys))
     q_, k_, v_ = (t.to(dtype) for t in (q, k, v))
     do_ = None if do is None else do.to(dtype)
     o_parts, lse_parts = [], []
@@ -452,7 +629,7 @@ def streaming_exact(
         return ExactResult(o, lse, None, None)
     d_row = (do_ * o).sum(dim=-1)
     src = _GradSources(q_, k_, v_, lse, d_row, None)
-    grads = _gradient_pass({"exact": src}, do_, lay, None, tau, hkv, None)["exact"]
+    grads = _gradient_pass({"exact": src}, do_, lay, None, tau, None)["exact"]
     return ExactResult(o, lse, d_row, grads)
 
 
@@ -496,13 +673,14 @@ def _variant_sources(variant: str, fwd, q, k, v, do_a, acc, lay, tau) -> _GradSo
 
 def _gradient_pass(
     sources: dict[str, _GradSources], do_a, lay: _Layout, recipe: Recipe | None, tau: float,
-    hkv: int, fwd,
+    fwd,
 ) -> dict[str, StreamingGrads]:
-    """All variants' gradients in one walk; slices shared by variants are computed once."""
+    """All variants' gradients in one walk; slices shared by variants (S, P, P~, dP) are
+    computed once. dK, dV accumulate per kv head (the group's query heads as extra rows)."""
     b, _, _, d = do_a.shape
     dev, dt = do_a.device, do_a.dtype
-    dk = {n: torch.zeros(b, lay.h, lay.lk_pad, d, dtype=dt, device=dev) for n in sources}
-    dv = {n: torch.zeros(b, lay.h, lay.lk_pad, d, dtype=dt, device=dev) for n in sources}
+    dk = {n: torch.zeros(b, lay.hkv, lay.lk_pad, d, dtype=dt, device=dev) for n in sources}
+    dv = {n: torch.zeros(b, lay.hkv, lay.lk_pad, d, dtype=dt, device=dev) for n in sources}
     dq_parts: dict[str, list[torch.Tensor]] = {n: [] for n in sources}
     rs_parts: dict[str, list[torch.Tensor]] = {n: [] for n in sources}
     final_max = fwd is not None and _uses_final_max(recipe, getattr(fwd, "mode", "tiled"))
@@ -517,9 +695,9 @@ def _gradient_pass(
             cache: dict = {}
             for name, src in sources.items():
                 key = (id(src.q), id(src.k))
+                k_chunk = _key_slice(src.k, c0, c1)
                 if key not in cache:
-                    cache[key] = _scores(src.q[:, :, r0:r1], _key_slice(src.k, lay.h, c0, c1),
-                                         tau, vis)
+                    cache[key] = _scores(lay, src.q[:, :, r0:r1], k_chunk, tau, vis)
                 s = cache[key]
                 lse = src.lse[:, :, r0:r1]
                 if src.p_dv == "bwd":
@@ -542,13 +720,15 @@ def _gradient_pass(
                                                         fwd.l[:, :, r0:r1])
                         cache["m_next"] = tp.m_tiles[..., -1]
                     p_dv = cache["fwd"]
-                v_chunk = _key_slice(src.v, lay.h, c0, c1)
-                dp = do_blk @ v_chunk.transpose(-1, -2)
-                ds = p * (dp - src.d_row[:, :, r0:r1].unsqueeze(-1))  # FlashAttention dS
+                dkey = ("dp", id(src.v))
+                if dkey not in cache:
+                    v_t = _key_slice(src.v, c0, c1).transpose(-1, -2)
+                    cache[dkey] = lay.times_keys(do_blk, v_t)
+                ds = p * (cache[dkey] - src.d_row[:, :, r0:r1].unsqueeze(-1))  # FlashAttention dS
                 rs[name] += ds.sum(dim=-1)
-                dq[name] += tau * (ds @ _key_slice(src.k, lay.h, c0, c1))
-                dk[name][:, :, c0:c1] += tau * (ds.transpose(-1, -2) @ src.q[:, :, r0:r1])
-                dv[name][:, :, c0:c1] += p_dv.transpose(-1, -2) @ do_blk
+                dq[name] += tau * lay.times_keys(ds, k_chunk)
+                dk[name][:, :, c0:c1] += tau * lay.to_keys(ds, src.q[:, :, r0:r1])
+                dv[name][:, :, c0:c1] += lay.to_keys(p_dv, do_blk)
             if "m_next" in cache:  # the forward's running max after this chunk
                 m_run = cache["m_next"]
         for n in sources:
@@ -557,8 +737,8 @@ def _gradient_pass(
     return {
         n: StreamingGrads(
             torch.cat(dq_parts[n], dim=2),
-            reduce_kv(dk[n][..., : lay.lk, :], hkv),
-            reduce_kv(dv[n][..., : lay.lk, :], hkv),
+            dk[n][..., : lay.lk, :],
+            dv[n][..., : lay.lk, :],
             torch.cat(rs_parts[n], dim=2),
         )
         for n in sources
@@ -584,7 +764,7 @@ def streaming_backward(
     for variant in variants:
         _check(variant, fwd, q, do, causal)
     _check_matches_forward(fwd, recipe, q, k)
-    _, h, hkv, lq, lk, d = check_attention_inputs(q, k, v, nan_policy="propagate")
+    _, _, _, _, _, d = check_attention_inputs(q, k, v, nan_policy="propagate")
     tau = _resolve_sm_scale(fwd, d, sm_scale)
     acc = fwd.o.dtype
     lay = _layout(q, k, recipe, causal, blocking)
@@ -596,7 +776,7 @@ def streaming_backward(
     sources = {n: _variant_sources(n, fwd, q, k, v, do_a, acc, lay, tau)
                for n in variants if n != "ste_tiled"}
     if sources:
-        out.update(_gradient_pass(sources, do_a, lay, recipe, tau, hkv, fwd))
+        out.update(_gradient_pass(sources, do_a, lay, recipe, tau, fwd))
     return {n: out[n] for n in variants}
 
 
@@ -632,6 +812,17 @@ def _fixed_tensor_scale(spec: QuantSpec | None, tq) -> QuantSpec | None:
     return dataclasses.replace(spec, tensor_scale=float(tq.tensor_scale))
 
 
+def frozen_tensor_scales(recipe: Recipe, ops: QuantizedOperands) -> Recipe:
+    """``recipe`` with its 'amax' operand tensor scales frozen at the values of ``ops`` (the
+    whole tensors'), so that any part of the operands (rows, heads) quantizes as the whole."""
+    return dataclasses.replace(
+        recipe,
+        q=_fixed_tensor_scale(recipe.q, ops.q),
+        k=_fixed_tensor_scale(recipe.k, ops.k),
+        v=_fixed_tensor_scale(recipe.v, ops.v),
+    )
+
+
 def streaming_ste_tiled(
     q: torch.Tensor,
     k: torch.Tensor,
@@ -650,37 +841,37 @@ def streaming_ste_tiled(
     the tile loop), not O(rows x keys). Causal blocks see keys [0, kend) with kend = r1 + Lk
     - Lq rounded up to a tile; ``kend - (r1 - r0)`` must equal the block's causal offset
     ``r0 + Lk - Lq``, so zero query rows with dO = 0 (no gradient) are appended for the
-    rounding. Tensor scales ('amax') are frozen at the whole tensors' values.
+    rounding. Tensor scales ('amax') are frozen at the whole tensors' values. Grouped-query
+    heads run one query head of each group at a time (``ste_tiled_grads`` would expand K, V
+    over the group), their dK, dV summed in head order.
     """
     if rows <= 0 or rows % recipe.block_m:
         raise ValueError(f"rows={rows} must be a positive multiple of block_m={recipe.block_m}")
     lq, lk, bn = q.shape[2], k.shape[2], recipe.block_n
-    ops = quantize_operands(q, k, v, recipe, acc)
-    fixed = dataclasses.replace(
-        recipe,
-        q=_fixed_tensor_scale(recipe.q, ops.q),
-        k=_fixed_tensor_scale(recipe.k, ops.k),
-        v=_fixed_tensor_scale(recipe.v, ops.v),
-    )
+    group = q.shape[1] // k.shape[1]
+    fixed = frozen_tensor_scales(recipe, quantize_operands(q, k, v, recipe, acc))
     dq = torch.zeros(q.shape, dtype=acc, device=q.device)
     dk = torch.zeros(k.shape, dtype=acc, device=q.device)
     dv = torch.zeros(v.shape, dtype=acc, device=q.device)
     for r0 in range(0, lq, rows):
         r1 = min(r0 + rows, lq)
-        q_blk, do_blk, kend = q[:, :, r0:r1], do[:, :, r0:r1], lk
+        kend, extra = lk, 0
         if causal:
             last = r1 + lk - lq  # keys [0, last) are visible to the block's last row
             if last <= 0:
                 continue  # no row of the block sees a key: zero gradient
             kend = min(lk, padded_length(last, bn))
             extra = kend - last  # padding rows: the sub-problem's Lq is kend - offset
+        for g in range(group):
+            heads = slice(g, None, group)  # query head g of every kv head's group
+            q_blk, do_blk = q[:, heads, r0:r1], do[:, heads, r0:r1]
             if extra:
                 zeros = q_blk.new_zeros(*q_blk.shape[:2], extra, q_blk.shape[-1])
                 q_blk = torch.cat([q_blk, zeros], dim=2)
                 do_blk = torch.cat([do_blk, zeros.to(do.dtype)], dim=2)
-        g = ste_tiled_grads(q_blk, k[:, :, :kend], v[:, :, :kend], do_blk, fixed, causal, tau,
-                            acc)
-        dq[:, :, r0:r1] = g[0][:, :, : r1 - r0]
-        dk[:, :, :kend] += g[1]
-        dv[:, :, :kend] += g[2]
+            gr = ste_tiled_grads(q_blk, k[:, :, :kend], v[:, :, :kend], do_blk, fixed, causal,
+                                 tau, acc)
+            dq[:, heads, r0:r1] = gr[0][:, :, : r1 - r0]
+            dk[:, :, :kend] += gr[1]
+            dv[:, :, :kend] += gr[2]
     return dq, dk, dv

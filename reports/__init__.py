@@ -4,8 +4,10 @@ The report is one straight line, one module per room: ``cli`` (arguments) -> ``r
 (computes every case; ``distributed`` shards the units over torchrun ranks) -> ``analysis``
 (``identities``, ``summary``: ranking, findings, ``--fail-on``; ``verdicts`` and
 ``error_statistics`` for external kernels) -> ``schema`` (validation) -> ``document`` +
-``figures`` (``index.html``) and ``markdown`` (``summary.md``) -> ``output`` (atomic folder
-writing). ``scenarios`` names the inputs; ``metrics`` and ``streaming_metrics`` are the
-error metrics (dense, and chunked for production shapes). ``html`` and ``output`` are
-generic and reused by ``fp4sim simulate``.
+``figures`` (``index.html``) and ``markdown`` (``summary.md``) -> ``fp4sim.publish.folder``
+(atomic folder writing). ``scenarios`` names the inputs; ``metrics`` and
+``streaming_metrics`` are the error metrics (dense, and chunked for production shapes).
+The page builder and the folder writer live in ``fp4sim.publish``, shared with
+``fp4sim simulate``; the FP4 tolerance rule that judges external kernels lives in
+``fp4sim.judge``, shared with ``fp4sim check``.
 """

@@ -38,8 +38,8 @@ from fp4sim.harness import (
     kernel_spec_from_args,
     load_inputs_file,
 )
+from fp4sim.publish.folder import ReportFolderError, check_output_folder, write_report_folder
 from fp4sim.reports import analysis, distributed, document, markdown, runner, schema, summary
-from fp4sim.reports.output import ReportFolderError, check_output_folder, write_report_folder
 from fp4sim.reports.scenarios import (
     ALL_SCENARIOS,
     FULL_SCENARIOS,

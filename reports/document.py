@@ -14,8 +14,8 @@ from __future__ import annotations
 import json
 from typing import Any
 
+from fp4sim.publish.html import HtmlReport, figure_to_png
 from fp4sim.reports import figures
-from fp4sim.reports.html import HtmlReport, figure_to_png
 from fp4sim.reports.markdown import truth_cell
 from fp4sim.reports.metrics import ELEMENT_GUARD_EPS
 from fp4sim.reports.schema import problem_line

@@ -1,7 +1,7 @@
 """Matplotlib figures of the report, drawn from the analysed report (``report.json``).
 
 Each function returns a ``matplotlib.figure.Figure`` (no pyplot state); the page builder
-embeds them with ``reports.html.HtmlReport.figure``. The figures plot numbers that the
+embeds them with ``fp4sim.publish.html.HtmlReport.figure``. The figures plot numbers that the
 analysis stored (``summary.variant_errors``, ``summary.forward``, the P-mass rows, the
 cases' distributions and counts) and compute none; every chart lists the scenarios in the
 report's order, and every panel has a legend.

@@ -35,15 +35,15 @@ from typing import Any
 import numpy as np
 import torch
 
-from fp4sim import reference
+from fp4sim import kernels, reference
+from fp4sim.judge.attention import AttentionCheckConfig, evaluate_attention_case
+from fp4sim.judge.inputs import AttentionCase, round_to_dtype
 from fp4sim.kernels import RECIPES as KERNEL_RECIPES
-from fp4sim.reference import streaming
 from fp4sim.reference.exact import default_sm_scale
 from fp4sim.reference.quant_torch import quantize_torch_full
-from fp4sim.reports import metrics, streaming_metrics
+from fp4sim.reports import head_parts, metrics, streaming_metrics
 from fp4sim.reports.scenarios import Scenario, scenario_inputs
 from fp4sim.reports.schema import problem_line
-from fp4sim.testing.generators import round_to_dtype
 
 GROUND_TRUTHS: tuple[str, ...] = ("ste_autograd", "ste_tiled")
 """The two STE ground truths (docs/attention-math.md, "Two placements of the STE"); the
@@ -139,9 +139,8 @@ def external_implementations(worker: Any, dtypes: Sequence[str] | None) -> list[
 
 
 def triton_implementation() -> Implementation:
-    """The project's fused Triton kernel (``kernels.attn_qat``), for CUDA devices."""
-    # imported here: Triton is the [kernels] extra, needed only with --device cuda
-    from fp4sim import kernels
+    """The project's fused Triton kernel (``kernels.attn_qat``), for CUDA devices (Triton, the
+    [kernels] extra, is imported by the package only when the kernel is first called)."""
 
     def call(
         q: torch.Tensor,
@@ -325,19 +324,31 @@ def score_elements(scenario: Scenario) -> int:
     return s.batch * s.heads * s.lq * s.lk
 
 
+def scenario_tensors_on(scenario: Scenario, seed: int, device: str) -> head_parts.Inputs:
+    """(q, k, v, dO) of a scenario on ``device``, float32."""
+    q, k, v, do = (torch.from_numpy(a).to(device) for a in scenario_inputs(scenario, seed))
+    return q, k, v, do
+
+
+def streamed_tensors(inputs: head_parts.Inputs, ex: Any) -> ScenarioTensors:
+    """ScenarioTensors of a streamed scenario from its merged exact result."""
+    assert ex.grads is not None and ex.d is not None
+    grads = (ex.grads.dq, ex.grads.dk, ex.grads.dv)
+    return ScenarioTensors(*inputs, ex.o, grads, ex.d, streamed=True)
+
+
 def prepare_scenario(
     scenario: Scenario, seed: int, device: str, streamed: bool = False
 ) -> ScenarioTensors:
     """Inputs on ``device`` (float32) and the float64 exact output and gradients (streamed:
-    by ``reference.streaming.streaming_exact``, the two FlashAttention passes)."""
-    q, k, v, do = (torch.from_numpy(a).to(device) for a in scenario_inputs(scenario, seed))
+    by ``reference.streaming.streaming_exact`` on each kv head, ``reports.head_parts``)."""
+    inputs = scenario_tensors_on(scenario, seed, device)
+    q, k, v, do = inputs
     if streamed:
-        ex = streaming.streaming_exact(
-            q, k, v, do, causal=scenario.causal, sm_scale=resolved_sm_scale(scenario)
-        )
-        assert ex.grads is not None and ex.d is not None
-        grads = (ex.grads.dq, ex.grads.dk, ex.grads.dv)
-        return ScenarioTensors(q, k, v, do, ex.o, grads, ex.d, streamed=True)
+        sm_scale = resolved_sm_scale(scenario)
+        results = {t.key: head_parts.run_task(t, inputs, (), scenario.causal, sm_scale)
+                   for t in head_parts.tasks(scenario, ())}
+        return streamed_tensors(inputs, head_parts.merge_exact(results, scenario, device))
     q64, k64, v64 = (t.to(torch.float64).requires_grad_(True) for t in (q, k, v))
     o64 = reference.attention_exact(
         q64, k64, v64, causal=scenario.causal, sm_scale=resolved_sm_scale(scenario)
@@ -380,52 +391,60 @@ def _truth_refs(
     return {REFS[t]: grads[t] for t in GROUND_TRUTHS if t in grads and t != skip}
 
 
-def reference_case(
+StreamedReference = tuple[Any, dict[str, Any], dict[str, str]]
+"""(forward result, gradients per variant, errors per variant) of a streamed reference case,
+merged from its head parts (``reports.head_parts.merge_recipe``)."""
+
+
+def streamed_reference(
     scenario: Scenario, recipe_name: str, tensors: ScenarioTensors, variants: Sequence[str]
+) -> StreamedReference:
+    """A recipe's streamed reference on one scenario, its kv heads computed in turn."""
+    ordered = ordered_variants(variants)
+    inputs = (tensors.q, tensors.k, tensors.v, tensors.do)
+    sm_scale = resolved_sm_scale(scenario)
+    results = {t.key: head_parts.run_task(t, inputs, ordered, scenario.causal, sm_scale)
+               for t in head_parts.tasks(scenario, (recipe_name,)) if t.recipe is not None}
+    return head_parts.merge_recipe(results, scenario, recipe_name, inputs, ordered)
+
+
+def ordered_variants(variants: Sequence[str]) -> list[str]:
+    """The ground truths first (a kernel's case compares with them), then the rest."""
+    return [*[g for g in GROUND_TRUTHS if g in variants],
+            *[v for v in variants if v not in GROUND_TRUTHS]]
+
+
+def reference_case(
+    scenario: Scenario,
+    recipe_name: str,
+    tensors: ScenarioTensors,
+    variants: Sequence[str],
+    streamed: StreamedReference | None = None,
 ) -> tuple[dict[str, Any], Any, dict[str, tuple[torch.Tensor, ...]]]:
-    """The reference implementation of one recipe on one scenario.
+    """The reference implementation of one recipe on one scenario (``streamed``: its merged
+    head parts when they were computed elsewhere, e.g. by other ranks).
 
     Returns the case dict, the ForwardResult and the gradients per variant (for kernels)."""
     recipe = reference.get_recipe(recipe_name)
     sm_scale = resolved_sm_scale(scenario)
     t = tensors
-    forward_fn = streaming.streaming_forward if t.streamed else reference.fp4_attention_forward
-    fwd = forward_fn(
-        t.q,
-        t.k,
-        t.v,
-        recipe,
-        causal=scenario.causal,
-        sm_scale=sm_scale,
-        mode="tiled",
-        accum_dtype=torch.float32,
-        diagnostics=True,
-    )
-    forward = {
-        "o_vs_exact": _compare(fwd.o, t.o_exact, t.streamed),
-        "o_hp_vs_exact": _compare(fwd.o_hp, t.o_exact, t.streamed),
-        "o_vs_recipe_reference": None,
-    }
     grads: dict[str, tuple[torch.Tensor, ...]] = {}
     ds_rowsum: dict[str, Any] = {}
     errors: dict[str, str] = {}
-    ordered = [*[g for g in GROUND_TRUTHS if g in variants], *[
-        v for v in variants if v not in GROUND_TRUTHS
-    ]]
     if t.streamed:
-        try:  # every variant in one streamed walk over (row block, key chunk) slices
-            streamed = streaming.streaming_backward(
-                ordered, fwd, t.q, t.k, t.v, t.do, recipe, causal=scenario.causal,
-                sm_scale=sm_scale,
-            )
-        except Exception:  # noqa: BLE001 - recorded in the report
-            errors = {variant: traceback.format_exc() for variant in ordered}
-            streamed = {}
-        for variant, g in streamed.items():
+        if streamed is None:
+            streamed = streamed_reference(scenario, recipe_name, t, variants)
+        fwd, streamed_grads, errors = streamed
+        for variant, g in streamed_grads.items():
             grads[variant] = (g.dq, g.dk, g.dv)
             if not bool(torch.isnan(g.ds_rowsum).all()):  # ste_tiled streams no dS
                 ds_rowsum[variant] = rowsum_summary(g.ds_rowsum, t.d_exact)
-    for variant in [] if t.streamed else ordered:
+    else:
+        fwd = reference.fp4_attention_forward(
+            t.q, t.k, t.v, recipe, causal=scenario.causal, sm_scale=sm_scale, mode="tiled",
+            accum_dtype=torch.float32, diagnostics=True,
+        )
+    for variant in [] if t.streamed else ordered_variants(variants):
         try:
             parts = reference.backward_parts(
                 variant, fwd, t.q, t.k, t.v, t.do, recipe, causal=scenario.causal,
@@ -436,6 +455,11 @@ def reference_case(
             continue
         grads[variant] = (parts.dq.detach(), parts.dk.detach(), parts.dv.detach())
         ds_rowsum[variant] = rowsum_summary(parts.ds.detach().double().sum(dim=-1), t.d_exact)
+    forward = {
+        "o_vs_exact": _compare(fwd.o, t.o_exact, t.streamed),
+        "o_hp_vs_exact": _compare(fwd.o_hp, t.o_exact, t.streamed),
+        "o_vs_recipe_reference": None,
+    }
     gradients: dict[str, Any] = {}
     for variant in variants:
         if variant in errors:
@@ -497,8 +521,7 @@ def kernel_case(
 
 # ---------------------------------------------------------------------------------------
 # external kernels: one call per case in the worker, judged by the FP4 tolerance rule of
-# `fp4sim check attention` (fp4sim.testing.check_attention, imported where used: it pulls
-# in Hypothesis, which a report without --kernel does not need)
+# `fp4sim check attention` (fp4sim.judge.attention, shared with the check; no Hypothesis)
 # ---------------------------------------------------------------------------------------
 
 
@@ -557,9 +580,6 @@ def judge_external(
 ) -> tuple[Any, Any]:
     """Run the kernel on (q, k, v, dO) cast to its dtype and apply the tolerance rule
     (``evaluate_attention_case`` of `fp4sim check`); (AttentionOutcome, KernelCallResult)."""
-    from fp4sim.testing.check_attention import AttentionCheckConfig, evaluate_attention_case
-    from fp4sim.testing.strategies import AttentionCase
-
     assert impl.dtype is not None and impl.target is not None
     q, k, v, do = (round_to_dtype(np.asarray(a, np.float32), impl.dtype) for a in arrays)
     case = AttentionCase(
@@ -812,9 +832,11 @@ def run_unit(
     *,
     progress: Callable[[str], None] = log,
     label: str = "",
+    streamed: StreamedReference | None = None,
 ) -> UnitResult:
     """Every case of one scenario × recipe; ``tensors`` None means the scenario's inputs
-    failed (logged once; each case records the failure)."""
+    failed (logged once; each case records the failure); ``streamed`` the reference's head
+    parts merged, when other ranks computed them."""
     start = time.perf_counter()
     scenario, recipe = unit.scenario, unit.recipe
     torch.manual_seed(_unit_seed(config.seed, unit))
@@ -829,7 +851,7 @@ def run_unit(
                 raise RuntimeError(f"the inputs of scenario {scenario.name} failed")
             if impl.kind == "reference":
                 body, ref_fwd, ref_grads = reference_case(
-                    scenario, recipe, tensors, config.variants
+                    scenario, recipe, tensors, config.variants, streamed
                 )
                 recipe_backward = body["recipe_backward"]
             elif impl.kind == "triton" and recipe not in TRITON_RECIPES:

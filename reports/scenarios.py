@@ -19,7 +19,7 @@ from pathlib import Path
 
 import numpy as np
 
-from fp4sim.testing.generators import (
+from fp4sim.judge.inputs import (
     AttentionInputSpec,
     generate_attention_inputs,
     round_to_dtype,

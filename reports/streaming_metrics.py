@@ -135,10 +135,11 @@ class ScalarSums:
 
 
 def _guarded(diff: NDArray[np.float64], denom: NDArray[np.float64]) -> NDArray[np.float64]:
-    out = np.zeros_like(diff)
+    """diff / denom where denom > 0; inf where not and diff > 0; 0 otherwise (masked ufuncs,
+    not boolean gathers: the same divisions, a fraction of the time)."""
     nonzero = denom > 0
-    out[nonzero] = diff[nonzero] / denom[nonzero]
-    out[~nonzero & (diff > 0)] = math.inf
+    out = np.divide(diff, denom, out=np.zeros_like(diff), where=nonzero)
+    np.copyto(out, math.inf, where=~nonzero & (diff > 0))
     return out
 
 
@@ -204,9 +205,17 @@ def _order_statistics(values: ValueSource, total: int, ranks: list[int], cap: in
                 else:
                     sub = (_bits(sel) >> (s - BITS_PER_PASS)) & ((1 << BITS_PER_PASS) - 1)
                     hist[(p, s)] += np.bincount(sub, minlength=1 << BITS_PER_PASS)
+        # each collected group partitioned once at every position asked of it (an exact
+        # order statistic, without a full sort)
+        asked: dict[tuple[int, int], list[int]] = {}
+        for p, s, within in pending.values():
+            if (p, s) in gathered:
+                asked.setdefault((p, s), []).append(within)
+        ordered = {g: np.partition(np.concatenate(gathered[g]), sorted(set(kth)))
+                   for g, kth in asked.items()}
         for r, (p, s, within) in list(pending.items()):
             if (p, s) in gathered:
-                found[r] = float(np.sort(np.concatenate(gathered[(p, s)]))[within])
+                found[r] = float(ordered[(p, s)][within])
                 del pending[r]
                 continue
             before = np.cumsum(hist[(p, s)])

@@ -1,12 +1,13 @@
 """Per-kernel verdicts: does an external kernel do what its recipe says?
 
 The runner judges every external-kernel case with the FP4 tolerance rule of
-``fp4sim check attention`` (``fp4sim.testing.assertions.attention_error`` with the
-accumulation floors of ``fp4sim.testing.attention_tolerance``) and stores the result as
-``case["rule"]``. Here, per kernel (one implementation per dtype) and recipe, the scenarios
-in agreement are counted. A verdict is about the recipe the kernel claims (``--claims`` or
-its ``fp4sim_spec``'s ``claims``) or, unclaimed, the recipe it matches best (agreement in
-every scenario first, then the most scenarios, then the smallest worst error / bound).
+``fp4sim check attention`` (``fp4sim.judge.attention.evaluate_attention_case``: the rule of
+``fp4sim.judge.rule`` with the floors and allowances of ``fp4sim.judge.bounds``) and stores
+the result as ``case["rule"]``. Here, per kernel (one implementation per dtype) and recipe,
+the scenarios in agreement are counted. A verdict is about the recipe the kernel claims
+(``--claims`` or its ``fp4sim_spec``'s ``claims``) or, unclaimed, the recipe it matches best
+(agreement in every scenario first, then the most scenarios, then the smallest worst error
+/ bound).
 
 A verdict passes when the kernel agrees in every scenario it ran (n = m > 0) and nowhere
 returns NaN/Inf where the reference is finite (under any recipe). A case that crashed,

@@ -34,6 +34,7 @@ import math
 from typing import Any
 
 import numpy as np
+import torch
 
 import fp4sim
 from fp4sim.adapters.importing import import_kernel_module
@@ -154,8 +155,6 @@ def marshal_qkv(q: np.ndarray, k: np.ndarray, v: np.ndarray) -> dict[str, np.nda
 
 
 def _check_inputs(q: Any, k: Any, v: Any) -> None:
-    import torch
-
     for name, x in (("q", q), ("k", k), ("v", v)):
         if x.dtype not in (torch.bfloat16, torch.float16):
             raise ValueError(f"{KERNEL_NAME} takes bfloat16 or float16 {name}, got {x.dtype}")
@@ -169,8 +168,6 @@ def _check_inputs(q: Any, k: Any, v: Any) -> None:
 
 def attention(q: Any, k: Any, v: Any, causal: bool, sm_scale: float | None) -> Any:
     """O from the kernel's attention core on emulator-quantized Q, K, V (BHLD; forward only)."""
-    import torch
-
     _check_inputs(q, k, v)
     core = import_kernel_module(CORE_MODULE, f"{KERNEL_NAME} (its attention core)")
     lq, lk, d = q.shape[2], k.shape[2], q.shape[3]

@@ -26,6 +26,8 @@ from __future__ import annotations
 import math
 from typing import Any
 
+import torch
+
 from fp4sim.adapters.importing import import_kernel_module
 from fp4sim.harness.spec import KernelSpec
 
@@ -66,8 +68,6 @@ def backend_flags(capability_major: int) -> tuple[Any, ...]:
 
 
 def _check_inputs(q: Any, k: Any, v: Any) -> None:
-    import torch
-
     for name, x in (("q", q), ("k", k), ("v", v)):
         if x.dtype != torch.bfloat16:
             raise ValueError(f"{KERNEL_NAME} takes bfloat16 {name}, got {x.dtype}")
@@ -82,8 +82,6 @@ def _check_inputs(q: Any, k: Any, v: Any) -> None:
 
 def attention(q: Any, k: Any, v: Any, causal: bool, sm_scale: float | None) -> Any:
     """O = attn_qat_train(q, k, v) for BHLD bfloat16 CUDA tensors; differentiable."""
-    import torch
-
     _check_inputs(q, k, v)
     kernel = import_kernel_module(KERNEL_MODULE, KERNEL_NAME)
     if sm_scale is None:

@@ -15,6 +15,9 @@ from typing import Any
 
 import numpy as np
 
+from fp4sim.harness.loader import load_attention_kernel, load_kernel
+from fp4sim.harness.spec import UsageError
+
 # Phrases of unrecoverable GPU failures: the CUDA context is poisoned after them, so the
 # worker is replaced (torch raises these as RuntimeError / AcceleratorError).
 _CUDA_FATAL = ("CUDA error", "device-side assert", "illegal memory access", "CUBLAS_STATUS",
@@ -26,6 +29,7 @@ def _numpy_out(x: Any, *, raw_bytes: bool) -> Any:
     if x is None or isinstance(x, int | float):
         return x
     if type(x).__module__.startswith("torch"):
+        # lazy: torch is optional: the harness loads with NumPy alone
         import torch
 
         t = x.detach().to("cpu")
@@ -42,6 +46,7 @@ def _dtype_name(t: Any) -> str:
 
 
 def _attention(kernel: Any, msg: dict[str, Any]) -> dict[str, Any]:
+    # lazy: torch is optional: the harness loads with NumPy alone
     import torch
 
     dtype = getattr(torch, msg["dtype"])
@@ -76,6 +81,7 @@ def _attention(kernel: Any, msg: dict[str, Any]) -> dict[str, Any]:
 def _quantize(kernel: Any, msg: dict[str, Any]) -> dict[str, Any]:
     x = np.array(msg["x"], dtype=np.float32, copy=True)
     if msg["input_type"] == "torch":
+        # lazy: torch is optional: the harness loads with NumPy alone
         import torch
 
         x = torch.from_numpy(x).to(device=msg["device"], dtype=getattr(torch, msg["dtype"]))
@@ -97,9 +103,6 @@ def _quantize(kernel: Any, msg: dict[str, Any]) -> dict[str, Any]:
 
 
 def _serve(conn_in: Connection, conn_out: Connection) -> None:
-    from fp4sim.harness.loader import load_attention_kernel, load_kernel
-    from fp4sim.harness.spec import UsageError
-
     load = conn_in.recv()
     for entry in reversed(load["sys_path"]):  # the parent's import path, cwd first
         if entry not in sys.path:

@@ -30,6 +30,7 @@ def _read(path: str) -> dict[str, Any]:
         with np.load(path, allow_pickle=False) as data:
             return {name: data[name] for name in data.files}
     if suffix in (".pt", ".pth"):
+        # lazy: torch is optional: .npz captures load with NumPy alone
         import torch
 
         data = torch.load(path, map_location="cpu", weights_only=True)
@@ -37,11 +38,13 @@ def _read(path: str) -> dict[str, Any]:
             raise UsageError(f"{path}: expected a dict of tensors, got {type(data).__name__}")
         return dict(data)
     if suffix == ".safetensors":
+        # lazy: optional dependency, only for .safetensors files
         from safetensors.numpy import load_file
 
         try:
             return dict(load_file(path))
         except Exception:  # bfloat16 tensors need the torch reader
+            # lazy: optional dependency, only for .safetensors files
             from safetensors.torch import load_file as load_torch
 
             return dict(load_torch(path))

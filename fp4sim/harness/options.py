@@ -21,6 +21,9 @@ __all__ = [
 # GPU, minutes under TRITON_INTERPRET), short enough that a hang is reported the same hour.
 DEFAULT_TIMEOUT = 300.0
 
+# what a capability flag defaults to: the kernel's own declaration (KernelSpec)
+_SPEC_DEFAULT = "as the kernel's fp4sim_spec declares, else off"
+
 
 def _timeout(text: str) -> float:
     try:
@@ -82,7 +85,8 @@ def add_kernel_options(
         "--kernel", metavar="MODULE:ATTR", required=required,
         action="append" if repeatable else "store", default=None,
         help=f"the kernel {signature}, imported with the current folder first on sys.path"
-             + (" (repeat for several kernels)" if repeatable else ""),
+             + (" (repeat for several kernels)" if repeatable else "")
+             + (" (required)" if required else ""),
     )
     parser.add_argument(
         "--kernel-dtype", "--dtypes", dest="kernel_dtype", nargs="+", action=_DtypeList,
@@ -103,11 +107,13 @@ def add_kernel_options(
         help="the recipe the kernel claims to implement (default: its fp4sim_spec's claims)",
     )
     parser.add_argument("--no-gqa", action="store_true",
-                        help="the kernel needs as many k/v heads as q heads (no GQA inputs)")
+                        help="the kernel needs as many k/v heads as q heads (no GQA inputs;"
+                             f" default: {_SPEC_DEFAULT})")
     parser.add_argument("--no-causal", action="store_true",
-                        help="the kernel has no causal mask (no causal inputs)")
+                        help=f"the kernel has no causal mask (default: {_SPEC_DEFAULT})")
     parser.add_argument("--no-causal-unequal", action="store_true",
-                        help="causal only with Lq == Lk (bottom-right alignment untested)")
+                        help="causal only with Lq == Lk, bottom-right alignment untested"
+                             f" (default: {_SPEC_DEFAULT})")
     parser.add_argument("--head-dims", type=_head_dims, default=None, metavar="D[,D...]",
                         help="head dims the kernel supports (default: its fp4sim_spec's, "
                              "else any; check draws 64,128)")
@@ -119,12 +125,14 @@ def add_kernel_options(
                         help="tensor layout the kernel takes and returns: bhld (batch, heads, "
                              "length, dim) or blhd (default bhld)")
     parser.add_argument("--forward-only", action="store_true",
-                        help="the kernel has no backward: check O only, not dQ, dK, dV")
+                        help="the kernel has no backward: check O only, not dQ, dK, dV"
+                             f" (default: {_SPEC_DEFAULT})")
     parser.add_argument("--modifies-inputs", action="store_true",
-                        help="the kernel writes into q, k, v (each call gets fresh copies)")
+                        help="the kernel writes into q, k, v, so each call gets fresh copies"
+                             f" (default: {_SPEC_DEFAULT})")
     parser.add_argument("--inputs", default=None, metavar="FILE",
                         help="captured activations (.npz, .pt or .safetensors holding q, k, v "
-                             "and optionally do) checked as one more case")
+                             "and optionally do) checked as one more case (default: none)")
 
 
 def one_line_errors(parser: argparse.ArgumentParser) -> None:

@@ -12,7 +12,12 @@ from __future__ import annotations
 import argparse
 import sys
 
+import torch
+
+from fp4sim.harness import add_kernel_options, one_line_errors
+from fp4sim.publish.folder import ReportFolderError, check_output_folder, write_report_folder
 from fp4sim.simulate.config import PRESETS, get_preset, with_overrides
+from fp4sim.simulate.runner import run_simulation
 from fp4sim.simulate.tasks import TASKS
 from fp4sim.simulate.variants import (
     VALID_VARIANTS,
@@ -36,7 +41,6 @@ def configure_parser(parser: argparse.ArgumentParser) -> None:
                         help="reference FP4 recipe for the FP4 variants (default attn-qat)")
     parser.add_argument("--block-n", type=int, default=None,
                         help="P tile width replacing the recipe's (default 32; 0 keeps it)")
-    from fp4sim.harness import add_kernel_options, one_line_errors
 
     one_line_errors(parser)
     # --kernel (trained as variant 'kernel'), --kernel-dtype (q, k, v are cast to it before
@@ -81,11 +85,6 @@ def _log(line: str) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    import torch
-
-    from fp4sim.reports.output import ReportFolderError, check_output_folder, write_report_folder
-    from fp4sim.simulate.runner import run_simulation
-
     cuda = torch.cuda.is_available()
     preset_name = args.config or ("gpu" if cuda else "cpu")
     if args.seed is not None and args.seed < 0:
@@ -130,6 +129,7 @@ def run(args: argparse.Namespace) -> int:
     except SimulationSetupError as error:
         return _error(str(error))
 
+    # lazy: matplotlib: heavy startup on the CLI path, needed only once a run ends
     from fp4sim.simulate.report import build_html, build_report_json, build_summary_md
 
     summary = build_summary_md(result)

@@ -6,8 +6,10 @@ batch). The reference then replays that attention with the simulation's FP4 reci
 
 - the reference's own forward diagnostics (P mass kept in the forward and backward,
   flush counts, ...) as scalars, whatever names the reference gives them;
-- ``d_identity_residual``: ``||rowsum(dO*O) - rowsum(dO*O_hp)|| / ||rowsum(dO*O_hp)||``,
-  how far FlashAttention's identity D = rowsum(dO*O) is off when O is the FP4 output;
+- ``d_from_fp4_output_error``: ``||rowsum(dO*O) - rowsum(dO*O_hp)|| / ||rowsum(dO*O_hp)||``,
+  the relative error of FlashAttention's D = rowsum(dO*O) when O is the FP4 output instead
+  of the high-precision O_hp that matches P (not the row sums of a variant's dS: those are
+  ``reference.ds_rowsum_stats`` and the report's ``ds_rowsum``);
 - ``output_rel_error``: ``||O - O_exact|| / ||O_exact||`` against fp64 attention;
 - per FP4 backward variant, the relative L2 error of (dQ, dK, dV) together and the
   cosine similarity of dQ, against the exact gradient of the unquantized attention.
@@ -22,6 +24,8 @@ from typing import Any
 
 import torch
 from torch import Tensor
+
+from fp4sim import reference
 
 COMPARED_BACKWARDS: tuple[str, ...] = ("attn_qat", "p_only", "o_only", "drop_in")
 
@@ -82,7 +86,8 @@ def cosine(a: Tensor, b: Tensor) -> float:
     return (a @ b).item() / denominator if denominator > 0 else float("nan")
 
 
-def d_identity_residual(do: Tensor, o: Tensor, o_hp: Tensor) -> float:
+def d_from_fp4_output_error(do: Tensor, o: Tensor, o_hp: Tensor) -> float:
+    """Relative L2 error of D = rowsum(dO*O) from the FP4 output O against D from O_hp."""
     d_low = (do.double() * o.double()).sum(-1)
     d_high = (do.double() * o_hp.double()).sum(-1)
     return relative_l2(d_low, d_high)
@@ -90,7 +95,6 @@ def d_identity_residual(do: Tensor, o: Tensor, o_hp: Tensor) -> float:
 
 def exact_attention_gradients(q: Tensor, k: Tensor, v: Tensor, do: Tensor,
                               sm_scale: float) -> tuple[Tensor, tuple[Tensor, Tensor, Tensor]]:
-    from fp4sim import reference
     leaves = [t.detach().double().requires_grad_(True) for t in (q, k, v)]
     with torch.enable_grad():
         o = reference.attention_exact(*leaves, causal=True, sm_scale=sm_scale)
@@ -101,7 +105,6 @@ def exact_attention_gradients(q: Tensor, k: Tensor, v: Tensor, do: Tensor,
 def first_layer_diagnostics(capture: FirstLayerCapture, recipe: Any,
                             sm_scale: float) -> dict[str, float]:
     """All diagnostics (see the module doc) of one captured step, as a flat dict."""
-    from fp4sim import reference
     if not capture.complete:
         raise RuntimeError("the first layer's q, k, v and dO were not captured on this step")
     q, k, v, do = (t.float() for t in (capture.q, capture.k, capture.v, capture.do))
@@ -111,7 +114,7 @@ def first_layer_diagnostics(capture: FirstLayerCapture, recipe: Any,
     result = scalar_entries(forward.diagnostics)
     o_exact, exact_grads = exact_attention_gradients(q, k, v, do, sm_scale)
     result["output_rel_error"] = relative_l2(forward.o, o_exact)
-    result["d_identity_residual"] = d_identity_residual(do, forward.o, forward.o_hp)
+    result["d_from_fp4_output_error"] = d_from_fp4_output_error(do, forward.o, forward.o_hp)
     exact_flat = torch.cat([g.flatten() for g in exact_grads])
     for backward in COMPARED_BACKWARDS:
         with torch.no_grad():

@@ -9,6 +9,7 @@ from typing import Any
 import numpy as np
 from matplotlib.figure import Figure
 
+from fp4sim.publish.html import HtmlReport
 from fp4sim.simulate import metrics
 from fp4sim.simulate.runner import SimulationResult, VariantSummary
 from fp4sim.simulate.tasks import get_task
@@ -228,8 +229,6 @@ def _diagnostics_table(run: Any) -> tuple[list[str], list[list[Any]]] | None:
 
 
 def build_html(result: SimulationResult) -> str:
-    from fp4sim.reports.html import HtmlReport
-
     config = result.config
     page = HtmlReport("fp4sim simulate: training stability of FP4 attention backward variants",
                       subtitle=" | ".join(_config_lines(result)[:1]))

@@ -12,6 +12,12 @@ the last ``seq_len`` (``targets[t] = tokens[t + 1]``). Only the positions a task
   ``m = min(K, seq_len // 4)`` pairs, queries drawn from the context's keys and ``a_j`` the
   value bound to ``q_j``; the answers are scored. A lookup by content, harder than copy,
   which position alone solves. Chance loss ``log(V - 1 - K)``.
+- ``pairs`` (recall with one token per key-value pair): ``BOS c_1 .. c_m q_1 a_1 q_2 a_2 ..``
+  where each context token ``c_i`` stands for a pair (key, value) of ``n`` keys and ``n``
+  values (``n = isqrt(V) - 1``: tokens ``1 .. n`` are the keys as queries, ``n+1 .. 2n`` the
+  values as answers, ``2n+1 .. 2n+n^2`` the pairs), ``m = min(n, seq_len // 4)`` distinct
+  keys, queries drawn from them; the answers are scored. One attention step by content
+  solves it (no previous-token head needed, unlike ``recall``). Chance loss ``log(n)``.
 
 Data comes from a NumPy generator seeded independently of the model, so every variant
 sees the same stream whatever its device.
@@ -92,6 +98,37 @@ def generate_recall(rng: np.random.Generator, batch_size: int, seq_len: int,
     return _split(tokens, scored)
 
 
+def pairs_layout(seq_len: int, vocab_size: int) -> tuple[int, int, int]:
+    """(keys = values n, context pairs m, queries) of the one-token-pair recall task."""
+    n = math.isqrt(vocab_size) - 1
+    if n < 2:
+        raise ValueError(f"the pairs task needs vocab_size >= 9, got {vocab_size}")
+    pairs = min(n, seq_len // 4)
+    queries = (seq_len - pairs) // 2
+    if pairs < 1 or queries < 1:
+        raise ValueError(f"the pairs task needs seq_len >= 4, got {seq_len}")
+    return n, pairs, queries
+
+
+def generate_pairs(rng: np.random.Generator, batch_size: int, seq_len: int,
+                   vocab_size: int) -> TokenBatch:
+    n, pairs, queries = pairs_layout(seq_len, vocab_size)
+    keys = np.argsort(rng.random((batch_size, n)), axis=1)[:, :pairs]  # 0 .. n-1
+    values = rng.integers(0, n, size=(batch_size, pairs), dtype=np.int64)
+    which = rng.integers(0, pairs, size=(batch_size, queries))
+    query_keys = np.take_along_axis(keys, which, axis=1)
+    answers = np.take_along_axis(values, which, axis=1)
+
+    tokens = np.full((batch_size, seq_len + 1), BOS, dtype=np.int64)
+    scored = np.zeros(tokens.shape, dtype=bool)
+    tokens[:, 1:1 + pairs] = 1 + 2 * n + keys * n + values
+    start = 1 + pairs
+    tokens[:, start:start + 2 * queries:2] = 1 + query_keys
+    tokens[:, start + 1:start + 2 * queries:2] = 1 + n + answers
+    scored[:, start + 1:start + 2 * queries:2] = True
+    return _split(tokens, scored)
+
+
 MAJORITY_SHARE = 0.25  # chance that a content token is the planted majority symbol
 
 
@@ -135,6 +172,13 @@ TASKS: dict[str, Task] = {
         generate=generate_recall,
         chance_loss=lambda seq_len, vocab: math.log(
             vocab - 1 - recall_layout(seq_len, vocab)[0]),
+    ),
+    "pairs": Task(
+        name="pairs",
+        description="associative recall with one token per key-value pair, then queried "
+                    "keys whose values are scored",
+        generate=generate_pairs,
+        chance_loss=lambda seq_len, vocab: math.log(pairs_layout(seq_len, vocab)[0]),
     ),
     "majority": Task(
         name="majority",

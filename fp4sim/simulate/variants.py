@@ -15,6 +15,10 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
+import torch
+
+from fp4sim import reference
+from fp4sim.harness import UsageError, load_attention_kernel
 from fp4sim.simulate.model import AttentionFn
 
 KERNEL_VARIANT = "kernel"
@@ -64,7 +68,6 @@ def check_variant_names(names: tuple[str, ...] | list[str], kernel: str | None) 
 def resolve_recipe(name: str, block_n: int | None) -> Any:
     """The reference recipe ``name`` with its P tile width replaced by ``block_n`` and NaN
     inputs propagated (so that a diverging run shows as a non-finite loss, not an error)."""
-    from fp4sim import reference
     try:
         recipe = reference.get_recipe(name)
     except (KeyError, ValueError) as error:
@@ -85,8 +88,6 @@ def load_kernel(spec: str) -> Callable[..., Any]:
     """Import ``MODULE:ATTR`` with the shared loader (``fp4sim.harness``: the current folder
     first on ``sys.path``, the same messages as ``check`` and ``report``); the callable takes
     and returns BHLD tensors whatever layout its ``fp4sim_spec`` declares."""
-    from fp4sim.harness import UsageError, load_attention_kernel
-
     try:
         return load_attention_kernel(spec)
     except UsageError as error:
@@ -94,7 +95,6 @@ def load_kernel(spec: str) -> Callable[..., Any]:
 
 
 def reference_attention(recipe: Any, backward: str) -> AttentionFn:
-    from fp4sim import reference
     def attention(q, k, v, causal, sm_scale):  # noqa: ANN001, ANN202 - AttentionFn
         return reference.fp4_attention(q, k, v, causal=causal, sm_scale=sm_scale,
                                        recipe=recipe, backward=backward)
@@ -137,7 +137,6 @@ def kernel_attention(kernel: Callable[..., Any], dtype: str = "float32",
                                    f"got {dtype!r}")
 
     def attention(q, k, v, causal, sm_scale):  # noqa: ANN001, ANN202 - AttentionFn
-        import torch
 
         cast = getattr(torch, dtype)
         out = _call_with_alarm(

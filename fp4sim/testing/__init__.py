@@ -9,6 +9,13 @@ from __future__ import annotations
 import importlib
 from typing import Any
 
+from fp4sim.judge.inputs import (
+    DISTRIBUTIONS,
+    TENSOR_DISTRIBUTIONS,
+    AttentionInputSpec,
+    generate_attention_inputs,
+    generate_tensor,
+)
 from fp4sim.testing.assertions import (
     AttentionErrorReport,
     QuantizedDiff,
@@ -17,13 +24,6 @@ from fp4sim.testing.assertions import (
     attention_error,
     compare_quantized,
     tie_flip_summary,
-)
-from fp4sim.testing.generators import (
-    DISTRIBUTIONS,
-    TENSOR_DISTRIBUTIONS,
-    AttentionInputSpec,
-    generate_attention_inputs,
-    generate_tensor,
 )
 
 __all__ = [

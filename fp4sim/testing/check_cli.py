@@ -18,6 +18,16 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from fp4sim.harness import (
+    UsageError,
+    add_kernel_options,
+    kernel_spec_from_args,
+    load_inputs_file,
+    one_line_errors,
+    positive_int,
+)
+from fp4sim.judge.inputs import DISTRIBUTIONS
+
 __all__ = ["configure_parser", "run"]
 
 _QUANTIZER_DISTRIBUTIONS = (
@@ -57,12 +67,11 @@ def _seconds(text: str) -> float:
 
 
 def _common(parser: argparse.ArgumentParser, what: str) -> None:
-    from fp4sim.harness import add_kernel_options, one_line_errors, positive_int
-
     one_line_errors(parser)
     add_kernel_options(parser, what=what, required=True)
+    examples = 100 if what == "quantizer" else 50  # QuantizerCheckConfig, AttentionCheckConfig
     parser.add_argument("--examples", type=positive_int, default=None,
-                        help="examples to draw (default 100 for quantizer, 50 for attention)")
+                        help=f"examples to draw (default {examples})")
     parser.add_argument("--seed", type=int, default=0, help="Hypothesis seed (default 0)")
     parser.add_argument("--device", choices=("cpu", "cuda"), default="cpu",
                         help="device the kernel's inputs live on (default cpu; cuda needs CUDA)")
@@ -76,15 +85,15 @@ def _common(parser: argparse.ArgumentParser, what: str) -> None:
     parser.add_argument("--shrink-seconds", type=_seconds, default=60.0,
                         help="time budget for shrinking a failing case (default 60)")
     parser.add_argument("--quiet", action="store_true",
-                        help="print only the verdict (no diagnosis, no progress lines)")
+                        help="print only the verdict: no diagnosis, no progress lines"
+                             " (default: both printed, progress on stderr)")
     parser.add_argument("--no-system", action="store_true",
                         help="skip the system properties (independence, repeatability, stale"
-                             " state, layouts, ...) run after the recipe check")
+                             " state, layouts, ...) run after the recipe check (default: run"
+                             " them)")
 
 
 def configure_parser(parser: argparse.ArgumentParser) -> None:
-    from fp4sim.harness import positive_int
-
     sub = parser.add_subparsers(dest="check_target", metavar="TARGET")
     quant = sub.add_parser(
         "quantizer",
@@ -93,7 +102,8 @@ def configure_parser(parser: argparse.ArgumentParser) -> None:
     )
     _common(quant, "quantizer")
     quant.add_argument("--format", dest="fmt", choices=("nvfp4", "mxfp4"), required=True,
-                       help="block format: nvfp4 (16, E4M3 scales) or mxfp4 (32, E8M0)")
+                       help="block format: nvfp4 (16, E4M3 scales) or mxfp4 (32, E8M0)"
+                            " (required)")
     quant.add_argument("--tensor-scale", type=_tensor_scale, default=None,
                        help="nvfp4 per-tensor scale: none, amax or a positive number"
                             " (default none)")
@@ -174,7 +184,7 @@ class _Usage(Exception):
 
 
 def _build_config(args: argparse.Namespace) -> Any:
-    from fp4sim.harness import kernel_spec_from_args, load_inputs_file
+    # lazy: torch and Hypothesis extras: `fp4sim check --help` works with NumPy alone
     from fp4sim.testing import check_attention, check_quantizer
 
     common: dict[str, Any] = {
@@ -200,8 +210,6 @@ def _build_config(args: argparse.Namespace) -> Any:
             **common,
         )
     if args.distributions is not None:
-        from fp4sim.testing.generators import DISTRIBUTIONS
-
         bad = [d for d in args.distributions if d not in DISTRIBUTIONS]
         if bad:
             raise _Usage(f"--distributions: unknown {bad}; known: {sorted(DISTRIBUTIONS)}")
@@ -263,13 +271,14 @@ def run(args: argparse.Namespace) -> int:
     code = _run_recipe_check(args)
     if code == 2 or getattr(args, "no_system", False):
         return code
+    # lazy: torch and Hypothesis extras: `fp4sim check --help` works with NumPy alone
     from fp4sim.testing.system.isolated import check_after_recipe
 
     return check_after_recipe(_build_config(args), args.check_target, code)
 
 
 def _run_recipe_check(args: argparse.Namespace) -> int:
-    from fp4sim.harness import UsageError
+    # lazy: torch and Hypothesis extras: `fp4sim check --help` works with NumPy alone
     from fp4sim.testing import check_attention, check_quantizer
     from fp4sim.testing.repro import write_repro_script
 

@@ -9,6 +9,9 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
+from hypothesis import HealthCheck, Phase, given, reject, settings
+from hypothesis import seed as hypothesis_seed
+
 
 def hypothesis_blob(err: BaseException) -> str | None:
     """The ``@reproduce_failure(...)`` line Hypothesis attaches to a failure, if any."""
@@ -40,6 +43,10 @@ class CheckResult:
     restarts: int = 0
 
 
+# A long check prints a progress line at least this often (seconds), on stderr.
+PROGRESS_SECONDS = 10.0
+
+
 class _Disagreement(AssertionError):
     """Raised inside the Hypothesis test for a real disagreement."""
 
@@ -52,13 +59,25 @@ def run_hypothesis(
     seed: int,
     shrink_seconds: float,
     case_key: Callable[[Any], Any],
+    log: Callable[[str], None] | None = None,
+    progress_every: int = 10,
+    progress_seconds: float = PROGRESS_SECONDS,
 ) -> CheckResult:
     """Run ``evaluate`` (None = agreement, else a diagnosis) over drawn cases; stop at the
-    first disagreement and shrink for at most ``shrink_seconds``."""
-    from hypothesis import HealthCheck, Phase, given, reject, settings
-    from hypothesis import seed as hypothesis_seed
+    first disagreement and shrink for at most ``shrink_seconds``.
 
-    counter = {"calls": 0, "first": None, "t_fail": None}
+    ``log`` receives progress lines: every ``progress_every`` examples or
+    ``progress_seconds``, whichever comes first, then the first disagreement and the
+    shrinking (a long run is never silent for longer than ``progress_seconds`` plus one
+    example)."""
+    counter = {"calls": 0, "first": None, "t_fail": None, "shrinks": 0}
+    clock = {"last": time.monotonic()}
+
+    def progress(line: str, force: bool = False) -> None:
+        now = time.monotonic()
+        if log is not None and (force or now - clock["last"] >= progress_seconds):
+            log(line)
+            clock["last"] = now
     failures: dict[Any, str] = {}
     passes: set[Any] = set()
     last: dict[str, Any] = {}
@@ -83,17 +102,27 @@ def run_hypothesis(
             diagnosis = failures[key]
         else:
             if counter["first"] is not None:
-                if time.monotonic() - counter["t_fail"] > shrink_seconds:
+                spent = time.monotonic() - counter["t_fail"]
+                if spent > shrink_seconds:
                     reject()  # shrink budget spent: only known cases from here on
+                counter["shrinks"] += 1
+                progress(f"shrinking: {counter['shrinks']} smaller cases tried in {spent:.0f} s"
+                         f" (budget {shrink_seconds:g} s)")
             else:
                 counter["calls"] += 1
             diagnosis = evaluate(case)
+            if counter["first"] is None:
+                n = counter["calls"]
+                progress(f"{n}/{examples} examples checked",
+                         force=diagnosis is None and n % progress_every == 0)
             if diagnosis is None:
                 passes.add(key)
                 return
             if counter["first"] is None:
                 counter["first"] = counter["calls"]
                 counter["t_fail"] = time.monotonic()
+                progress(f"disagreement at example {counter['first']}; shrinking it (at most"
+                         f" {shrink_seconds:g} s)", force=True)
             failures[key] = diagnosis
         last["case"], last["diagnosis"] = case, diagnosis
         raise _Disagreement(diagnosis)

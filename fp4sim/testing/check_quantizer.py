@@ -8,13 +8,21 @@ from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
+import torch
 
+import fp4sim
 from fp4sim.harness import DEFAULT_TIMEOUT, KernelWorker, UsageError
+from fp4sim.judge.diagnosis.quantizer import (
+    quantizer_cause_lines,
+    rank_quantizer_hypotheses,
+    shape_hypotheses,
+)
+from fp4sim.judge.inputs import generate_tensor
 from fp4sim.testing.assertions import QuantizedDiff, compare_quantized, tie_flip_summary
+from fp4sim.testing.check_attention import check_device
 from fp4sim.testing.check_driver import CheckResult, run_hypothesis
-from fp4sim.testing.generators import generate_tensor
 from fp4sim.testing.quantizer_conventions import reconcile
-from fp4sim.testing.strategies import BLOCK_SIZES, QUANTIZER_DISTRIBUTIONS, TensorCase
+from fp4sim.testing.strategies import BLOCK_SIZES, QUANTIZER_DISTRIBUTIONS, TensorCase, tensor_cases
 
 
 @dataclass(frozen=True)
@@ -79,7 +87,6 @@ class QuantizerCheckConfig:
 def _to_kernel_input(x: np.ndarray, dtype: str, input_type: str, device: str) -> Any:
     if input_type == "numpy":
         return x.copy()
-    import torch
 
     return torch.from_numpy(x.copy()).to(device=device, dtype=getattr(torch, dtype))
 
@@ -147,8 +154,6 @@ def probe_quantizer(kernel: Any, config: QuantizerCheckConfig) -> str:
 
 def emulate_quantizer(x: np.ndarray, fmt: str, settings: dict[str, Any]) -> Any:
     """The emulator's answer (``fp4sim.QuantizedTensor``) for ``x`` along the last axis."""
-    import fp4sim
-
     return fp4sim.quantize(x, fmt, axis=-1, **settings)
 
 
@@ -156,14 +161,8 @@ def diagnose_quantizer(
     x: np.ndarray, expected: Any, diff: QuantizedDiff, fmt: str, settings: dict[str, Any]
 ) -> list[str]:
     """Likely causes of a quantizer disagreement: the differential diagnosis of
-    ``fp4sim.testing.diagnosis.quantizer`` (one-setting deviations of the emulator, ranked
+    ``fp4sim.judge.diagnosis.quantizer`` (one-setting deviations of the emulator, ranked
     by the codes and scale bytes each reproduces), then a count of the code differences."""
-    from fp4sim.testing.diagnosis.quantizer import (
-        quantizer_cause_lines,
-        rank_quantizer_hypotheses,
-        shape_hypotheses,
-    )
-
     if diff.what == "shape":
         if diff.actual_scale_count:
             return shape_hypotheses(np.asarray(x), fmt, diff.actual_scale_count, diff.n_blocks)
@@ -257,23 +256,20 @@ def run_quantizer_check(
     """Load the kernel in a worker process, then check it over ``config.examples`` drawn
     inputs. The result's ``conventions`` lists value-neutral conventions the kernel follows
     (e.g. "agrees with `--zero-scale-codes reciprocal`")."""
-    from fp4sim.testing.check_attention import check_device
-    from fp4sim.testing.strategies import tensor_cases
-
     check_device(config.device)
     with KernelWorker(config.kernel, kind="quantizer", timeout=config.timeout,
                       device=config.device) as worker:
         input_type = probe_quantizer(worker, config)
+        if log is not None:
+            log(f"{config.kernel} loaded in a worker process ({input_type} input); drawing"
+                f" {config.examples} examples")
         causes_of: dict[Any, list[str]] = {}
         conventions: dict[str, int] = {}
-        seen = {"n": 0, "hard": False}
+        seen = {"hard": False}
 
         def evaluate(case: TensorCase) -> str | None:
             if seen["hard"]:
                 return None  # after a time-out or crash, no shrinking (each try could hang)
-            seen["n"] += 1
-            if log is not None and seen["n"] % progress_every == 0:
-                log(f"{seen['n']}/{config.examples} examples checked")
             text, causes = evaluate_quantizer_case(worker, case, config, input_type)
             if causes[:1] in (["kernel timed out"], ["kernel crashed"]):
                 seen["hard"] = True
@@ -298,6 +294,8 @@ def run_quantizer_check(
             seed=config.seed,
             shrink_seconds=config.shrink_seconds,
             case_key=_tensor_case_key,
+            log=log,
+            progress_every=progress_every,
         )
         result.restarts = worker.starts - 1
     if result.case is not None:

@@ -28,9 +28,13 @@ from __future__ import annotations
 
 import importlib
 import os
+import zlib
 from typing import Any
 
+import numpy as np
 import pytest
+
+import fp4sim
 
 try:
     from hypothesis import HealthCheck, settings
@@ -75,6 +79,7 @@ def pytest_configure(config: pytest.Config) -> None:
 
 def _cuda_available() -> bool:
     try:
+        # lazy: optional extra: the plugin loads in every pytest run without it
         import torch
     except ImportError:
         return False
@@ -99,6 +104,7 @@ def _import_or_skip(module: str, extra: str) -> Any:
 
 def _recipe_names() -> tuple[str, ...]:
     try:
+        # lazy: needs torch, an optional extra: the plugin loads in every pytest run without it
         from fp4sim import reference
     except ModuleNotFoundError:  # no torch: one skipped case instead of a collection error
         return ()
@@ -133,8 +139,6 @@ def fp4_reference() -> Any:
 @pytest.fixture(scope="session")
 def fp4_emulator() -> Any:
     """The ``fp4sim`` core package (NumPy bit-exact emulator)."""
-    import fp4sim
-
     return fp4sim
 
 
@@ -150,6 +154,7 @@ def fp4_kernels(fp4_device: str) -> Any:
     if fp4_device != "cuda" and os.environ.get("TRITON_INTERPRET") != "1":
         pytest.skip("Triton kernels need CUDA or TRITON_INTERPRET=1")
     try:
+        # lazy: torch and Triton are optional extras; the plugin loads in every pytest run
         from fp4sim import kernels
     except ImportError as err:  # pragma: no cover - depends on the environment
         pytest.skip(f"kernels not importable: {err}")
@@ -165,10 +170,6 @@ def fp4_strategies() -> Any:
 @pytest.fixture
 def fp4_rng(request: pytest.FixtureRequest) -> Any:
     """A NumPy Generator seeded from the test's node id (stable across runs)."""
-    import zlib
-
-    import numpy as np
-
     return np.random.default_rng(zlib.crc32(request.node.nodeid.encode()))
 
 

@@ -23,6 +23,8 @@ from typing import Any
 
 import numpy as np
 
+import fp4sim
+
 __all__ = ["CONVENTION_OPTIONS", "Reconciled", "reconcile"]
 
 # setting -> (values, formats it applies to)
@@ -86,8 +88,6 @@ def _pack(codes: np.ndarray) -> np.ndarray:
 
 
 def _values(codes: np.ndarray, scale_bits: np.ndarray, ts: Any, fmt: str, block: int) -> np.ndarray:
-    import fp4sim
-
     decode = fp4sim.e4m3_decode if fmt == "nvfp4" else fp4sim.e8m0_decode
     scales = np.asarray(decode(scale_bits), dtype=np.float64)
     scales = np.repeat(scales, block, axis=-1)[..., : codes.shape[-1]]
@@ -134,8 +134,6 @@ def reconcile(
 ) -> Reconciled | None:
     """Explain a bit difference by conventions (see the module docstring); None when the
     kernel's output does not have the emulator's shapes (nothing to reconcile)."""
-    import fp4sim
-
     x = np.asarray(x, dtype=np.float32)
     packed = np.asarray(packed)
     scale_bits = np.asarray(scale_bits)

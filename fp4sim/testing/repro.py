@@ -18,7 +18,16 @@ from typing import Any
 
 import numpy as np
 
-from fp4sim.testing.generators import AttentionInputSpec, generate_attention_inputs, generate_tensor
+from fp4sim.harness import KernelWorker, load_inputs_file
+from fp4sim.judge.inputs import (
+    AttentionCase,
+    AttentionInputSpec,
+    generate_attention_inputs,
+    generate_tensor,
+    round_to_dtype,
+)
+from fp4sim.testing import check_attention, check_quantizer
+from fp4sim.testing.strategies import TensorCase
 
 __all__ = ["case_to_json", "rerun", "write_repro_script"]
 
@@ -44,8 +53,6 @@ if __name__ == "__main__":
 
 def case_to_json(case: Any) -> dict[str, Any]:
     """The JSON-able description of a TensorCase or AttentionCase (arrays omitted)."""
-    from fp4sim.testing.strategies import AttentionCase, TensorCase
-
     if isinstance(case, TensorCase):
         return {
             "distribution": case.distribution,
@@ -69,8 +76,6 @@ def case_to_json(case: Any) -> dict[str, Any]:
 
 
 def _case_from_json(what: str, data: dict[str, Any]) -> Any:
-    from fp4sim.testing.strategies import AttentionCase, TensorCase
-
     if what == "quantizer":
         params = tuple((k, v) for k, v in data["params"])
         shape = tuple(data["shape"])
@@ -94,9 +99,6 @@ def _case_from_json(what: str, data: dict[str, Any]) -> Any:
     spec = AttentionInputSpec(**data["spec"])
     do = None
     if data.get("inputs"):
-        from fp4sim.harness import load_inputs_file
-        from fp4sim.testing.generators import round_to_dtype
-
         arrays = load_inputs_file(data["inputs"])
         q, k, v = (round_to_dtype(arrays[n], spec.dtype) for n in ("q", "k", "v"))
         do = arrays.get("do")
@@ -141,9 +143,6 @@ def write_repro_script(
 
 def rerun(what: str, config_json: dict[str, Any], case_json: dict[str, Any]) -> int:
     """Re-run one case of a check; prints the diagnosis; 1 = disagreement, 0 = agreement."""
-    from fp4sim.harness import KernelWorker
-    from fp4sim.testing import check_attention, check_quantizer
-
     case = _case_from_json(what, case_json)
     if what == "quantizer":
         qconfig = check_quantizer.QuantizerCheckConfig.from_json(config_json)

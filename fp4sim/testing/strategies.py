@@ -1,7 +1,7 @@
 """Hypothesis strategies for FP4 quantizer and attention inputs.
 
 Every strategy draws a small description (a distribution name, its parameters, a shape)
-and an integer seed, then calls the NumPy generators of ``fp4sim.testing.generators``.
+and an integer seed, then calls the NumPy generators of ``fp4sim.judge.inputs``.
 The description is drawn so that Hypothesis shrinks toward the simplest case:
 ``sampled_from`` lists start with the simple choice (Gaussian, no outliers, head dim 64,
 float32), integers shrink toward their lower bound (small shapes), and the seed toward 0.
@@ -24,10 +24,11 @@ import numpy as np
 from hypothesis import strategies as st
 
 from fp4sim.formats import BLOCK_SIZES  # re-exported: block length of each format
-from fp4sim.testing.generators import (
+from fp4sim.judge.inputs import (
     DISTRIBUTIONS,
     DTYPES,
     TENSOR_DISTRIBUTIONS,
+    AttentionCase,
     AttentionInputSpec,
     generate_attention_inputs,
     generate_tensor,
@@ -173,23 +174,6 @@ def attention_specs(
         dtype=dtype,
         **params,  # type: ignore[arg-type]
     )
-
-
-@dataclass(frozen=True)
-class AttentionCase:
-    """One drawn attention input: regenerate it with ``generate_attention_inputs(
-    numpy.random.default_rng(seed), spec)``. The repr omits the arrays."""
-
-    spec: AttentionInputSpec
-    seed: int
-    causal: bool
-    sm_scale: float | None
-    q: np.ndarray = field(repr=False, compare=False)
-    k: np.ndarray = field(repr=False, compare=False)
-    v: np.ndarray = field(repr=False, compare=False)
-    # captured activations (``--inputs FILE``): their dO, if any, and the file they came from
-    do: np.ndarray | None = field(default=None, repr=False, compare=False)
-    source: str | None = None
 
 
 @st.composite

@@ -19,6 +19,9 @@ import contextlib
 from collections.abc import Callable, Iterable, Iterator
 from typing import Any
 
+import torch
+
+from fp4sim.harness import KernelSpec
 from fp4sim.testing.system.attention import ATTENTION_PROPERTIES
 from fp4sim.testing.system.context import AttentionContext, spec_field, timed
 from fp4sim.testing.system.quantizer import QUANTIZER_PROPERTIES, QuantizerContext
@@ -35,10 +38,6 @@ __all__ = [
 
 
 def _default_spec() -> Any:
-    try:
-        from fp4sim.harness import KernelSpec
-    except ImportError:  # pragma: no cover - the harness ships with fp4sim
-        return None
     return KernelSpec()
 
 
@@ -96,7 +95,6 @@ def _one_cpu_thread(device: str) -> Iterator[None]:
     if device != "cpu":
         yield
         return
-    import torch
 
     n = torch.get_num_threads()
     torch.set_num_threads(1)

@@ -15,7 +15,9 @@ from collections.abc import Callable
 from typing import Any
 
 import numpy as np
+import torch
 
+from fp4sim import reference
 from fp4sim.testing.system.context import (
     KEY_TILE,
     QUANT_BLOCK,
@@ -49,8 +51,6 @@ def _base(ctx: AttentionContext, name: str, bitwise: bool = False
 def _recipe_couples_elements(recipe: str) -> bool:
     """A tensor-wide scale (e.g. NVFP4's optional FP32 tensor scale) legitimately couples
     all batch elements and heads."""
-    from fp4sim import reference
-
     r = reference.get_recipe(recipe)
     return any(s is not None and s.tensor_scale is not None for s in (r.q, r.k, r.v, r.p))
 
@@ -170,10 +170,6 @@ def key_permutation(ctx: AttentionContext) -> Verdict:
     key blocks of the quantization block (16) and of the tile (64), with V, must leave O
     unchanged up to the recipe's own change, judged by the FP4 tolerance rule against the
     reference on the permuted keys."""
-    import torch
-
-    from fp4sim import reference
-
     name = "key permutation"
     h, hkv = ctx.heads()
     lk, lq = 2 * KEY_TILE, ctx.length(32)
@@ -294,8 +290,6 @@ def stale_state(ctx: AttentionContext) -> Verdict:
 def cuda_graphs(ctx: AttentionContext) -> Verdict:
     """Capture the forward once, replay it with new values copied into the captured input
     buffers, compare with eager calls on the same values (bit-identical, else the rule)."""
-    import torch
-
     name = "CUDA graphs"
     if not str(ctx.device).startswith("cuda") or not torch.cuda.is_available():
         return Verdict(name, "untested", "needs a CUDA device")
@@ -357,7 +351,6 @@ def inputs_untouched(ctx: AttentionContext) -> Verdict:
     modes = [False]
     if ctx.supports(heads=h, kv_heads=hkv, lq=length, lk=length, causal=True):
         modes.append(True)
-    import torch
 
     for causal in modes:
         q, k, v = (ctx.tensor(a, grad=ctx.backward) for a in ctx.inputs(11, lq=length, lk=length))
@@ -402,8 +395,6 @@ def _transposed_view(t: Any) -> Any:
 
 def _sliced_heads(t: Any) -> Any:
     """Every other head of a tensor with twice the heads (non-contiguous)."""
-    import torch
-
     big = torch.empty((t.shape[0], 2 * t.shape[1], *t.shape[2:]), dtype=t.dtype, device=t.device)
     big.normal_()
     big[:, ::2] = t
@@ -412,8 +403,6 @@ def _sliced_heads(t: Any) -> Any:
 
 def _storage_offset(t: Any) -> Any:
     """A contiguous view starting 3 elements into a larger buffer (unaligned offset)."""
-    import torch
-
     flat = torch.empty(t.numel() + 3, dtype=t.dtype, device=t.device).normal_()
     view = flat[3:].view(t.shape)
     view.copy_(t)
@@ -491,8 +480,6 @@ def _culprit(ctx: AttentionContext, dense: list[Any], make: Callable[[Any], Any]
 def outputs(ctx: AttentionContext) -> Verdict:
     """For every declared input dtype, O has q's dtype, shape and device (the documented
     contract) and each gradient its input's."""
-    import torch
-
     name = "outputs"
     h, hkv = ctx.heads()
     length = ctx.length(16)
@@ -669,10 +656,6 @@ def _where(spread: np.ndarray, batch: int, heads: range) -> str:
 
 def _reference_nonfinite(ctx: AttentionContext, arrays: dict[str, np.ndarray], do: Any) -> Any:
     """The reference's non-finite rows (float32 accumulation, NaN policy 'propagate')."""
-    import torch
-
-    from fp4sim import reference
-
     rec = dataclasses.replace(reference.get_recipe(ctx.recipe), nan_policy="propagate")
     q, k, v = (torch.from_numpy(arrays[n]) for n in "qkv")
     fwd = reference.fp4_attention_forward(q, k, v, rec)

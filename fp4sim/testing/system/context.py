@@ -9,8 +9,15 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
+import torch
 
-from fp4sim.testing.generators import AttentionInputSpec, generate_attention_inputs
+from fp4sim.judge.attention import AttentionCheckConfig, evaluate_attention_case
+from fp4sim.judge.inputs import (
+    AttentionCase,
+    AttentionInputSpec,
+    generate_attention_inputs,
+    round_to_dtype,
+)
 from fp4sim.testing.system.verdict import Verdict
 
 # Block and tile sizes the properties aim at: the NVFP4 quantization block (16 elements,
@@ -82,15 +89,11 @@ class AttentionContext:
         return generate_attention_inputs(self.rng(salt), spec)
 
     def tensor(self, a: np.ndarray, grad: bool = False) -> Any:
-        import torch
-
         t = torch.from_numpy(np.ascontiguousarray(a)).to(self.device, getattr(torch, self.dtype))
         return t.requires_grad_(grad)
 
     def forward(self, q: Any, k: Any, v: Any, causal: bool = False) -> Any:
         """The kernel's O without autograd state kept."""
-        import torch
-
         with torch.no_grad():
             return self.kernel(q, k, v, causal, None)
 
@@ -98,8 +101,6 @@ class AttentionContext:
         self, q: Any, k: Any, v: Any, do: Any, causal: bool = False
     ) -> tuple[Any, tuple[Any, ...] | None]:
         """(O, (dQ, dK, dV)) for leaf tensors q, k, v (grads None without a backward)."""
-        import torch
-
         if not self.backward:
             return self.forward(q, k, v, causal), None
         leaves = [t if t.requires_grad else t.detach().requires_grad_(True) for t in (q, k, v)]
@@ -118,8 +119,6 @@ class AttentionContext:
         return self._repeatable[key]
 
     def grad_output(self, salt: int, shape: tuple[int, ...]) -> Any:
-        from fp4sim.testing.generators import round_to_dtype
-
         a = self.rng(salt).standard_normal(shape).astype(np.float32)
         return self.tensor(round_to_dtype(a, self.dtype))
 
@@ -127,12 +126,9 @@ class AttentionContext:
         self, q: np.ndarray, k: np.ndarray, v: np.ndarray, causal: bool, *, backward: bool,
         seed: int = 0,
     ) -> Any:
-        """The recipe check's FP4 tolerance rule (``check_attention.evaluate_attention_case``,
-        reused, not copied) on these exact inputs; returns its outcome (``ok``, ``failed``
-        reports, ``error``)."""
-        from fp4sim.testing.check_attention import AttentionCheckConfig, evaluate_attention_case
-        from fp4sim.testing.strategies import AttentionCase
-
+        """The recipe check's FP4 tolerance rule (``evaluate_attention_case`` of
+        ``fp4sim.judge.attention``, reused, not copied) on these exact inputs; returns its
+        outcome (``ok``, ``failed`` reports, ``error``)."""
         spec = AttentionInputSpec(
             batch=q.shape[0], heads=q.shape[1], kv_heads=k.shape[1], lq=q.shape[2],
             lk=k.shape[2], head_dim=q.shape[3], dtype=self.dtype,
@@ -159,8 +155,6 @@ def rule_summary(outcome: Any) -> str:
 
 def bits_equal(a: Any, b: Any) -> bool:
     """Bit-identical tensors (NaN payloads included): same shape, dtype and bytes."""
-    import torch
-
     if a.shape != b.shape or a.dtype != b.dtype:
         return False
     a8 = a.detach().contiguous().reshape(-1).view(torch.uint8)

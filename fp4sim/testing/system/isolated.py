@@ -18,22 +18,22 @@ import time
 from collections.abc import Callable
 from typing import Any
 
-from fp4sim.testing.system.verdict import Verdict
+import numpy as np
+import torch
+
+from fp4sim.harness import describe_exit, load_attention_kernel, load_kernel
+from fp4sim.testing.system import ATTENTION_PROPERTIES, QUANTIZER_PROPERTIES, run_system_properties
+from fp4sim.testing.system.verdict import Verdict, format_verdicts
 
 __all__ = ["check_after_recipe", "property_names", "run_isolated"]
 
 
 def property_names(quantizer: bool) -> list[str]:
-    from fp4sim.testing.system import ATTENTION_PROPERTIES, QUANTIZER_PROPERTIES
-
     return list(QUANTIZER_PROPERTIES if quantizer else ATTENTION_PROPERTIES)
 
 
 def _probe_input_type(kernel: Callable[..., Any], fmt: str, device: str) -> str:
     """torch first, then NumPy (on the CPU), as ``check quantizer`` probes."""
-    import numpy as np
-    import torch
-
     x = np.random.default_rng(0).standard_normal((2, 64)).astype(np.float32)
     try:
         kernel(torch.from_numpy(x).to(device))
@@ -45,9 +45,6 @@ def _probe_input_type(kernel: Callable[..., Any], fmt: str, device: str) -> str:
 
 
 def _child(job: dict[str, Any]) -> int:
-    from fp4sim.harness import load_attention_kernel, load_kernel
-    from fp4sim.testing.system import run_system_properties
-
     if job["quantizer"]:
         kernel: Any = load_kernel(job["kernel"], 1)
         spec = None
@@ -81,8 +78,6 @@ def run_isolated(
 ) -> list[Verdict]:
     """Run every property (or those in ``only``) in a child process; ``timeout`` bounds
     each property."""
-    from fp4sim.harness import describe_exit
-
     todo = [n for n in property_names(quantizer) if only is None or n in only]
     verdicts: list[Verdict] = []
     while todo:
@@ -178,7 +173,6 @@ def check_after_recipe(config: Any, target: str, code: int) -> int:
         input_type=getattr(config, "input_type", "auto"),
         timeout=float(getattr(config, "timeout", 300.0)),
     )
-    from fp4sim.testing.system.verdict import format_verdicts
 
     took = time.perf_counter() - start
     print(format_verdicts(verdicts, title=f"fp4sim check {target}: system properties"

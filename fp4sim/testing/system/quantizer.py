@@ -9,8 +9,10 @@ from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
+import torch
 
 from fp4sim.formats import BLOCK_SIZES as BLOCKS  # along the last axis: NVFP4 16, MXFP4 32
+from fp4sim.judge.inputs import round_to_dtype
 from fp4sim.testing.system.context import clear_rejection, kernel_error
 from fp4sim.testing.system.verdict import Verdict
 
@@ -25,8 +27,6 @@ class QuantizerContext:
     dtype: str = "float32"
 
     def draw(self, salt: int, rows: int = 8) -> np.ndarray:
-        from fp4sim.testing.generators import round_to_dtype
-
         rng = np.random.default_rng([self.seed, salt])
         x = rng.standard_t(3, size=(rows, 4 * BLOCKS.get(self.fmt, 32))).astype(np.float32)
         return round_to_dtype(x, self.dtype)
@@ -34,7 +34,6 @@ class QuantizerContext:
     def wrap(self, a: np.ndarray) -> Any:
         if self.input_type == "numpy":
             return np.array(a, dtype=np.float32)
-        import torch
 
         return torch.from_numpy(np.array(a)).to(self.device, getattr(torch, self.dtype))
 
@@ -50,8 +49,6 @@ def _raw(t: Any) -> bytes:
     if t is None:
         return b"none"
     if type(t).__module__.startswith("torch"):
-        import torch
-
         t = t.detach().cpu().contiguous()
         return bytes(t.reshape(-1).view(torch.uint8).numpy().tobytes()) + str(
             tuple(t.shape)).encode()
@@ -116,7 +113,6 @@ def _layouts(x: np.ndarray, ctx: QuantizerContext) -> dict[str, Any]:
         flat[3:] = x.reshape(-1)
         out["storage offset"] = flat[3:].reshape(x.shape)
         return out
-    import torch
 
     out["transposed view"] = t.t().contiguous().t()
     big = torch.zeros((t.shape[0], 2 * t.shape[1]), dtype=t.dtype, device=t.device)

@@ -2,6 +2,6 @@
 explains its output (attention: engine.py over hypotheses.py and deviant.py), or which
 quantizer setting explains its bytes (quantizer.py)."""
 
-from fp4sim.testing.diagnosis.engine import Diagnosis, diagnose_attention, retest_cases
+from fp4sim.judge.diagnosis.engine import Diagnosis, diagnose_attention, retest_cases
 
 __all__ = ["Diagnosis", "diagnose_attention", "retest_cases"]

@@ -20,7 +20,7 @@ from typing import Any
 
 import torch
 
-from fp4sim.testing.diagnosis.fake_quant import QuantKnobs, fake_quantize, knobs_from_spec
+from fp4sim.judge.diagnosis.fake_quant import QuantKnobs, fake_quantize, knobs_from_spec
 
 _SAME = "same"  # a backward operand knob equal to the forward's
 

@@ -16,6 +16,7 @@ from typing import Any
 import torch
 
 from fp4sim.formats import BLOCK_SIZES, E2M1_MAGNITUDES, E2M1_TIES, E4M3FN
+from fp4sim.reference.quant_torch import e8m0_decode_torch, mx_scale_bytes
 
 # E2M1 magnitudes of codes 0..7 and the ties between neighbours (OCP MX v1.0 5.3.3), and the
 # E4M3 "fn" limits (OCP FP8 spec), all from fp4sim.formats.
@@ -139,8 +140,6 @@ def _round_dtype(x: torch.Tensor, dtype: str | None) -> torch.Tensor:
 
 def _mx_scale(amax: torch.Tensor, rule: str) -> torch.Tensor:
     """Power-of-two MXFP4 scale (float32) by ``rule`` (OCP MX v1.0 6.3; docs/numerics.md)."""
-    from fp4sim.reference.quant_torch import e8m0_decode_torch, mx_scale_bytes
-
     return e8m0_decode_torch(mx_scale_bytes(amax, rule).to(torch.uint8))
 
 

@@ -114,6 +114,7 @@ def figure_to_png(figure: Any, dpi: int = 90) -> bytes:
     buffer = io.BytesIO()
     figure.savefig(buffer, format="png", dpi=dpi, metadata={"Software": None})
     try:  # a pyplot-managed figure must be closed to free memory; a bare Figure needs nothing
+        # lazy: optional [report] extra; only a pyplot figure needs closing
         import matplotlib.pyplot as plt
 
         if plt.fignum_exists(getattr(figure, "number", -1)):

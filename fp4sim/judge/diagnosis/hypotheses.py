@@ -11,8 +11,8 @@ import math
 from collections.abc import Iterator
 from dataclasses import dataclass, replace
 
-from fp4sim.testing.diagnosis.deviant import Knobs
-from fp4sim.testing.diagnosis.fake_quant import QuantKnobs
+from fp4sim.judge.diagnosis.deviant import Knobs
+from fp4sim.judge.diagnosis.fake_quant import QuantKnobs
 
 FAMILIES = (
     "granularity",

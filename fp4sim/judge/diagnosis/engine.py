@@ -24,9 +24,13 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
+import torch
 
-from fp4sim.testing.diagnosis.deviant import Knobs, deviant_attention, faithful
-from fp4sim.testing.diagnosis.hypotheses import Hypothesis, attention_hypotheses, changes_forward
+from fp4sim import reference
+from fp4sim.judge.bounds import accumulation_floors
+from fp4sim.judge.diagnosis.deviant import Knobs, deviant_attention, faithful
+from fp4sim.judge.diagnosis.hypotheses import Hypothesis, attention_hypotheses, changes_forward
+from fp4sim.judge.inputs import AttentionCase, generate_attention_inputs
 
 TENSORS = ("O", "dQ", "dK", "dV")
 # Thresholds: explained when (a) at most ROW_SLACK of a tensor's rows (at least one row)
@@ -34,7 +38,7 @@ TENSORS = ("O", "dQ", "dK", "dV")
 # tensor's residual shrinks to at most EXPLAIN_RATIO of its residual against the reference.
 ROW_SLACK = 0.02
 EXPLAIN_RATIO = 0.5
-# Out-of-bound factor of the noise scale: the rule's backward factor (assertions.RULE_FACTORS)
+# Out-of-bound factor of the noise scale: the backward factor (fp4sim.judge.rule.RULE_FACTORS)
 NOISE_FACTOR = 3.0
 UNIT = {"float32": 2.0**-24, "bfloat16": 2.0**-8, "float16": 2.0**-11, "float64": 2.0**-53}
 RETEST_TOP = 60  # every explaining candidate, cascaded: each input drops the failed
@@ -134,23 +138,17 @@ class _Input:
 
 
 def _as64(t: Any) -> Any:
-    import torch
-
     if isinstance(t, np.ndarray):
         return torch.from_numpy(np.asarray(t, dtype=np.float64))
     return t.detach().to("cpu", torch.float64)
 
 
 def _round_out(x: Any, dtype: str) -> Any:
-    import torch
-
     return x.to(getattr(torch, dtype)).to(torch.float64) if dtype != "float64" else x
 
 
 def _run(case: Any, do: np.ndarray | None, knobs: Knobs, dtype: str,
          cache: dict | None = None) -> dict[str, Any]:
-    import torch
-
     q, k, v = (torch.from_numpy(a) for a in (case.q, case.k, case.v))
     dot = None if do is None else torch.from_numpy(np.asarray(do, dtype=np.float64))
     out = deviant_attention(q, k, v, dot, case.causal, case.sm_scale, knobs, cache)
@@ -159,12 +157,8 @@ def _run(case: Any, do: np.ndarray | None, knobs: Knobs, dtype: str,
 
 def _prepare(case: Any, do: np.ndarray | None, kernel: dict[str, Any], recipe: Any,
              base: Knobs) -> _Input:
-    """Faithful reference, its tolerance bound (the rule of assertions.attention_error with
+    """Faithful reference, its tolerance bound (the rule of fp4sim.judge.rule.attention_error with
     float32 accumulation as the low-precision run) and the failing tensors."""
-    import torch
-
-    from fp4sim import reference
-
     kern = {n: _as64(t) for n, t in kernel.items() if n in TENSORS}
     out_dtype = case.spec.dtype
     raw = kernel.get("O")
@@ -182,8 +176,6 @@ def _prepare(case: Any, do: np.ndarray | None, kernel: dict[str, Any], recipe: A
                                          causal=case.causal, sm_scale=case.sm_scale)
         low |= dict(zip(("dQ", "dK", "dV"), g, strict=True))
     # the rule's componentwise floor (float32 rounding bound of the formulas), as the check
-    from fp4sim.testing.attention_tolerance import accumulation_floors
-
     q64, k64, v64 = (t.double() for t in (q, k, v))
     fwd64 = reference.fp4_attention_forward(q64, k64, v64, recipe, causal=case.causal,
                                             sm_scale=case.sm_scale, accum_dtype=torch.float64)
@@ -221,8 +213,6 @@ def _rows(x: Any) -> Any:
 
 
 def _rows_over(a: Any, b: Any, bound: Any) -> tuple[int, int]:
-    import torch
-
     diff = (a - b).abs()
     diff = torch.where(torch.isnan(diff), torch.inf, diff)
     over = _rows(diff > bound).any(dim=-1)
@@ -232,8 +222,6 @@ def _rows_over(a: Any, b: Any, bound: Any) -> tuple[int, int]:
 def _block_explained(a: Any, r: Any, h: Any, bound: Any) -> tuple[int, int]:
     """Failing 16-row blocks (along the sequence axis) of kernel vs reference, and how many
     of them the hypothesis brings within the bound."""
-    import torch
-
     def blocks(x: Any) -> Any:
         rows = x.any(dim=-1)  # (..., L)
         n = rows.shape[-1]
@@ -251,8 +239,6 @@ def _bound_for(bound: Any, ref: Any, hyp: Any) -> Any:
     """The tolerance bound against a hypothesis whose rows are larger than the reference's:
     float32 rounding errors grow with the values, so each row's bound is scaled by
     rowmax|H| / rowmax|R| (never below 1)."""
-    import torch
-
     if ref.dim() == 0:
         return bound
     r_row = ref.abs().amax(dim=-1, keepdim=True)
@@ -317,9 +303,6 @@ RETEST_SHAPES = ((37, 77, 2, 1), (80, 80, 2, 2), (21, 200, 4, 2))
 def retest_cases(case: Any, supports: Callable[..., bool] | None = None) -> list[Any]:
     """A few larger inputs derived from ``case`` (same dtype, distribution, head dim, causal
     flag, softmax scale) that separate hypotheses a shrunk case cannot."""
-    from fp4sim.testing.generators import generate_attention_inputs
-    from fp4sim.testing.strategies import AttentionCase
-
     out = []
     for i, (lq, lk, h, hkv) in enumerate(RETEST_SHAPES):
         if case.causal and lq > lk:
@@ -354,8 +337,6 @@ def diagnose_attention(
     name the one that explains all (module docstring). ``grad_output(case)`` gives the dO the
     kernel's gradients used (None: forward only); ``first_outputs`` the kernel's outputs on
     ``case`` when already at hand."""
-    import torch
-
     start = time.monotonic()
     base = faithful(recipe)
     kern = first_outputs if first_outputs is not None else kernel_outputs(case)
@@ -440,10 +421,7 @@ def kernel_outputs_from_callable(
 ) -> Callable[[Any], dict[str, Any]]:
     """An in-process ``kernel_outputs`` for a ``(q, k, v, causal, sm_scale) -> o`` callable
     with autograd (tests and the in-process check)."""
-
     def run(case: Any) -> dict[str, Any]:
-        import torch
-
         dtype = getattr(torch, case.spec.dtype)
         q, k, v = (torch.from_numpy(a).to(device=device, dtype=dtype).requires_grad_(True)
                    for a in (case.q, case.k, case.v))

@@ -14,9 +14,11 @@ from dataclasses import dataclass, replace
 from typing import Any
 
 import numpy as np
+import torch
 
+import fp4sim
 from fp4sim.formats import BLOCK_SIZES as BLOCKS  # NVFP4 16, MXFP4 32
-from fp4sim.testing.diagnosis.fake_quant import QuantKnobs, quantize_parts
+from fp4sim.judge.diagnosis.fake_quant import QuantKnobs, quantize_parts
 
 
 @dataclass(frozen=True)
@@ -146,8 +148,6 @@ def quantizer_hypotheses(base: QuantKnobs) -> list[QuantHypothesis]:
 def _hyp_bytes(x: np.ndarray, hyp: QuantHypothesis, block: int) -> tuple[Any, Any]:
     """The hypothesis' codes (n_blocks, block) and scale bytes (n_blocks,) on the emulator's
     block grid (a larger block's scale repeated over the smaller blocks it covers)."""
-    import torch
-
     x2 = torch.from_numpy(np.ascontiguousarray(x, dtype=np.float32).reshape(-1, x.shape[-1]))
     codes, sbytes, _ = quantize_parts(x2, hyp.knobs)
     cols = x2.shape[-1]
@@ -171,8 +171,6 @@ def _hyp_bytes(x: np.ndarray, hyp: QuantHypothesis, block: int) -> tuple[Any, An
 
 def _values(codes: np.ndarray, scale_bits: np.ndarray, fmt: str) -> np.ndarray:
     """Dequantized values (without a tensor scale) of blocked codes and their scale bytes."""
-    import fp4sim
-
     dec = np.asarray(fp4sim.e2m1_decode(np.asarray(codes, np.uint8)), dtype=np.float64)
     sb = np.asarray(scale_bits, np.uint8)
     scale = fp4sim.e4m3_decode(sb) if fmt == "nvfp4" else fp4sim.e8m0_decode(sb)

@@ -1,12 +1,19 @@
-"""The attention check's tolerance inputs: the P-flip step and the accumulation floors."""
+"""The FP4 tolerance rule's inputs for attention: the accumulation floors (the float32
+rounding-error bound of each formula) and the P-flip allowances (code flips of P that a
+correct float32 kernel may make), from the float64 reference run."""
 
 from __future__ import annotations
 
 from typing import Any
 
 import numpy as np
+import torch
 
-from fp4sim.testing.strategies import AttentionCase
+from fp4sim.judge.inputs import AttentionCase
+from fp4sim.reference.masks import visible_mask
+from fp4sim.reference.operands import pad_keys
+from fp4sim.reference.p_quant import quantize_p_tiles
+from fp4sim.reference.softmax import scores, softmax_backward, softmax_forward
 
 # One E2M1 code flip of P changes P~ by at most one step (2, between 4 and 6) times the
 # block scale, which is at most amax/6 rounded up to E4M3 (relative step 2^-3): P <= 1, so
@@ -41,8 +48,6 @@ def accumulation_floors(case: AttentionCase, fwd64: Any, do_np: np.ndarray) -> d
     has at most 6 significant bits), but dS, P and the saved O_hp are not, so the dQ, dK, dV
     products use gamma_n + 2 u_op and D carries u_op rowsum|dO o O_hp|.
     """
-    import torch
-
     u = 2.0**-24
     u_op = OPERAND_UNIT[case.spec.dtype]
 
@@ -103,7 +108,6 @@ def accumulation_floors(case: AttentionCase, fwd64: Any, do_np: np.ndarray) -> d
     return {name: t.numpy() for name, t in out.items()}
 
 
-
 # Relative error of a float32 exp in a kernel (a few ulps; PTX ex2.approx.f32 has a maximum
 # relative error of about 2^-22, PTX ISA "ex2") on top of the error of its argument.
 EXP_REL_ERROR = 2.0**-21
@@ -130,13 +134,6 @@ def p_flip_allowances(
     Away from ties every allowance is exactly 0, so a defect cannot hide in it; recipes whose
     P is not quantized get no allowance.
     """
-    import torch
-
-    from fp4sim.reference.masks import visible_mask
-    from fp4sim.reference.operands import pad_keys
-    from fp4sim.reference.p_quant import quantize_p_tiles
-    from fp4sim.reference.softmax import scores, softmax_backward, softmax_forward
-
     out: dict[str, Any] = {}
     if recipe.p is None:
         return out

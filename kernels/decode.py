@@ -1,0 +1,604 @@
+"""FP4 decode attention: flash-decoding with split KV on packed NVFP4 / MXFP4 K and V.
+
+The same packed layout as ``kernels.inference`` (``pack_for_inference`` builds it; Q, K along d,
+V^T along keys), the same function inside one split, and an exact merge across splits.
+
+Schedule (what a reference must reproduce, ``property_tests/test_kernels_decode.py`` does):
+
+* Keys are cut into tiles of ``BLOCK_N = 64`` (the reference recipes' ``block_n``) and the
+  tiles into ``num_splits`` contiguous splits of ``tiles_per_split`` tiles each (the last may be
+  shorter); split s covers keys ``[64 s T, min(64 (s + 1) T, Lk))`` with T = tiles_per_split.
+  Split boundaries are multiples of 64, hence of both V block sizes (16, 32): a split never
+  cuts a V block.
+* Each split is an independent flash pass over its keys, exactly the inference kernel's loop
+  (``docs/attention-math.md`` "Forward"; ``kernels.inference`` docstring) started with
+  ``m = -inf, l = 0, acc = 0`` at the split's first key: per tile ``S = tau Q^ K^T``,
+  ``m' = max(m, rowmax S)``, ``P = exp(S - m')``, ``P~ = FQ(P)`` per block of 16 (NVFP4,
+  E4M3 ``amax/6`` scale) or 32 (MXFP4, E8M0 ``rceil``) keys against the split's running max,
+  ``l = l e^{m - m'} + rowsum P``, ``acc = acc e^{m - m'} + P~ V^``. So the P bits of a tile
+  depend on the split it falls in (its running max starts at that split).
+* Merge in float32: ``M = max_s m_s``, ``w_s = exp(m_s - M)`` (0 for a split in which the row
+  sees no key), ``L = sum_s w_s l_s``, ``O = (sum_s w_s acc_s) / L`` (IEEE division), bf16
+  out; a row that sees no key at all outputs 0. With ``num_splits = 1`` no merge runs and the
+  result is the function of ``fp4_inference_attention`` (same tiles, same running max).
+
+Float32 details (same function, rounding only): S and the maxima are kept in log2 units
+(``S log2 e`` with ``tau log2 e`` folded into one multiply; ``P = 2^(S' - m')``, one
+``ex2.approx.ftz`` on the GPU: P below 2^-126 flushes to 0); the rescale by ``alpha`` runs only
+when some row's max moved (otherwise alpha is exactly 1); masks are applied only to tiles that
+hold an invisible key. ``return_partials`` gives m back in natural-log units.
+
+Grouped-query attention is read once per kv head: one program holds all ``G * Lq`` query rows
+(G = H / Hkv) of a kv head (up to 128 rows; more are cut into row blocks), so each K/V tile is
+decoded once for the whole group. Causal masks are bottom-right aligned as in
+``kernels.inference`` (query i sees key j iff ``j <= i + Lk - Lq``).
+
+Operand decode (products exact in every mode; only float32 accumulation order differs):
+
+* ``decode="exact"`` (the interpreter, and a GPU cross-check): ``kernels.inference``'s decode
+  (codes and scales to float32 in registers), then bf16 (GPU) or float32 (interpreter).
+* ``decode="asm"`` / ``"ops"`` (GPU): an E2M1 code ``s e1 e0 m`` rewritten as the E4M3 byte
+  ``s 0 0 0 e1 e0 m 0`` is the same value times 2^-6 (E4M3 bias 7 against E2M1's 1, and the
+  E2M1 subnormal 0.5 lands on an E4M3 subnormal), so the hardware E4M3 -> f16 conversion
+  (``cvt.rn.f16x2.e4m3x2``) decodes two codes per instruction exactly. "asm" rewrites four
+  bytes (eight codes) per 32-bit register in PTX; "ops" does the byte rewrite with Triton ops.
+  NVFP4 then multiplies by ``64 * scale`` in f16 (E2M1 times E4M3 has at most 6 significant
+  bits and lies in [2^-10, 2688], exact in f16) and runs f16 MMAs. MXFP4 multiplies in
+  float32 by 64 and by 2^e (exact) and runs bf16 MMAs (exact inside bf16's normal range, as
+  ``kernels.inference``).
+
+Cost model (d = 128, per key and kv head): NVFP4 K and V 2 * (64 + 8) = 144 bytes, MXFP4 136,
+bf16 512 (3.6x / 3.8x fewer). The split partials add ``2 * 4 * (d + 2)`` bytes per query row
+and split (written, then read by the merge; mostly in L2); ``default_num_splits`` has the rule.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import triton
+import triton.language as tl
+
+from fp4sim.kernels import fp4_jit
+from fp4sim.kernels import inference as _inf
+from fp4sim.kernels.inference import check_packed_inputs
+
+BLOCK_N = _inf.BLOCK_N  # key tile of the P quantization (the reference recipes' block_n = 64)
+MAX_BLOCK_M = 128  # query rows per program; more rows form further row blocks
+DECODE_MODES = {"exact": 0, "asm": 1, "ops": 2}
+_LOG2E = 1.4426950408889634  # S and the row maxima are kept in log2 units (exp2 is native)
+
+__all__ = [
+    "BLOCK_N",
+    "DECODE_MODES",
+    "DecodePartials",
+    "default_num_splits",
+    "fp4_decode_attention",
+    "split_bounds",
+    "tile_v",
+]
+
+# Four packed bytes -> the E4M3 bytes of their low and high nibbles -> f16 pairs (value / 64).
+# Low nibble: magnitude bits 0-2 to bits 2-4, sign bit 3 to bit 7; high nibble: bits 4-6 to
+# 2-4, sign bit 7 stays. cvt.rn.f16x2.e4m3x2 puts the low byte's value in the low half.
+_E2M1_TO_F16_ASM = tl.constexpr("""
+{
+.reg .b32 a, b, lo, hi;
+.reg .b16 l0, l1, h0, h1;
+shl.b32 a, $4, 2;
+and.b32 a, a, 0x1C1C1C1C;
+shl.b32 b, $4, 4;
+and.b32 b, b, 0x80808080;
+or.b32 lo, a, b;
+shr.b32 a, $4, 2;
+and.b32 a, a, 0x1C1C1C1C;
+and.b32 b, $4, 0x80808080;
+or.b32 hi, a, b;
+mov.b32 {l0, l1}, lo;
+mov.b32 {h0, h1}, hi;
+cvt.rn.f16x2.e4m3x2 $0, l0;
+cvt.rn.f16x2.e4m3x2 $1, l1;
+cvt.rn.f16x2.e4m3x2 $2, h0;
+cvt.rn.f16x2.e4m3x2 $3, h1;
+}
+""")
+
+
+@triton.jit
+def _exp2(x, FTZ: tl.constexpr):
+    """2^x in float32; FTZ (GPU): one ``ex2.approx.ftz.f32`` (results below 2^-126 flush to 0,
+    which no FP4 P block can resolve against a row maximum of 1), else ``tl.math.exp2``."""
+    if FTZ:
+        return tl.inline_asm_elementwise(
+            "ex2.approx.ftz.f32 $0, $1;", "=r,r", [x], dtype=tl.float32, is_pure=True, pack=1
+        )
+    else:
+        return tl.math.exp2(x)
+
+
+@triton.jit
+def _op(x, OPK: tl.constexpr):
+    """Cast a tile to the MMA operand type: 0 float32 (interpreter), 1 bf16, 2 f16."""
+    if OPK == 1:
+        return x.to(tl.bfloat16)
+    elif OPK == 2:
+        return x.to(tl.float16)
+    else:
+        return x
+
+
+@triton.jit
+def _mma(a, b, acc, OPK: tl.constexpr):
+    """acc + a @ b, float32 accumulation (IEEE float32 products in the interpreter)."""
+    if OPK == 0:
+        return tl.dot(a, b, acc, input_precision="ieee")
+    else:
+        return tl.dot(a, b, acc)
+
+
+@triton.jit
+def _e2m1_nibbles_f16(packed, DECODE: tl.constexpr):
+    """Packed bytes (R, C/2) -> (low-nibble values, high-nibble values) f16, each E2M1 / 64."""
+    if DECODE == 1:
+        lo, hi = tl.inline_asm_elementwise(
+            _E2M1_TO_F16_ASM,
+            "=r,=r,=r,=r,r",
+            [packed],
+            dtype=(tl.float16, tl.float16),
+            is_pure=True,
+            pack=4,
+        )
+    else:
+        lo_b = ((packed & 7) << 2) | ((packed & 8) << 4)
+        hi_b = ((packed >> 2) & 0x1C) | (packed & 0x80)
+        lo = lo_b.to(tl.float8e4nv, bitcast=True).to(tl.float16)
+        hi = hi_b.to(tl.float8e4nv, bitcast=True).to(tl.float16)
+    return lo, hi
+
+
+@triton.jit
+def _decode_tile(
+    packed, sbits, BLOCK: tl.constexpr, IS_MX: tl.constexpr, DECODE: tl.constexpr,
+    OPK: tl.constexpr,
+):
+    """Packed codes (R, C/2) and scale bytes (R, C / BLOCK) -> exact values (R, C), MMA type."""
+    R: tl.constexpr = packed.shape[0]
+    C: tl.constexpr = 2 * packed.shape[1]
+    NB: tl.constexpr = C // BLOCK
+    if DECODE == 0:
+        return _op(_inf._decode(packed, sbits, BLOCK, IS_MX), OPK)
+    else:
+        lo, hi = _e2m1_nibbles_f16(packed, DECODE)
+        v = tl.reshape(tl.join(lo, hi), (R, NB, BLOCK))  # element 2i = low nibble of byte i
+        if IS_MX:
+            scale = fp4_jit.e8m0_decode(sbits)
+            vals = (v.to(tl.float32) * 64.0) * scale[:, :, None]  # both multiplies exact
+            return tl.reshape(vals, (R, C)).to(tl.bfloat16)
+        else:
+            # E4M3 scale bytes through the same hardware cast (exact in f16, 0x7F -> NaN).
+            scale16 = sbits.to(tl.float8e4nv, bitcast=True).to(tl.float16) * 64.0
+            return tl.reshape(v * scale16[:, :, None], (R, C))
+
+
+@triton.jit
+def _decode_split_kernel(
+    q_ptr,
+    qs_ptr,
+    k_ptr,
+    ks_ptr,
+    v_ptr,
+    vs_ptr,
+    o_ptr,
+    ws_acc,
+    ws_m,
+    ws_l,
+    qk_scale,
+    H,
+    HKV,
+    LQ,
+    LK,
+    LKP,
+    ROWS,
+    TILES_PER_SPLIT,
+    NUM_SPLITS,
+    HEAD_DIM: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK: tl.constexpr,
+    IS_MX: tl.constexpr,
+    CAUSAL: tl.constexpr,
+    DECODE: tl.constexpr,
+    OPK: tl.constexpr,
+    UPCAST: tl.constexpr,
+    STATIC_TILES: tl.constexpr,
+    DIRECT: tl.constexpr,
+    V_TILED: tl.constexpr,
+):
+    pid_r = tl.program_id(0)  # row blocks of one split launch together: shared K/V in L2
+    pid_s = tl.program_id(1)
+    pid_bh = tl.program_id(2)  # b * HKV + kv head
+    b = pid_bh // HKV
+    hkv = pid_bh % HKV
+    group = H // HKV
+    D2: tl.constexpr = HEAD_DIM // 2
+    DS: tl.constexpr = HEAD_DIM // BLOCK
+    bhkv = pid_bh.to(tl.int64)
+
+    # Rows r = g * LQ + i of the group's query heads are contiguous in (B, H, LQ, .) storage.
+    rows = pid_r * BLOCK_M + tl.arange(0, BLOCK_M)
+    r_mask = rows < ROWS
+    qi = rows % LQ
+    grow = ((b * H + hkv * group) * LQ).to(tl.int64) + rows
+    q_pk = _inf._load_rows(q_ptr, grow, r_mask, D2)
+    q_sb = _inf._load_rows(qs_ptr, grow, r_mask, DS)
+    q_hat = _decode_tile(q_pk, q_sb, BLOCK, IS_MX, DECODE, OPK)
+
+    k_base = k_ptr + bhkv * LK * D2
+    ks_base = ks_ptr + bhkv * LK * DS
+    v_base = v_ptr + bhkv * HEAD_DIM * (LKP // 2)
+    vs_base = vs_ptr + bhkv * HEAD_DIM * (LKP // BLOCK)
+    offs_n0 = tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, HEAD_DIM)
+
+    n_tiles = tl.cdiv(LK, BLOCK_N)
+    t_lo = pid_s * TILES_PER_SPLIT
+    t_hi = tl.minimum(t_lo + TILES_PER_SPLIT, n_tiles)
+    # Causal (bottom-right): this block's rows see keys up to q_hi + LK - LQ at most, and every
+    # row sees keys up to q_lo + LK - LQ; tiles past the first bound are skipped, tiles within
+    # the second need no mask.
+    last_key = LK - 1
+    if CAUSAL:
+        q_hi = tl.max(tl.where(r_mask, qi, 0), axis=0)
+        q_lo = tl.min(tl.where(r_mask, qi, LQ), axis=0)
+        t_hi = tl.minimum(t_hi, tl.cdiv(q_hi + LK - LQ + 1, BLOCK_N))
+        last_key = tl.minimum(q_lo + LK - LQ, LK - 1)
+
+    m_i = tl.full((BLOCK_M,), float("-inf"), tl.float32)
+    l_i = tl.zeros((BLOCK_M,), tl.float32)
+    acc = tl.zeros((BLOCK_M, HEAD_DIM), tl.float32)
+    # STATIC_TILES (the interpreter, whose range() needs a Python int): walk every tile and
+    # mask the ones outside this split (S = -inf there, so nothing changes).
+    for t in range(0 if STATIC_TILES else t_lo, STATIC_TILES if STATIC_TILES else t_hi):
+        start_n = t * BLOCK_N
+        offs_n = start_n + offs_n0
+        n_mask = offs_n < LK
+        if STATIC_TILES:
+            n_mask = n_mask & (t >= t_lo) & (t < t_hi)
+        k_pk = _inf._load_rows(k_base, offs_n, n_mask, D2)
+        k_sb = _inf._load_rows(ks_base, offs_n, n_mask, DS)
+        k_hat = _decode_tile(k_pk, k_sb, BLOCK, IS_MX, DECODE, OPK)
+        s = _mma(q_hat, tl.trans(k_hat), tl.zeros((BLOCK_M, BLOCK_N), tl.float32), OPK)
+        s = s * qk_scale  # log2 units: tau * log2(e) folded into one multiply
+        # Masks only where a key of the tile may be invisible: past Lk, outside this split
+        # (interpreter), or (causal) past some row's last visible key.
+        if (start_n + BLOCK_N - 1 > last_key) or STATIC_TILES:
+            visible = n_mask[None, :]
+            if CAUSAL:
+                visible = visible & (offs_n[None, :] <= qi[:, None] + (LK - LQ))
+            s = tl.where(visible, s, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(s, axis=1))
+        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)  # rows with no key yet
+        p = _exp2(s - m_safe[:, None], not UPCAST)  # = exp(S - m); 0 at masked keys
+        # Rescale only when some row max moved: otherwise alpha = exp(0) = 1 exactly and the
+        # products would return acc and l unchanged (same bits, fewer instructions).
+        if tl.sum((m_new > m_i).to(tl.int32), axis=0) > 0:
+            alpha = _exp2(m_i - m_safe, not UPCAST)
+            l_i = l_i * alpha
+            acc = acc * alpha[:, None]
+        l_i = l_i + tl.sum(p, axis=1)  # the high-precision P, as the reference
+        m_i = m_new
+
+        if V_TILED:  # (.., tiles, d, 32) bytes: the tile's V^T is one contiguous 4 KiB block
+            VB: tl.constexpr = BLOCK_N // 2
+            VS: tl.constexpr = BLOCK_N // BLOCK
+            t64 = (bhkv * tl.cdiv(LK, BLOCK_N) + t) * HEAD_DIM
+            v_pk = tl.load(v_ptr + (t64 + offs_d[:, None]) * VB + tl.arange(0, VB)[None, :])
+            v_sb = tl.load(vs_ptr + (t64 + offs_d[:, None]) * VS + tl.arange(0, VS)[None, :])
+        else:
+            vk = start_n // 2 + tl.arange(0, BLOCK_N // 2)
+            vks = start_n // BLOCK + tl.arange(0, BLOCK_N // BLOCK)
+            v_pk = tl.load(
+                v_base + offs_d[:, None].to(tl.int64) * (LKP // 2) + vk[None, :],
+                mask=vk[None, :] < LKP // 2,
+                other=0,
+            )
+            v_sb = tl.load(
+                vs_base + offs_d[:, None].to(tl.int64) * (LKP // BLOCK) + vks[None, :],
+                mask=vks[None, :] < LKP // BLOCK,
+                other=0,
+            )
+        v_hat = _decode_tile(v_pk, v_sb, BLOCK, IS_MX, DECODE, OPK)
+        # P is finite and >= 0: the inference kernel's non-negative quantizers (same bits).
+        if IS_MX:
+            _pc, _psb, _ps, p_tilde = fp4_jit.mxfp4_quantize_nonneg_rows(p, BLOCK)
+        else:
+            p_tilde = fp4_jit.nvfp4_fake_quantize_probs(p, BLOCK, not UPCAST)
+        acc = _mma(_op(p_tilde, OPK), tl.trans(v_hat), acc, OPK)  # P~ exact in bf16 / f16
+
+    if DIRECT:  # one split: normalize here, exactly as kernels.inference
+        l_safe = tl.where(l_i > 0, l_i, 1.0)
+        o = tl.where(l_i[:, None] > 0, acc / l_safe[:, None], 0.0)
+        o_ptrs = o_ptr + grow[:, None] * HEAD_DIM + offs_d[None, :]
+        tl.store(o_ptrs, _inf._to_bf16(o, UPCAST), mask=r_mask[:, None])
+    else:
+        wrow = (bhkv * NUM_SPLITS + pid_s) * ROWS + rows
+        tl.store(ws_m + wrow, m_i, mask=r_mask)
+        tl.store(ws_l + wrow, l_i, mask=r_mask)
+        tl.store(
+            ws_acc + wrow[:, None] * HEAD_DIM + offs_d[None, :], acc, mask=r_mask[:, None]
+        )
+
+
+@triton.jit
+def _merge_kernel(
+    ws_acc,
+    ws_m,
+    ws_l,
+    o_ptr,
+    H,
+    HKV,
+    LQ,
+    ROWS,
+    NUM_SPLITS,
+    HEAD_DIM: tl.constexpr,
+    BLOCK_R: tl.constexpr,
+    UPCAST: tl.constexpr,
+    STATIC_SPLITS: tl.constexpr,
+):
+    pid_bh = tl.program_id(0)
+    pid_r = tl.program_id(1)
+    b = pid_bh // HKV
+    hkv = pid_bh % HKV
+    group = H // HKV
+    rows = pid_r * BLOCK_R + tl.arange(0, BLOCK_R)
+    r_mask = rows < ROWS
+    offs_d = tl.arange(0, HEAD_DIM)
+    base = pid_bh.to(tl.int64) * NUM_SPLITS * ROWS + rows
+    m = tl.full((BLOCK_R,), float("-inf"), tl.float32)
+    for s in range(STATIC_SPLITS if STATIC_SPLITS else NUM_SPLITS):  # interpreter: an int
+        m = tl.maximum(m, tl.load(ws_m + base + s * ROWS, mask=r_mask, other=float("-inf")))
+    m_safe = tl.where(m == float("-inf"), 0.0, m)  # no visible key in any split
+    l_sum = tl.zeros((BLOCK_R,), tl.float32)
+    o = tl.zeros((BLOCK_R, HEAD_DIM), tl.float32)
+    for s in range(STATIC_SPLITS if STATIC_SPLITS else NUM_SPLITS):  # interpreter: an int
+        w = _exp2(
+            tl.load(ws_m + base + s * ROWS, mask=r_mask, other=float("-inf")) - m_safe, not UPCAST
+        )
+        l_sum += w * tl.load(ws_l + base + s * ROWS, mask=r_mask, other=0.0)
+        a = tl.load(
+            ws_acc + (base + s * ROWS)[:, None] * HEAD_DIM + offs_d[None, :],
+            mask=r_mask[:, None],
+            other=0.0,
+        )
+        o += w[:, None] * a
+    l_safe = tl.where(l_sum > 0, l_sum, 1.0)
+    out = tl.math.div_rn(o, tl.broadcast_to(l_safe[:, None], o.shape))
+    out = tl.where(l_sum[:, None] > 0, out, 0.0)
+    grow = ((b * H + hkv * group) * LQ).to(tl.int64) + rows
+    tl.store(
+        o_ptr + grow[:, None] * HEAD_DIM + offs_d[None, :],
+        _inf._to_bf16(out, UPCAST),
+        mask=r_mask[:, None],
+    )
+
+
+def tile_v(v_packed: torch.Tensor, v_scales: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """``pack_for_inference``'s V^T (B, Hkv, d, Lkp/2) codes and (B, Hkv, d, Lkp/blk) scales
+    -> the key-tiled layout (B, Hkv, T, d, 32) and (B, Hkv, T, d, 64/blk), T = ceil(Lk / 64):
+    each 64-key tile's V^T is one contiguous block (4 KiB of codes at d = 128), where the
+    untiled rows give 32-byte pieces 1/2 Lkp bytes apart. Keys appended up to 64 T are zero
+    codes with zero scales (masked: P = 0 there). Same values, so the same function."""
+    if v_packed.dim() != 4 or v_scales.dim() != 4:
+        raise ValueError("tile_v takes pack_for_inference's 4-D V^T codes and scales")
+    b, h, d, half = v_packed.shape
+    nb = v_scales.shape[-1]
+    blk = 2 * half // nb
+    n_t = -(-2 * half // BLOCK_N)
+    pad_codes = n_t * BLOCK_N // 2 - half
+    pad_scales = n_t * BLOCK_N // blk - nb
+    vp = torch.nn.functional.pad(v_packed, (0, pad_codes))
+    vs = torch.nn.functional.pad(v_scales, (0, pad_scales))
+    vp = vp.reshape(b, h, d, n_t, BLOCK_N // 2).permute(0, 1, 3, 2, 4).contiguous()
+    vs = vs.reshape(b, h, d, n_t, BLOCK_N // blk).permute(0, 1, 3, 2, 4).contiguous()
+    return vp, vs
+
+
+def split_bounds(lk: int, num_splits: int) -> tuple[int, list[tuple[int, int]]]:
+    """(tiles_per_split, key ranges [start, end) of the splits actually used)."""
+    n_tiles = -(-lk // BLOCK_N)
+    num_splits = max(1, min(int(num_splits), n_tiles))
+    tps = -(-n_tiles // num_splits)
+    n_used = -(-n_tiles // tps)
+    return tps, [(s * tps * BLOCK_N, min((s + 1) * tps * BLOCK_N, lk)) for s in range(n_used)]
+
+
+_SM_COUNT: dict[int, int] = {}
+
+
+def _sm_count(device: torch.device) -> int:
+    if device.type != "cuda":
+        return 1
+    idx = device.index if device.index is not None else torch.cuda.current_device()
+    if idx not in _SM_COUNT:
+        _SM_COUNT[idx] = torch.cuda.get_device_properties(idx).multi_processor_count
+    return _SM_COUNT[idx]
+
+
+# Programs of this many query rows that fit on one multiprocessor at once (registers: about
+# 160 per thread at 16 rows / 4 warps, 250 at 64 rows / 4 warps and 128 rows / 8 warps; sm_90
+# compile of 2026-12-02).
+_PROGRAMS_PER_SM = {16: 3, 32: 2, 64: 1, 128: 1}
+
+
+def default_num_splits(batch_kv_heads: int, row_blocks: int, block_m: int, lk: int,
+                       sm_count: int) -> int:
+    """Splits per (batch, kv head): one full wave of resident programs, at least 2 key tiles
+    (128 keys) per split. Each split costs rows * (d + 2) float32 of partials (written, then
+    read by the merge; about the FP4 K/V bytes at 128 rows and one split per multiprocessor)."""
+    n_tiles = -(-lk // BLOCK_N)
+    slots = sm_count * _PROGRAMS_PER_SM.get(block_m, 1)
+    want = -(-slots // max(1, batch_kv_heads * row_blocks))
+    return max(1, min(want, max(1, n_tiles // 2)))
+
+
+class DecodePartials(tuple):
+    """(m, l, acc): per-split row max, row sum (B, H, Lq, S) and accumulator (B, H, Lq, S, d),
+    float32, as the split kernel wrote them (before the merge)."""
+
+    __slots__ = ()
+
+
+def fp4_decode_attention(
+    q_packed: torch.Tensor,
+    q_scales: torch.Tensor,
+    k_packed: torch.Tensor,
+    k_scales: torch.Tensor,
+    v_packed: torch.Tensor,
+    v_scales: torch.Tensor,
+    fmt: object = "nvfp4",
+    causal: bool = False,
+    sm_scale: float | None = None,
+    num_splits: int | None = None,
+    decode: str | None = None,
+    num_warps: int | None = None,
+    num_stages: int | None = None,
+    return_partials: bool = False,
+    out: torch.Tensor | None = None,
+) -> torch.Tensor | tuple[torch.Tensor, DecodePartials]:
+    """Split-KV FP4 attention on packed inputs (``kernels.inference`` layout) -> bf16 O.
+
+    ``num_splits``: splits per (batch, kv head); None uses ``default_num_splits`` (1 on the
+    CPU); it is clamped to the number of 64-key tiles and reduced so that no split is empty
+    (``split_bounds``). ``decode``: 'exact', 'asm' or 'ops' (module docstring); None picks
+    'asm' on the GPU, 'exact' in the interpreter (the only mode there). ``return_partials``
+    (testing aid) also returns the split partials (``DecodePartials``) and always runs the
+    merge kernel. ``out``: optional contiguous bf16 (B, H, Lq, d) tensor to write O into.
+    Returns O (B, H, Lq, d) bfloat16.
+    """
+    v_tiled = isinstance(v_packed, torch.Tensor) and v_packed.dim() == 5
+    shp = check_packed_inputs(
+        q_packed, q_scales, k_packed, k_scales, v_packed, v_scales, fmt,
+        v_tile=BLOCK_N if v_tiled else 0,
+    )
+    name, blk, bsz, heads, hkv, lq, lk, d, lkp = shp
+    tau = 1.0 / math.sqrt(d) if sm_scale is None else float(sm_scale)
+    q_packed, q_scales, k_packed, k_scales, v_packed, v_scales = (
+        t.contiguous() for t in (q_packed, q_scales, k_packed, k_scales, v_packed, v_scales)
+    )  # documented in kernels.inference: non-contiguous inputs are copied
+    dev = q_packed.device
+    on_gpu = dev.type == "cuda"
+    if decode is None:
+        decode = "asm" if on_gpu else "exact"
+    if decode not in DECODE_MODES:
+        raise ValueError(f"decode must be one of {sorted(DECODE_MODES)}, got {decode!r}")
+    if not on_gpu and decode != "exact":
+        raise ValueError("the interpreter has no inline PTX or fp8 casts: use decode='exact'")
+    mode = DECODE_MODES[decode]
+    is_mx = name == "mxfp4"
+    if not on_gpu:
+        opk = 0
+    elif mode == 0 or is_mx:
+        opk = 1
+    else:
+        opk = 2
+    group = heads // hkv
+    rows = group * lq
+    block_m = min(MAX_BLOCK_M, max(16, triton.next_power_of_2(rows)))
+    row_blocks = triton.cdiv(rows, block_m)
+    if num_splits is None:
+        num_splits = (
+            default_num_splits(bsz * hkv, row_blocks, block_m, lk, _sm_count(dev))
+            if on_gpu
+            else 1
+        )
+    tps, ranges = split_bounds(lk, num_splits)
+    n_splits = len(ranges)
+    direct = n_splits == 1 and not return_partials
+    if out is None:
+        out = torch.empty((bsz, heads, lq, d), dtype=torch.bfloat16, device=dev)
+    elif (
+        out.dtype != torch.bfloat16
+        or tuple(out.shape) != (bsz, heads, lq, d)
+        or not out.is_contiguous()
+        or out.device != dev
+    ):
+        raise ValueError(f"out must be a contiguous bf16 tensor of shape {(bsz, heads, lq, d)}")
+    if direct:
+        ws_acc = ws_m = ws_l = out  # unused pointers
+    else:
+        ws_acc = torch.empty((bsz * hkv, n_splits, rows, d), dtype=torch.float32, device=dev)
+        ws_m = torch.empty((bsz * hkv, n_splits, rows), dtype=torch.float32, device=dev)
+        ws_l = torch.empty_like(ws_m)
+    if num_warps is None:
+        num_warps = 8 if block_m >= 128 else 4
+    if num_stages is None:
+        num_stages = 3
+    grid = (row_blocks, n_splits, bsz * hkv)
+    _decode_split_kernel[grid](
+        q_packed,
+        q_scales,
+        k_packed,
+        k_scales,
+        v_packed,
+        v_scales,
+        out,
+        ws_acc,
+        ws_m,
+        ws_l,
+        tau * _LOG2E,
+        heads,
+        hkv,
+        lq,
+        lk,
+        lkp,
+        rows,
+        tps,
+        n_splits,
+        HEAD_DIM=d,
+        BLOCK_M=block_m,
+        BLOCK_N=BLOCK_N,
+        BLOCK=blk,
+        IS_MX=is_mx,
+        CAUSAL=bool(causal),
+        DECODE=mode,
+        OPK=opk,
+        UPCAST=not on_gpu,
+        STATIC_TILES=0 if on_gpu else triton.cdiv(lk, BLOCK_N),
+        DIRECT=direct,
+        V_TILED=v_tiled,
+        num_warps=num_warps,
+        num_stages=num_stages,
+    )
+    if not direct:
+        block_r = 16
+        _merge_kernel[(bsz * hkv, triton.cdiv(rows, block_r))](
+            ws_acc,
+            ws_m,
+            ws_l,
+            out,
+            heads,
+            hkv,
+            lq,
+            rows,
+            n_splits,
+            HEAD_DIM=d,
+            BLOCK_R=block_r,
+            UPCAST=not on_gpu,
+            STATIC_SPLITS=0 if on_gpu else n_splits,
+            num_warps=4,
+        )
+    if not return_partials:
+        return out
+
+    def _rows_to_heads(x: torch.Tensor) -> torch.Tensor:
+        # (B*Hkv, S, G*Lq, ...) -> (B, H, Lq, S, ...); row r = g * Lq + i, head = hkv * G + g
+        tail = x.shape[3:]
+        x = x.reshape(bsz, hkv, n_splits, group, lq, *tail)
+        x = x.permute(0, 1, 3, 4, 2, *range(5, 5 + len(tail)))
+        return x.reshape(bsz, heads, lq, n_splits, *tail)
+
+    m_nat = ws_m / _LOG2E  # back to natural-log units (-inf stays -inf)
+    return out, DecodePartials(
+        (_rows_to_heads(m_nat), _rows_to_heads(ws_l), _rows_to_heads(ws_acc))
+    )
