@@ -20,6 +20,7 @@ _EXPORTS = {
     "attn_qat_forward": "fp4sim.kernels.training_attention",
     "attn_qat_backward": "fp4sim.kernels.training_attention",
     "fp4_inference_attention": "fp4sim.kernels.inference",
+    "fp4_decode_attention": "fp4sim.kernels.decode",
     "pack_for_inference": "fp4sim.kernels.inference",
 }
 

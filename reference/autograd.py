@@ -18,7 +18,7 @@ class _FP4Attention(torch.autograd.Function):
         ctx.save_for_backward(q, k, v)
         ctx.fwd = fwd
         ctx.args = (causal, sm_scale, recipe, variant)
-        return fwd.o.to(q.dtype)
+        return fwd.o.to(q.dtype, copy=True)  # a copy: returning the saved tensor itself keeps every step alive
 
     @staticmethod
     def backward(ctx, do):
