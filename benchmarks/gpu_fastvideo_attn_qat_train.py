@@ -16,6 +16,7 @@ Three parts, each printed as a table and written to DIR/fastvideo_attn_qat_train
 from __future__ import annotations
 
 import argparse
+import importlib
 import json
 import os
 import sys
@@ -24,11 +25,14 @@ from typing import Any
 
 import numpy as np
 import torch
+import triton
 
 import fp4sim
 from fp4sim import reference
 from fp4sim.harness.loader import load_kernel
-from fp4sim.testing.generators import AttentionInputSpec, generate_attention_inputs
+from fp4sim.judge.attention import AttentionCheckConfig, evaluate_attention_case
+from fp4sim.judge.inputs import AttentionCase, AttentionInputSpec, generate_attention_inputs
+from fp4sim.reference.p_quant import quantize_p_tiles
 
 GRID_LENGTHS = (256, 1000, 4096)
 GRID_HEAD_DIMS = (64, 128)
@@ -59,13 +63,8 @@ def reference_run(recipe, q, k, v, do, causal, sm_scale, device):
 
 
 def rule_verdict(kernel, recipe, spec, seed, causal, device, diagnose=True
-                 ) -> tuple[bool | None, str]:
-    """The check's FP4 tolerance rule on one case (None when the check API is unavailable)."""
-    try:
-        from fp4sim.testing.check_attention import AttentionCheckConfig, evaluate_attention_case
-        from fp4sim.testing.strategies import AttentionCase
-    except ImportError as err:
-        return None, f"check API unavailable: {err}"
+                 ) -> tuple[bool, str]:
+    """The FP4 tolerance rule of ``fp4sim check`` (fp4sim.judge.attention) on one case."""
     q, k, v = generate_attention_inputs(np.random.default_rng(seed), spec)
     case = AttentionCase(spec, seed, causal, None, q, k, v)
     config = AttentionCheckConfig(kernel="adapter", recipe=recipe, causal=causal,
@@ -115,10 +114,6 @@ def grid(kernel, device, lengths, head_dims, claims, log) -> list[dict[str, Any]
 
 def quantizer_probe(device, log) -> list[dict[str, Any]]:
     """Launch the kernel's fake_quantize_q on bf16 inputs and compare with the emulator."""
-    import importlib
-
-    import triton
-
     mod = importlib.import_module("fastvideo_kernel.triton_kernels.quant_utils")
     out = []
     for d in GRID_HEAD_DIMS:
@@ -209,8 +204,6 @@ def emulated_dv(q, k, v, do, causal, sm_scale, device, *, bf16_l: bool, pollute:
     LSE and the backward's normalized P move by up to 2^-9 relative. ``pollute``: the keys
     padding the last 16-key block get P = exp(0 - LSE) in the backward (zero-filled K rows,
     no mask in the non-causal path), which can raise that block's scale."""
-    from fp4sim.reference.p_quant import quantize_p_tiles
-
     r = reference.get_recipe("fastvideo-attn-qat")
     qt, kt, vt, dot = (torch.from_numpy(x).to(device, torch.float64) for x in (q, k, v, do))
     fwd = reference.fp4_attention_forward(qt, kt, vt, r, causal=causal, sm_scale=sm_scale,

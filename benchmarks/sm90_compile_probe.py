@@ -9,8 +9,8 @@ the share of the P quantizer (the ``_fake_quantize_probs`` wrapper and all of
 ``kernels/fp4_jit.py``) and that loop's top SASS opcodes.
 
 Why: the resource report and the disassembly answer most cost questions (are the wgmma there,
-did the quantizer add layout conversions, spills or instructions) without device time, as the
-device METHOD.md advises ("read what costs no device time").
+did the quantizer add layout conversions, spills or instructions) without spending GPU time:
+read what costs nothing before timing what costs device minutes.
 
 Run from the repository root (``--all``, 8 variants, about 10 s on 2 cores):
 

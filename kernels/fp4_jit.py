@@ -72,27 +72,30 @@ import triton
 import triton.language as tl
 from triton.language.extra import libdevice
 
-from fp4sim.formats import E2M1, E4M3FN
+from fp4sim.formats import E2M1, E2M1_TIES, E4M3FN
 
 # Format limits from fp4sim.formats, as constexprs (@triton.jit code reads Python globals only
 # as constexprs; each compiles exactly as the float literal it replaces).
 E2M1_MAX = tl.constexpr(E2M1.max_value)  # 6.0, the largest E2M1 magnitude
 E4M3_MAX = tl.constexpr(E4M3FN.max_value)  # 448.0, the largest finite E4M3FN value
+# The E2M1 rounding ties (0.25, 0.75, 1.25, 1.75, 2.5, 3.5, 5), one constexpr each for the JIT.
+E2M1_TIE0, E2M1_TIE1, E2M1_TIE2, E2M1_TIE3, E2M1_TIE4, E2M1_TIE5, E2M1_TIE6 = (
+    tl.constexpr(t) for t in E2M1_TIES)
 
 
 @triton.jit
 def e2m1_rne_codes(x):
     """float32 -> E2M1 code (uint8), RNE on the exact value, satfinite, NaN -> 7."""
     a = tl.abs(x)
-    # RNE thresholds between the E2M1 magnitudes 0, .5, 1, 1.5, 2, 3, 4, 6; a tie goes to the
-    # even code (0.25->0, 0.75->1, 1.25->1, 1.75->2, 2.5->2, 3.5->4, 5->4) (OCP MX v1.0 5.3.3).
-    mag = (a > 0.25).to(tl.int32)
-    mag += (a >= 0.75).to(tl.int32)
-    mag += (a > 1.25).to(tl.int32)
-    mag += (a >= 1.75).to(tl.int32)
-    mag += (a > 2.5).to(tl.int32)
-    mag += (a >= 3.5).to(tl.int32)
-    mag += (a > 5.0).to(tl.int32)  # > 6 and Inf saturate to 6 (PTX .satfinite)
+    # RNE (OCP MX v1.0 5.3.3): the code counts the ties below |x|; tie i sits between codes i
+    # and i + 1 and goes to the even one, so an even-indexed tie counts only when exceeded.
+    mag = (a > E2M1_TIE0).to(tl.int32)
+    mag += (a >= E2M1_TIE1).to(tl.int32)
+    mag += (a > E2M1_TIE2).to(tl.int32)
+    mag += (a >= E2M1_TIE3).to(tl.int32)
+    mag += (a > E2M1_TIE4).to(tl.int32)
+    mag += (a >= E2M1_TIE5).to(tl.int32)
+    mag += (a > E2M1_TIE6).to(tl.int32)  # > 6 and Inf saturate to 6 (PTX .satfinite)
     sign = (x.to(tl.uint32, bitcast=True) >> 31).to(tl.int32)  # -0 keeps its sign (code 8)
     code = mag | (sign << 3)
     code = tl.where(x != x, 7, code)  # NaN -> +6 (PTX cvt.rn.satfinite.e2m1x2.f32)

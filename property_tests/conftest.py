@@ -30,7 +30,13 @@ def _visible_gpus() -> list[str]:
 
 def pytest_configure(config: pytest.Config) -> None:
     """Under pytest-xdist on a multi-GPU machine, worker gwN takes GPU N mod #GPUs, so that
-    parallel workers do not share one device (subprocesses inherit the choice)."""
+    parallel workers do not share one device (subprocesses inherit the choice).
+
+    Run from a source tree (``PYTHONPATH=.``, not installed) the plugin's entry point is
+    absent; it is loaded here so the suite gets the same profiles and fixtures either way."""
+    manager = config.pluginmanager
+    if not (manager.has_plugin("fp4sim") or manager.has_plugin("fp4sim.testing.plugin")):
+        manager.import_plugin("fp4sim.testing.plugin")
     worker = os.environ.get("PYTEST_XDIST_WORKER", "")
     if not worker.startswith("gw"):
         return

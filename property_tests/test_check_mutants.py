@@ -46,6 +46,7 @@ def run_check(
     fast: bool,
     shrink_seconds: float = 10.0,
     overrides: dict[str, object] | None = None,
+    device: str = "cpu",
 ) -> check_driver.CheckResult:
     """Run one check through the Python API with the settings the CLI would use (``fast``:
     the small inputs of the default CI run)."""
@@ -57,6 +58,7 @@ def run_check(
             settings=settings,
             examples=examples,
             seed=seed,
+            device=device,
             **(FAST_QUANTIZER if fast else {"shrink_seconds": shrink_seconds}),
         )
         return check_quantizer.run_quantizer_check(config)
@@ -69,6 +71,7 @@ def run_check(
         else ("float32", "bfloat16", "float16"),
         examples=examples,
         seed=seed,
+        device=device,
         **({**FAST_ATTENTION, **(overrides or {})} if fast else {"shrink_seconds": shrink_seconds}),
     )
     return check_attention.run_attention_check(config)
@@ -87,6 +90,11 @@ def _triton_runs() -> bool:
     return torch.cuda.is_available() or os.environ.get("TRITON_INTERPRET") == "1"
 
 
+def _triton_device() -> str:
+    """Where the Triton kernels run: the interpreter takes CPU tensors, compiled kernels CUDA."""
+    return "cpu" if os.environ.get("TRITON_INTERPRET") == "1" else "cuda"
+
+
 @pytest.mark.interpreter
 @pytest.mark.skipif(not _triton_runs(), reason="Triton needs CUDA or TRITON_INTERPRET=1")
 @pytest.mark.parametrize("name", sorted(mutant_kernels.TRITON_CORRECT))
@@ -95,7 +103,8 @@ def test_check_passes_triton_kernels(name: str) -> None:
     examples = 20 if kind == "quantizer" else 2  # the interpreter runs ~10 s per attention call
     overrides = {"max_len": 24} if kind == "attention" else None
     result = run_check(
-        kind, kernel, target, extra, examples=examples, seed=0, fast=True, overrides=overrides
+        kind, kernel, target, extra, examples=examples, seed=0, fast=True, overrides=overrides,
+        device=_triton_device(),
     )
     assert result.ok, f"{name} flagged:\n{result.diagnosis}"
 

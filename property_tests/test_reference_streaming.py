@@ -4,7 +4,8 @@ Small float64 cases cut into several row blocks and key chunks: Lk not a multipl
 causal with Lq != Lk (both ways), grouped-query heads, every P policy. Tolerances are
 derived, not tuned: the two sides evaluate the same sums in different orders, so for a value
 X = sum of n terms t, |X_stream - X_dense| <= 2 (gamma_n + eps_p) sum |t| (Higham, Accuracy
-and Stability of Numerical Algorithms, eq. 3.5: |fl(sum) - sum| <= gamma_{n-1} sum |t|),
+and Stability of Numerical Algorithms, 2nd ed., eq. 3.5: |fl(x . y) - x . y| <= gamma_n |x| . |y|
+in any order; a sum is the case y = 1),
 gamma_n = n u / (1 - n u), u = 2^-53, and eps_p the relative error of one P entry: its score
 is a length-d dot product (|dS| <= gamma_d tau |q| . |k|) and exp and the rescalings add a few
 roundings. Quantized P must be bit-identical (the quantizer sees the same tile values): the
@@ -114,19 +115,31 @@ def test_forward_matches_dense(recipe_name: str, case) -> None:
 
 
 def _assert_max_close(got, want, q_hat, k_hat, tau: float) -> None:
-    """Row maxima of S: a max adds no rounding, so |m_stream - m_dense| <= max |dS| <=
-    gamma_d tau max(|q| . |k|) (Higham eq. 3.5 on one length-d dot product); S itself may
-    round differently (the BLAS kernel a product takes depends on its shape: the dense S is
-    one (Lq, Lk_pad) product, the streamed S a (rows, keys) one per slice). Equal where S is
-    exact (FP4 operands without a tensor scale) and at rows without keys (-inf)."""
+    """Row maxima of S: |m_stream - m_dense| <= 2 gamma_{d+1} tau max(|q| . |k|).
+
+    Derivation. Each side computes S_ij = fl(tau * fl(q_i . k_j)) in float64 (``scores``;
+    u = 2^-53, the unit roundoff of the dtype S is computed in), the dot product in any
+    summation order (the BLAS kernel a product takes depends on its shape: the dense S is one
+    (Lq, Lk_pad) product, the streamed S a (rows, keys) one per slice). A length-d dot product
+    has |fl(x . y) - x . y| <= gamma_d |x| . |y| (Higham, Accuracy and Stability of Numerical
+    Algorithms, 2nd ed., eq. 3.5), and the product by tau adds one rounding:
+    (1 + theta_d)(1 + delta) = 1 + theta_{d+1} (Higham Lemma 3.3), so each side is within
+    gamma_{d+1} tau |q_i| . |k_j| of the exact S_ij, and the two sides within twice that.
+    A max adds no rounding and is 1-Lipschitz in the max norm (|max a - max b| <=
+    max |a - b|), so the row maxima differ by at most 2 gamma_{d+1} tau max_ij |q_i| . |k_j|,
+    gamma_n = n u / (1 - n u). The bound's tau |q| . |k| is itself computed (the same d + 1
+    roundings), at most gamma_{d+1} below the exact one, hence the factor
+    1 / (1 - gamma_{d+1}). Equal where S is exact (FP4 operands without a tensor scale) and at
+    rows without keys (-inf)."""
     finite = torch.isfinite(want)
     assert torch.equal(finite, torch.isfinite(got))
     assert torch.equal(got[~finite], want[~finite])
     h, d = q_hat.shape[1], q_hat.shape[-1]
+    assert q_hat.dtype == F64, "the bound takes u = 2^-53 (float64 scores)"
     dot = tau * (q_hat.abs() @ expand_kv(k_hat, h).abs().transpose(-1, -2))
-    bound = 2 * gamma(d + 1) * float(dot.max())  # the dot product and the product by tau
+    bound = 2 * gamma(d + 1) * float(dot.max()) / (1 - gamma(d + 1))
     err = float((got[finite] - want[finite]).abs().max()) if finite.any() else 0.0
-    print(f"m: max |diff| {err:.2e}, bound {bound:.2e}")
+    print(f"m: max |diff| {err:.2e}, bound 2 gamma_(d+1) tau max|q|.|k| = {bound:.2e}")
     assert err <= bound, f"m: difference {err:.2e} exceeds its rounding bound {bound:.2e}"
 
 

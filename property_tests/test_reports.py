@@ -9,10 +9,13 @@ or a stale input shows up as a mismatch.
 from __future__ import annotations
 
 import base64
+import html
 import io
 import json
 import math
 import os
+import subprocess
+import sys
 import textwrap
 import time
 from html.parser import HTMLParser
@@ -21,11 +24,12 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from PIL import Image
 
 from fp4sim import reference
 from fp4sim.cli import main as fp4sim_main
 from fp4sim.publish import folder as output
-from fp4sim.reports import identities, metrics, schema, summary
+from fp4sim.reports import identities, metrics, runner, schema, summary
 from fp4sim.reports.scenarios import (
     ALL_SCENARIOS,
     FULL_SCENARIOS,
@@ -453,8 +457,6 @@ class _Images(HTMLParser):
 
 
 def test_html_parses_and_every_image_is_an_embedded_png(small_report):
-    from PIL import Image
-
     out, report, _ = small_report
     parser = _Images()
     parser.feed((out / "index.html").read_text())
@@ -509,9 +511,6 @@ def _without_timing(case: dict) -> dict:
 def test_torchrun_sharded_report_equals_the_single_process_one(tmp_path):
     """`torchrun --nproc-per-node 2 -m fp4sim report` (gloo on the CPU): rank 0 writes one
     report whose cases, ranking, findings and verdicts equal the single-process run's."""
-    import subprocess
-    import sys
-
     args = ["--scenarios", "smoke", "smoke-causal", "--seed", str(SEED)]
     single, sharded = tmp_path / "single", tmp_path / "sharded"
     assert run_cli(*args, "--out", str(single)) == 0
@@ -532,9 +531,8 @@ def test_torchrun_sharded_report_equals_the_single_process_one(tmp_path):
     for key in ("ranking", "findings", "identities", "actions"):
         assert one["summary"][key] == two["summary"][key], key
     assert one["exit_code"] == two["exit_code"] == 0
+    assert "compute per rank" in done.stderr and "gather and merge" in done.stderr
     # index.html embeds the same timing as report.json
-    import html
-
     page = html.unescape((sharded / "index.html").read_text())
     for key in ("compute_seconds", "total_seconds_before_render", "gather_seconds"):
         assert f'"{key}": {two["timing"][key]}' in page, key
@@ -743,8 +741,6 @@ def test_streamed_reference_gives_the_dense_numbers_to_rounding():
     metrics; on small cases every relative L2 and P-mass number equals the dense path's to
     float32 rounding: |x_stream - x_dense| <= 64 u (1 + x) (u = 2^-24: a few ulps of the
     gradient's norm, which is at most (1 + x) times the reference's)."""
-    from fp4sim.reports import runner
-
     scenarios = (get_scenario("smoke-key-bias"), get_scenario("smoke-long-rows"))
     base = dict(scenarios=scenarios, recipes=("attn-qat",),
                 implementations=(runner.REFERENCE,), seed=SEED)

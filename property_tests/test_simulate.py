@@ -12,11 +12,20 @@ import pytest
 import torch
 
 from fp4sim.simulate import metrics
-from fp4sim.simulate.config import get_preset, with_overrides
-from fp4sim.simulate.model import build_model, masked_cross_entropy
+from fp4sim.simulate.config import TrainingConfig, get_preset, with_overrides
+from fp4sim.simulate.model import (
+    apply_rotary,
+    build_model,
+    masked_cross_entropy,
+    rotary_tables,
+)
 from fp4sim.simulate.tasks import (
+    ABSENT_SHARE,
+    MANYKEYS_VALUES,
+    generate_absentkeys,
     generate_copy,
     generate_majority,
+    generate_manykeys,
     generate_pairs,
     generate_recall,
     get_task,
@@ -114,6 +123,54 @@ def test_pairs_answers_are_the_values_of_the_pair_tokens_with_the_queried_key(
             assert 1 <= query <= n
             assert tokens[target_position + 1] == binding[query]
     assert math.isclose(get_task("pairs").chance_loss(seq_len, vocab), math.log(n))
+
+
+@pytest.mark.parametrize(("seq_len", "vocab"), [(64, 265), (128, 265), (16, 13)])
+def test_manykeys_answers_are_the_values_bound_to_the_queried_keys(seq_len: int,
+                                                                   vocab: int) -> None:
+    batch = generate_manykeys(np.random.default_rng(6), 4, seq_len, vocab)
+    num_keys = vocab - 1 - MANYKEYS_VALUES
+    pairs = min(num_keys, seq_len // 4)
+    queries = (seq_len - 2 * pairs) // 2
+    assert batch.scored.sum(axis=1).tolist() == [queries] * 4
+    for row in range(4):
+        tokens = np.concatenate([batch.inputs[row, :1], batch.targets[row]])
+        keys, values = tokens[1:1 + 2 * pairs:2], tokens[2:2 + 2 * pairs:2]
+        assert len(set(keys.tolist())) == pairs
+        assert ((keys >= 1) & (keys <= num_keys)).all()
+        assert ((values > num_keys) & (values < vocab)).all()  # the last 8 tokens
+        binding = dict(zip(keys.tolist(), values.tolist(), strict=True))
+        for target_position in np.flatnonzero(batch.scored[row]):
+            assert tokens[target_position + 1] == binding[int(tokens[target_position])]
+    assert math.isclose(get_task("manykeys").chance_loss(seq_len, vocab), math.log(8))
+
+
+def test_absentkeys_asks_an_eighth_of_the_queries_for_keys_not_in_the_context() -> None:
+    seq_len, vocab, rows = 64, 265, 200
+    batch = generate_absentkeys(np.random.default_rng(7), rows, seq_len, vocab)
+    num_keys, pairs = vocab - 1 - MANYKEYS_VALUES, seq_len // 4
+    absent = answered = 0
+    for row in range(rows):
+        tokens = np.concatenate([batch.inputs[row, :1], batch.targets[row]])
+        keys, values = tokens[1:1 + 2 * pairs:2], tokens[2:2 + 2 * pairs:2]
+        binding = dict(zip(keys.tolist(), values.tolist(), strict=True))
+        for target_position in np.flatnonzero(batch.scored[row]):
+            query, answer = int(tokens[target_position]), int(tokens[target_position + 1])
+            assert 1 <= query <= num_keys
+            if query in binding:
+                assert answer == binding[query]
+                answered += 1
+            else:  # a key of no pair: the answer is one of the context's values
+                assert answer in values.tolist()
+                absent += 1
+    share = absent / (absent + answered)
+    # binomial over 200 x 24 queries: 4 standard deviations of the share 1/8 are 0.019
+    assert abs(share - ABSENT_SHARE) < 4 * math.sqrt(ABSENT_SHARE * (1 - ABSENT_SHARE)
+                                                     / (absent + answered))
+    # the same stream as manykeys up to the replaced queries: keys and values agree
+    plain = generate_manykeys(np.random.default_rng(7), rows, seq_len, vocab)
+    np.testing.assert_array_equal(plain.inputs[:, :1 + 2 * pairs],
+                                  batch.inputs[:, :1 + 2 * pairs])
 
 
 def test_pairs_task_rejects_a_too_small_vocabulary() -> None:
@@ -255,10 +312,58 @@ def test_presets_train_every_variant_the_split_names() -> None:
     # a preset that skipped one would leave its conditions unjudged: never "reproduced"
     named = {condition.split()[0] for condition in metrics.paper_split({})}
     assert named == {"attn_qat", "p_only", "o_only", "drop_in"}
-    for name in ("cpu", "gpu"):
+    for name in ("cpu", "gpu", "gpu-strong"):
         preset = get_preset(name)
         assert not preset.smoke
         assert named | {"bf16"} <= set(preset.variants)
+
+
+def test_gpu_strong_preset_is_a_valid_configuration() -> None:
+    preset = get_preset("gpu-strong")
+    model, training = preset.model, preset.training
+    assert preset.task == "recall" and preset.device == "cuda"
+    assert model.token_shift and 0 < model.token_shift_scale < 1
+    assert model.positions == "learned" and model.head_dim == 32  # two NVFP4 blocks a row
+    # 8 keys, 8 values, 8 pairs and 24 queries a sequence; the rows end with two P tiles
+    assert recall_layout(model.seq_len, model.vocab_size) == (8, 8, 24)
+    assert model.seq_len == 2 * preset.block_n
+    assert training.lr_schedule == "cosine" and training.warmup_steps < training.steps
+    assert math.isclose(training.lr_factor(training.steps - 1), training.min_lr_ratio)
+    # the preset's model and data as the command builds them, two steps of two variants
+    config = with_overrides(preset, device="cpu", steps=2, eval_batches=1,
+                            diagnostic_checkpoints=1, diagnostic_batch=1, log_every=1)
+    recipe = resolve_recipe(config.recipe, config.block_n)
+    for name in ("bf16", "o_only"):
+        run = train_variant(config, build_variant(name, config.recipe, config.block_n),
+                            recipe)
+        assert run.status == "ok", run.error
+        assert all(math.isfinite(v) for v in run.series["loss"])
+
+
+def test_cosine_schedule_and_token_shift_scale() -> None:
+    cosine = TrainingConfig(steps=11, warmup_steps=1, lr_schedule="cosine", min_lr_ratio=0.2)
+    factors = [cosine.lr_factor(step) for step in range(11)]
+    # warm-up step 0 at 1/1, then 0.2 + 0.8 * (1 + cos(pi * (s - 1) / 9)) / 2
+    expected = [1.0] + [0.2 + 0.4 * (1 + math.cos(math.pi * (s - 1) / 9)) for s in range(1, 11)]
+    assert factors == pytest.approx(expected, abs=1e-12)
+    constant = TrainingConfig(steps=11, warmup_steps=4)
+    assert [constant.lr_factor(s) for s in range(6)] == [0.25, 0.5, 0.75, 1.0, 1.0, 1.0]
+    with pytest.raises(ValueError, match="lr_schedule"):
+        TrainingConfig(lr_schedule="linear")
+    # the shift's embedding enters the first layer multiplied by the scale
+    config = with_overrides(tiny_config(), token_shift=True, token_shift_scale=0.25)
+    model = build_model(config.model, exact_attention, seed=3)
+    tokens = torch.tensor([[0, 5, 9]])
+    expected_input = (model.token_embedding.weight[tokens] + model.position_embedding.weight[:3]
+                      + 0.25 * model.previous_token_embedding.weight[torch.tensor([[0, 0, 5]])])
+    captured = []
+    handle = model.blocks[0].register_forward_pre_hook(
+        lambda m, args: captured.append(args[0]))
+    model(tokens)
+    handle.remove()
+    torch.testing.assert_close(captured[0], expected_input, rtol=0, atol=0)
+    with pytest.raises(ValueError, match="token_shift_scale"):
+        with_overrides(tiny_config(), token_shift_scale=0.0)
 
 
 # -- the training loop -------------------------------------------------------------------
@@ -309,6 +414,48 @@ def test_same_seed_gives_the_same_initialization_and_data() -> None:
                    zip(a.parameters(), c.parameters(), strict=True))
     seeds = derive_seeds(7)
     assert len({seeds.init, seeds.data, seeds.eval}) == 3
+
+
+def test_token_shift_adds_the_previous_tokens_embedding_and_keeps_the_rest() -> None:
+    plain = tiny_config()
+    shifted = with_overrides(plain, token_shift=True)
+    a = build_model(plain.model, exact_attention, seed=3)
+    b = build_model(shifted.model, exact_attention, seed=3)
+    # the extra table is created last: every other parameter is initialized as without it
+    for (name, pa), (_, pb) in zip(a.named_parameters(), b.named_parameters(), strict=False):
+        assert torch.equal(pa, pb), name
+    assert a.previous_token_embedding is None
+    table = b.previous_token_embedding.weight
+    tokens = torch.tensor([[0, 5, 9, 3, 7]])
+    # an independent computation of the first layer's input
+    expected = (b.token_embedding.weight[tokens] + b.position_embedding.weight[:5]
+                + table[torch.tensor([[0, 0, 5, 9, 3]])])
+    captured = []
+    handle = b.blocks[0].register_forward_pre_hook(lambda m, args: captured.append(args[0]))
+    b(tokens)
+    handle.remove()
+    torch.testing.assert_close(captured[0], expected, rtol=0, atol=0)
+
+
+def test_rotary_scores_depend_on_the_offset_only() -> None:
+    # RoFormer (arXiv 2104.09864) eq. 16: <R_m q, R_n k> depends on n - m alone
+    torch.manual_seed(0)
+    q, k = torch.randn(1, 1, 1, 8), torch.randn(1, 1, 1, 8)
+    cos, sin = rotary_tables(20, 8, torch.device("cpu"))
+
+    def score(m: int, n: int) -> float:
+        qm = apply_rotary(q, cos[m:m + 1], sin[m:m + 1])
+        kn = apply_rotary(k, cos[n:n + 1], sin[n:n + 1])
+        return float((qm * kn).sum())
+
+    assert math.isclose(score(3, 1), score(13, 11), rel_tol=1e-5)
+    assert not math.isclose(score(3, 1), score(3, 2), rel_tol=1e-3)
+    torch.testing.assert_close(apply_rotary(q, cos[5:6], sin[5:6]).norm(), q.norm())
+    model = build_model(with_overrides(tiny_config(), positions="rotary").model,
+                        exact_attention, seed=1)
+    assert model.position_embedding is None and model.blocks[0].attn.rotary
+    with pytest.raises(ValueError, match="positions must be one of"):
+        with_overrides(tiny_config(), positions="alibi")
 
 
 def test_loop_is_deterministic_for_a_seed() -> None:

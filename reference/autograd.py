@@ -18,7 +18,8 @@ class _FP4Attention(torch.autograd.Function):
         ctx.save_for_backward(q, k, v)
         ctx.fwd = fwd
         ctx.args = (causal, sm_scale, recipe, variant)
-        return fwd.o.to(q.dtype, copy=True)  # a copy: returning the saved tensor itself keeps every step alive
+        # a copy: returning the saved tensor itself would keep every step's results alive
+        return fwd.o.to(q.dtype, copy=True)
 
     @staticmethod
     def backward(ctx, do):

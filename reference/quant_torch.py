@@ -18,6 +18,7 @@ from fp4sim.formats import (
     BLOCK_SIZES,
     E2M1,
     E2M1_MAGNITUDES,
+    E2M1_TIES,
     E4M3FN,
     NVFP4_TENSOR_SCALE_DIVISOR,
 )
@@ -86,16 +87,12 @@ def e2m1_encode_torch(x: torch.Tensor, nan: str = "ptx") -> torch.Tensor:
         raise ValueError(f"nan must be 'ptx' or 'ml_dtypes', got {nan!r}")
     x = x.to(torch.float32)
     a = x.abs()
-    # OCP MX v1.0 5.3.3 / docs/numerics.md: RNE thresholds; ties go to 0, 1, 2, 4 (even codes).
-    mag = (
-        (a > 0.25).to(torch.uint8)
-        + (a >= 0.75).to(torch.uint8)
-        + (a > 1.25).to(torch.uint8)
-        + (a >= 1.75).to(torch.uint8)
-        + (a > 2.5).to(torch.uint8)
-        + (a >= 3.5).to(torch.uint8)
-        + (a > 5.0).to(torch.uint8)  # docs/numerics.md: satfinite, |x| > 6 and Inf give 6
-    )
+    # OCP MX v1.0 5.3.3 / docs/numerics.md: RNE, so the code counts the ties below |x|. Tie i
+    # lies between codes i and i + 1 and goes to the even one: an even-indexed tie counts only
+    # when exceeded, an odd one once reached. Saturating: |x| > 6 and Inf give code 7 (6.0).
+    mag = torch.zeros_like(a, dtype=torch.uint8)
+    for i, tie in enumerate(E2M1_TIES):
+        mag += (a > tie if i % 2 == 0 else a >= tie).to(torch.uint8)
     sign = _sign_bit(x)
     codes = mag | (sign.to(torch.uint8) << 3)  # docs/numerics.md: negatives rounding to 0 keep sign
     if nan == "ptx":

@@ -60,9 +60,12 @@ def tiled_forward_autograd(
     m = torch.full_like(m_final, float("-inf"))
     l = torch.zeros_like(m_final)
     out = torch.zeros(*q.shape[:-1], v_pad.shape[-1], dtype=acc, device=q.device)
-    for j in range(lk_pad // bn):
-        cols = slice(j * bn, (j + 1) * bn)
-        s_j = s[..., cols]
+    # split, not s[..., cols] per tile: autograd's backward of one slice writes its gradient
+    # into a zero tensor the size of S, once per tile (O(tiles * |S|)); split's backward
+    # concatenates the tiles' gradients once. Same views, same values (bit-identical).
+    s_tiles = s.split(bn, dim=-1)
+    v_tiles = v_pad.split(bn, dim=-2)
+    for j, s_j in enumerate(s_tiles):
         # FlashAttention's online softmax: m_j = max(m_{j-1}, rowmax S_j); consistent: m_final
         m_new = m_final if consistent else torch.maximum(m, s_j.amax(dim=-1))
         e_j = torch.exp(s_j - _finite(m_new).unsqueeze(-1))
@@ -70,7 +73,7 @@ def tiled_forward_autograd(
         alpha = torch.where(torch.isfinite(m_new), torch.exp(_finite(m) - _finite(m_new)), 0.0)
         alpha = torch.where(torch.isfinite(m), alpha, torch.zeros_like(alpha))
         l = l * alpha + e_j.sum(dim=-1)
-        out = out * alpha.unsqueeze(-1) + e_tilde @ v_pad[..., cols, :]
+        out = out * alpha.unsqueeze(-1) + e_tilde @ v_tiles[j]
         m = m_new
     l_e = l.unsqueeze(-1)
     empty = l_e == 0

@@ -40,16 +40,15 @@ becomes it) writes DIR.
 
 from __future__ import annotations
 
-import os
 import time
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
-from dataclasses import dataclass
 from typing import Any
 
 import torch
 import torch.distributed as dist
 
+from fp4sim.harness.ranks import World, process_group, share_exit_code, world_from_env
 from fp4sim.reports import head_parts
 from fp4sim.reports.document import CaseFigures, case_figures
 from fp4sim.reports.head_parts import HeadResult, HeadTask
@@ -68,42 +67,13 @@ from fp4sim.reports.runner import (
     units,
 )
 
+# the rank helpers live in the comparison base (fp4sim.harness.ranks), shared with check;
+# re-exported here for reports.cli
+__all__ = ["World", "assign", "compute_sharded", "finish_streamed", "process_group",
+           "render_shared", "route_parts", "run_head_tasks", "share_exit_code", "work_items",
+           "world_from_env"]
+
 WorkItem = Unit | HeadTask
-
-
-@dataclass(frozen=True)
-class World:
-    rank: int = 0
-    size: int = 1
-    local_rank: int = 0
-
-    @property
-    def leader(self) -> bool:
-        return self.rank == 0
-
-
-def world_from_env() -> World:
-    """The process's place in a torchrun launch (one process when not launched so)."""
-    size = int(os.environ.get("WORLD_SIZE", "1"))
-    if size <= 1:
-        return World()
-    return World(int(os.environ["RANK"]), size, int(os.environ.get("LOCAL_RANK", "0")))
-
-
-@contextmanager
-def process_group(world: World, device: str) -> Iterator[None]:
-    """Initialise torch.distributed for a multi-process world (nothing for one process)."""
-    if world.size <= 1:
-        yield
-        return
-    if device == "cuda":
-        torch.cuda.set_device(world.local_rank)  # each rank on its own GPU
-    backend = "nccl" if device == "cuda" else "gloo"
-    dist.init_process_group(backend=backend)
-    try:
-        yield
-    finally:
-        dist.destroy_process_group()
 
 
 def assign(work: Sequence[WorkItem], ranks: int) -> list[list[WorkItem]]:
@@ -256,16 +226,11 @@ def compute_sharded(
     computed.rank_seconds = [round(seconds, 3) for _, seconds in gathered]
     # the transfer and merge after the slowest rank finished (ranks start together)
     computed.gather_seconds = round(max(0.0, time.perf_counter() - start - slowest), 3)
+    # on the console as well as in report.json's timing: what sharding gained and cost
+    progress(f"fp4sim report: compute per rank "
+             f"{', '.join(f'{s:.2f} s' for s in computed.rank_seconds)}; gather and merge "
+             f"after the slowest rank {computed.gather_seconds:.3f} s")
     return computed
-
-
-def share_exit_code(world: World, code: int) -> int:
-    """Rank 0's exit code on every rank (torchrun reports the run by its ranks' codes)."""
-    if world.size <= 1:
-        return code
-    box = [code if world.leader else 0]
-    dist.broadcast_object_list(box, src=0)
-    return int(box[0])
 
 
 def render_shared(world: World, report: dict[str, Any] | None) -> dict[int, CaseFigures] | None:

@@ -23,6 +23,7 @@ from matplotlib.ticker import (
 )
 
 import fp4sim
+from fp4sim.formats import E2M1_CODE_VALUES
 from fp4sim.reports.metrics import LOG10_EDGES, histogram_cdf
 
 VARIANT_COLORS: dict[str, str] = {
@@ -38,24 +39,9 @@ VARIANT_COLORS: dict[str, str] = {
 RECIPE_COLORS = ["#0969da", "#1a7f37", "#cf222e", "#8250df", "#bf8700", "#6e7781", "#e16f24"]
 LOG_FLOOR = 1e-8
 """Bars on log axes are drawn at least this high (an exact 0 shows as a stub at the floor)."""
-E2M1_LABELS = [
-    "0",
-    ".5",
-    "1",
-    "1.5",
-    "2",
-    "3",
-    "4",
-    "6",
-    "-0",
-    "-.5",
-    "-1",
-    "-1.5",
-    "-2",
-    "-3",
-    "-4",
-    "-6",
-]
+# Tick labels of the code-use charts, by code 0..15 (bit 3 is the sign), from the one home of
+# the E2M1 values (fp4sim.formats; docs/numerics.md "E2M1"): "0", ".5", ..., "6", "-0", ...
+E2M1_LABELS = [f"{v:g}".replace("0.", ".") for v in E2M1_CODE_VALUES]
 
 
 def _log_ticks(axis: Any, lo: int, hi: int, step: int = 2) -> None:

@@ -31,7 +31,8 @@ DEFAULT_OUT = "fp4sim-simulate"
 
 def configure_parser(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--config", choices=sorted(PRESETS), default=None,
-                        help="preset: 'gpu' (the paper-scale ablation) or 'cpu' (reduced); "
+                        help="preset: 'gpu' (the paper-scale ablation), 'gpu-strong' (a recall "
+                             "bf16 solves, issue 19) or 'cpu' (reduced); "
                              "default gpu when CUDA is available, else cpu")
     parser.add_argument("--variants", nargs="+", default=None, metavar="VARIANT",
                         help=f"variants to train, from {', '.join(VALID_VARIANTS)} and "
@@ -60,8 +61,9 @@ def configure_parser(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--lr", type=float, default=None, help="AdamW learning rate " + size)
     parser.add_argument("--seed", type=int, default=None, help="seed (default 0)")
     parser.add_argument("--jobs", type=int, default=None,
-                        help="train this many variants at once, each in its own process on "
-                             "the same device (less wall time on a GPU; default 1)")
+                        help="train this many variants at once, each in its own process; with "
+                             "--device cuda variant i runs on GPU i mod the visible GPUs "
+                             "(default 1)")
     parser.add_argument("--log-every", type=int, default=None,
                         help="progress line every N steps (default: about 20 per variant)")
     parser.add_argument("--out", default=DEFAULT_OUT,

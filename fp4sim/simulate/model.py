@@ -21,20 +21,41 @@ AttentionFn = Callable[[Tensor, Tensor, Tensor, bool, float], Tensor]
 AttentionObserver = Callable[[Tensor, Tensor, Tensor, Tensor], None]
 
 
+def rotary_tables(length: int, head_dim: int, device: torch.device) -> tuple[Tensor, Tensor]:
+    """cos and sin (L, head_dim / 2) of the rotary embedding, base 10000 (RoFormer, arXiv
+    2104.09864, eq. 15): pair i of a head turns by position * 10000^(-2i / head_dim)."""
+    inv_freq = 10000.0 ** (-torch.arange(0, head_dim, 2, device=device,
+                                         dtype=torch.float32) / head_dim)
+    angles = torch.arange(length, device=device, dtype=torch.float32)[:, None] * inv_freq
+    return angles.cos(), angles.sin()
+
+
+def apply_rotary(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
+    """``x`` (B, H, L, d) with each pair (x[2i], x[2i+1]) rotated by its position's angle."""
+    even, odd = x[..., 0::2].float(), x[..., 1::2].float()
+    rotated = torch.stack((even * cos - odd * sin, even * sin + odd * cos), dim=-1)
+    return rotated.flatten(-2).to(x.dtype)
+
+
 class CausalSelfAttention(nn.Module):
-    def __init__(self, width: int, n_heads: int, attention: AttentionFn) -> None:
+    def __init__(self, width: int, n_heads: int, attention: AttentionFn,
+                 rotary: bool = False) -> None:
         super().__init__()
         self.n_heads = n_heads
         self.head_dim = width // n_heads
         self.qkv = nn.Linear(width, 3 * width)
         self.proj = nn.Linear(width, width)
         self.attention = attention
+        self.rotary = rotary
         self.observer: AttentionObserver | None = None
 
     def forward(self, x: Tensor) -> Tensor:
         batch, length, width = x.shape
         qkv = self.qkv(x).view(batch, length, 3, self.n_heads, self.head_dim)
         q, k, v = (t.contiguous() for t in qkv.permute(2, 0, 3, 1, 4))
+        if self.rotary:
+            cos, sin = rotary_tables(length, self.head_dim, x.device)
+            q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
         o = self.attention(q, k, v, True, 1.0 / math.sqrt(self.head_dim))
         if o.shape != q.shape:
             raise RuntimeError(f"attention returned shape {tuple(o.shape)}, "
@@ -49,7 +70,8 @@ class Block(nn.Module):
     def __init__(self, config: ModelConfig, attention: AttentionFn) -> None:
         super().__init__()
         self.attn_norm = nn.LayerNorm(config.width)
-        self.attn = CausalSelfAttention(config.width, config.n_heads, attention)
+        self.attn = CausalSelfAttention(config.width, config.n_heads, attention,
+                                        rotary=config.positions == "rotary")
         self.mlp_norm = nn.LayerNorm(config.width)
         self.mlp = nn.Sequential(
             nn.Linear(config.width, config.mlp_ratio * config.width),
@@ -67,11 +89,19 @@ class TinyTransformerLM(nn.Module):
         super().__init__()
         self.config = config
         self.token_embedding = nn.Embedding(config.vocab_size, config.width)
-        self.position_embedding = nn.Embedding(config.seq_len, config.width)
+        # absent with rotary positions, so that a rotary model has no absolute position
+        self.position_embedding = (nn.Embedding(config.seq_len, config.width)
+                                   if config.positions == "learned" else None)
         self.blocks = nn.ModuleList(Block(config, attention) for _ in range(config.n_layers))
         self.final_norm = nn.LayerNorm(config.width)
         self.head = nn.Linear(config.width, config.vocab_size, bias=False)
         self.apply(_init_weights)
+        # created and initialized after everything else, so that every other parameter's
+        # initialization from a seed is the same with and without it
+        self.previous_token_embedding: nn.Embedding | None = None
+        if config.token_shift:
+            self.previous_token_embedding = nn.Embedding(config.vocab_size, config.width)
+            _init_weights(self.previous_token_embedding)
 
     @property
     def attention_layers(self) -> list[CausalSelfAttention]:
@@ -86,7 +116,13 @@ class TinyTransformerLM(nn.Module):
         if length > self.config.seq_len:
             raise ValueError(f"sequence of {length} tokens exceeds seq_len {self.config.seq_len}")
         positions = torch.arange(length, device=tokens.device)
-        x = self.token_embedding(tokens) + self.position_embedding(positions)
+        x = self.token_embedding(tokens)
+        if self.position_embedding is not None:
+            x = x + self.position_embedding(positions)
+        if self.previous_token_embedding is not None:
+            # position 0 sees BOS as its previous token (every sequence starts with BOS)
+            previous = torch.cat([tokens[:, :1], tokens[:, :-1]], dim=1)
+            x = x + self.config.token_shift_scale * self.previous_token_embedding(previous)
         for block in self.blocks:
             x = block(x)
         return self.head(self.final_norm(x))

@@ -205,10 +205,14 @@ def _config_lines(result: SimulationResult) -> list[str]:
         f"(chance loss {result.chance_loss:.3f}), seed {config.seed}, device {config.device} "
         f"({result.environment.get('device_name')})",
         f"model: {model.n_layers} layers, width {model.width}, {model.n_heads} heads of "
-        f"{model.head_dim}, vocabulary {model.vocab_size}, sequence {model.seq_len}",
+        f"{model.head_dim}, vocabulary {model.vocab_size}, sequence {model.seq_len}, "
+        f"{model.positions} positions"
+        + (f", token shift x {model.token_shift_scale:g}" if model.token_shift else ""),
         f"training: {training.steps} steps, batch {training.batch_size}, AdamW lr {training.lr:g} "
         f"betas {training.betas} weight decay {training.weight_decay:g}, warm-up "
-        f"{training.warmup_steps}, gradient clipping at {training.grad_clip:g}",
+        f"{training.warmup_steps}, {training.lr_schedule} rate"
+        + (f" to {training.min_lr_ratio:g} x lr" if training.lr_schedule != "constant" else "")
+        + f", gradient clipping at {training.grad_clip:g}",
         f"FP4 recipe '{config.recipe}' with P tiles of {config.block_n} keys"
         + (f"; kernel {config.kernel}" if config.kernel else "")
         + f"; {config.jobs} parallel job(s); deterministic algorithms "

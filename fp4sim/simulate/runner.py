@@ -6,7 +6,10 @@ so a typo fails at once rather than after the first variants have trained. With
 on the same device: small models leave a GPU mostly idle, so this divides the wall time.
 Each process computes what a sequential run computes, but a library may round the last
 bits differently in another process, so runs are reproducible for a given seed, device
-and ``jobs`` (on a CPU the processes share the cores: meant for GPUs).
+and ``jobs`` (on a CPU the processes share the cores: meant for GPUs). With ``--device cuda``
+the jobs spread over every visible GPU: variant i trains on ``cuda:(i mod
+torch.cuda.device_count())`` (``device_for_job``); an explicit ``cuda:N`` keeps them all on
+GPU N.
 """
 
 from __future__ import annotations
@@ -18,7 +21,7 @@ import sys
 import time
 import traceback
 from concurrent.futures import Future, ProcessPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import numpy as np
@@ -129,6 +132,23 @@ def train_named_variant(config: SimulationConfig, name: str,
     return run
 
 
+def device_for_job(job: int, device: str, n_gpus: int) -> str:
+    """The device of parallel job ``job`` (the variant's index): ``cuda`` spreads the jobs
+    round-robin over the ``n_gpus`` visible GPUs; ``cpu``, an explicit ``cuda:N`` or a
+    machine with at most one GPU keep ``device``."""
+    if device != "cuda" or n_gpus <= 1:
+        return device
+    return f"cuda:{job % n_gpus}"
+
+
+def _train_on(config: SimulationConfig, name: str) -> VariantRun:
+    """A worker process's job: ``config.device`` made the current CUDA device first (Triton
+    kernels launch on the current device, not on their tensors' one)."""
+    if config.device.startswith("cuda:"):
+        torch.cuda.set_device(torch.device(config.device))
+    return train_named_variant(config, name)
+
+
 def _result_or_failure(future: Future, config: SimulationConfig, name: str) -> VariantRun:
     """The worker's run, or a failed run carrying the traceback if the worker died."""
     try:
@@ -157,11 +177,14 @@ def run_simulation(config: SimulationConfig, log: Logger | None = None) -> Simul
     start = time.perf_counter()
     if config.jobs > 1 and len(config.variants) > 1:
         workers = min(config.jobs, len(config.variants))
-        log(f"training {len(config.variants)} variants in {workers} parallel processes")
+        gpus = torch.cuda.device_count() if config.device == "cuda" else 0
+        devices = [device_for_job(i, config.device, gpus) for i in range(len(config.variants))]
+        log(f"training {len(config.variants)} variants in {workers} parallel processes on "
+            f"{', '.join(dict.fromkeys(devices))}")
         context = multiprocessing.get_context("spawn")
         with ProcessPoolExecutor(max_workers=workers, mp_context=context) as pool:
-            futures = [pool.submit(train_named_variant, config, name)
-                       for name in config.variants]
+            futures = [pool.submit(_train_on, replace(config, device=device), name)
+                       for name, device in zip(config.variants, devices, strict=True)]
             result.runs = [_result_or_failure(future, config, name)
                            for future, name in zip(futures, config.variants, strict=True)]
     else:

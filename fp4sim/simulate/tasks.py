@@ -12,6 +12,14 @@ the last ``seq_len`` (``targets[t] = tokens[t + 1]``). Only the positions a task
   ``m = min(K, seq_len // 4)`` pairs, queries drawn from the context's keys and ``a_j`` the
   value bound to ``q_j``; the answers are scored. A lookup by content, harder than copy,
   which position alone solves. Chance loss ``log(V - 1 - K)``.
+- ``manykeys``: recall with ``8`` values (``V-8 .. V-1``) and ``K = V - 9`` keys, so that
+  with a large vocabulary the values in the context are learned long before the keys'
+  lookup (``m = min(K, seq_len // 4)`` pairs). Chance loss ``log 8``.
+- ``absentkeys``: ``manykeys`` where each query asks, with probability 1/8, for a key
+  that is not in the context, and its answer is a value of the context drawn at random:
+  the best prediction there attends evenly to the context's values, so the attention of
+  those rows stays spread and their loss (about the entropy of the context's values)
+  cannot go to zero, while the other queries are exact lookups. Chance loss ``log 8``.
 - ``pairs`` (recall with one token per key-value pair): ``BOS c_1 .. c_m q_1 a_1 q_2 a_2 ..``
   where each context token ``c_i`` stands for a pair (key, value) of ``n`` keys and ``n``
   values (``n = isqrt(V) - 1``: tokens ``1 .. n`` are the keys as queries, ``n+1 .. 2n`` the
@@ -66,9 +74,12 @@ def generate_copy(rng: np.random.Generator, batch_size: int, seq_len: int,
     return _split(tokens, scored)
 
 
-def recall_layout(seq_len: int, vocab_size: int) -> tuple[int, int, int]:
-    """(number of keys K, context pairs m, queries) of the recall task."""
-    num_keys = (vocab_size - 1) // 2
+def recall_layout(seq_len: int, vocab_size: int, num_values: int | None = None
+                  ) -> tuple[int, int, int]:
+    """(number of keys K, context pairs m, queries) of the recall task; ``num_values``
+    None: half the vocabulary each (``K = (V-1) // 2``), else ``K = V - 1 - num_values``
+    (the ``manykeys`` task)."""
+    num_keys = (vocab_size - 1) // 2 if num_values is None else vocab_size - 1 - num_values
     if num_keys < 1 or vocab_size - 1 - num_keys < 2:
         raise ValueError(f"the recall task needs vocab_size >= 5, got {vocab_size}")
     pairs = min(num_keys, seq_len // 4)
@@ -79,13 +90,26 @@ def recall_layout(seq_len: int, vocab_size: int) -> tuple[int, int, int]:
 
 
 def generate_recall(rng: np.random.Generator, batch_size: int, seq_len: int,
-                    vocab_size: int) -> TokenBatch:
-    num_keys, pairs, queries = recall_layout(seq_len, vocab_size)
-    keys = np.argsort(rng.random((batch_size, num_keys)), axis=1)[:, :pairs] + 1
+                    vocab_size: int, num_values: int | None = None,
+                    absent_share: float = 0.0) -> TokenBatch:
+    num_keys, pairs, queries = recall_layout(seq_len, vocab_size, num_values)
+    order = np.argsort(rng.random((batch_size, num_keys)), axis=1) + 1
+    keys = order[:, :pairs]
     values = rng.integers(num_keys + 1, vocab_size, size=(batch_size, pairs), dtype=np.int64)
     which = rng.integers(0, pairs, size=(batch_size, queries))
     query_keys = np.take_along_axis(keys, which, axis=1)
     answers = np.take_along_axis(values, which, axis=1)
+    if absent_share > 0:
+        if num_keys <= pairs:
+            raise ValueError(f"absent keys need more keys ({num_keys}) than pairs ({pairs})")
+        # a query for a key not in the context; its answer, a value of the context drawn
+        # at random, is best predicted by attending evenly to the context's values
+        absent = rng.random((batch_size, queries)) < absent_share
+        pick = rng.integers(pairs, num_keys, size=(batch_size, queries))
+        drawn = np.take_along_axis(values, rng.integers(0, pairs, size=(batch_size, queries)),
+                                   axis=1)
+        query_keys = np.where(absent, np.take_along_axis(order, pick, axis=1), query_keys)
+        answers = np.where(absent, drawn, answers)
 
     tokens = np.full((batch_size, seq_len + 1), BOS, dtype=np.int64)
     scored = np.zeros(tokens.shape, dtype=bool)
@@ -96,6 +120,22 @@ def generate_recall(rng: np.random.Generator, batch_size: int, seq_len: int,
     tokens[:, start + 1:start + 2 * queries:2] = answers
     scored[:, start + 1:start + 2 * queries:2] = True
     return _split(tokens, scored)
+
+
+MANYKEYS_VALUES = 8  # values of the manykeys task; every other non-BOS token is a key
+
+
+def generate_manykeys(rng: np.random.Generator, batch_size: int, seq_len: int,
+                      vocab_size: int) -> TokenBatch:
+    return generate_recall(rng, batch_size, seq_len, vocab_size, MANYKEYS_VALUES)
+
+
+ABSENT_SHARE = 0.125  # share of the absentkeys task's queries whose key is not in the context
+
+
+def generate_absentkeys(rng: np.random.Generator, batch_size: int, seq_len: int,
+                        vocab_size: int) -> TokenBatch:
+    return generate_recall(rng, batch_size, seq_len, vocab_size, MANYKEYS_VALUES, ABSENT_SHARE)
 
 
 def pairs_layout(seq_len: int, vocab_size: int) -> tuple[int, int, int]:
@@ -172,6 +212,20 @@ TASKS: dict[str, Task] = {
         generate=generate_recall,
         chance_loss=lambda seq_len, vocab: math.log(
             vocab - 1 - recall_layout(seq_len, vocab)[0]),
+    ),
+    "manykeys": Task(
+        name="manykeys",
+        description="associative recall with 8 values and every other token a key: "
+                    "key-value pairs, then queried keys whose values are scored",
+        generate=generate_manykeys,
+        chance_loss=lambda seq_len, vocab: math.log(MANYKEYS_VALUES),
+    ),
+    "absentkeys": Task(
+        name="absentkeys",
+        description="manykeys where an eighth of the queries ask for a key absent from "
+                    "the context, answered by a random value of the context",
+        generate=generate_absentkeys,
+        chance_loss=lambda seq_len, vocab: math.log(MANYKEYS_VALUES),
     ),
     "pairs": Task(
         name="pairs",

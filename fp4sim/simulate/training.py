@@ -187,10 +187,8 @@ def train_variant(config: SimulationConfig, variant: Variant, diagnostics_recipe
     torch.manual_seed(seeds.init)
     optimizer = torch.optim.AdamW(model.parameters(), lr=training.lr, betas=training.betas,
                                   weight_decay=training.weight_decay)
-    if training.warmup_steps > 0:
-        warmup = training.warmup_steps
-        scheduler = torch.optim.lr_scheduler.LambdaLR(
-            optimizer, lambda step: min(1.0, (step + 1) / warmup))
+    if training.warmup_steps > 0 or training.lr_schedule != "constant":
+        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, training.lr_factor)
     else:
         scheduler = None
     stream = batch_stream(task, seeds.data, training.batch_size, model_config.seq_len,

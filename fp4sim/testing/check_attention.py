@@ -29,7 +29,8 @@ from fp4sim.judge.inputs import (
     generate_attention_inputs,
     round_to_dtype,
 )
-from fp4sim.testing.check_driver import CheckResult, run_hypothesis
+from fp4sim.testing.check_driver import CheckResult
+from fp4sim.testing.check_shards import CaseJudge, Shards, run_check
 from fp4sim.testing.strategies import attention_inputs
 
 __all__ = [
@@ -157,10 +158,13 @@ ProgressLog = Callable[[str], None]
 
 def run_attention_check(
     config: AttentionCheckConfig, *, log: ProgressLog | None = None, progress_every: int = 10,
-) -> CheckResult:
+    shards: Shards | None = None,
+) -> CheckResult | None:
     """Load the kernel in a worker process, then check it over ``config.examples`` drawn
     attention inputs the kernel supports (plus the ``--inputs`` file). The result's
-    ``untested`` lists what could not be tested."""
+    ``untested`` lists what could not be tested. Under torchrun (``shards``) the drawn
+    examples are judged over the ranks (``fp4sim.testing.check_shards``): rank 0 returns
+    the result, the other ranks None."""
     try:
         reference.get_recipe(config.recipe)
     except (KeyError, ValueError) as err:  # one line, as in report and simulate
@@ -171,16 +175,15 @@ def run_attention_check(
                       timeout=config.timeout, device=config.device) as worker:
         assert worker.spec is not None
         effective = effective_config(config, worker.spec)
-        result = _run_with_worker(worker, effective, log, progress_every)
-        result.untested = untested_lines(effective, worker.spec)
-        result.restarts = worker.starts - 1
+        result = _run_with_worker(worker, effective, log, progress_every, shards)
+        if result is not None:
+            result.untested = untested_lines(effective, worker.spec)
+            result.restarts = worker.starts - 1
     return result
 
 
-def _run_with_worker(
-    worker: KernelWorker, config: AttentionCheckConfig, log: ProgressLog | None,
-    progress_every: int,
-) -> CheckResult:
+def _before_drawing(worker: KernelWorker, config: AttentionCheckConfig) -> CheckResult | None:
+    """The ``--inputs`` cases, then the probe: a failing verdict, or None to go on."""
     spec = worker.spec or KernelSpec()
     for case in inputs_cases(config, spec):
         outcome = evaluate_attention_case(worker, case, config, diagnose=True)
@@ -194,21 +197,41 @@ def _run_with_worker(
         outcome = AttentionOutcome([], [], [cause], f"{problem} (the first, smallest input)")
         return CheckResult(ok=False, examples_run=1, first_failure_at=1, case=case,
                            diagnosis=outcome.describe(case), causes=[cause])
+    return None
+
+
+_HARD = (["kernel timed out"], ["kernel crashed"])
+
+
+def _run_with_worker(
+    worker: KernelWorker, config: AttentionCheckConfig, log: ProgressLog | None,
+    progress_every: int, shards: Shards | None = None,
+) -> CheckResult | None:
+    spec = worker.spec or KernelSpec()
+    # rank 0 alone runs the --inputs cases and the probe; the ranks then meet (a usage
+    # error or rank 0's early verdict stops them all)
+    early = _before_drawing(worker, config) if shards is None or shards.leader else None
+    if shards is not None and not shards.meet(done=early is not None):
+        return early
+    if early is not None:
+        return early
     if log is not None:
         log(f"{config.kernel} loaded in a worker process; drawing {config.examples} examples")
     hard: dict[Any, AttentionOutcome] = {}
     seen = {"hard": False}
 
-    def evaluate(case: AttentionCase) -> str | None:
-        if seen["hard"]:
+    def judge(case: AttentionCase) -> AttentionOutcome:
+        return evaluate_attention_case(worker, case, config, diagnose=False)
+
+    def absorb(case: AttentionCase, outcome: AttentionOutcome) -> str | None:
+        if outcome.causes[:1] in _HARD:
             # after a time-out or crash, do not shrink: each try could cost a full time-out
-            return None
-        outcome = evaluate_attention_case(worker, case, config, diagnose=False)
-        if outcome.causes[:1] in (["kernel timed out"], ["kernel crashed"]):
             seen["hard"] = True
             hard[_attention_case_key(case)] = outcome
         return None if outcome.ok else outcome.describe(case)
 
+    case_judge = CaseJudge(judge, absorb, failed=lambda o: not o.ok,
+                           stopped=lambda: seen["hard"])
     spec_kwargs: dict[str, Any] = {
         "head_dims": config.head_dims,
         "dtypes": config.dtypes,
@@ -223,17 +246,18 @@ def _run_with_worker(
     if config.distributions is not None:
         spec_kwargs["distributions"] = config.distributions
     strategy = attention_inputs(causal=config.causal, sm_scales=config.sm_scales, **spec_kwargs)
-    result = run_hypothesis(
+    result = run_check(
         strategy,
-        evaluate,
+        case_judge,
         examples=config.examples,
         seed=config.seed,
         shrink_seconds=config.shrink_seconds,
         case_key=_attention_case_key,
         log=log,
         progress_every=progress_every,
+        shards=shards,
     )
-    if result.case is not None:  # diagnose the shrunk case only
+    if result is not None and result.case is not None:  # diagnose the shrunk case only
         outcome = hard.get(_attention_case_key(result.case))
         if outcome is None:
             if log is not None:  # several reference runs on re-test inputs: tens of seconds

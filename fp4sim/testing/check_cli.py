@@ -13,11 +13,13 @@ The kernel runs in a worker process (fp4sim.harness.KernelWorker): a hang become
 from __future__ import annotations
 
 import argparse
+import datetime
 import os
 import sys
 from pathlib import Path
 from typing import Any
 
+from fp4sim.formats import BLOCK_FORMATS
 from fp4sim.harness import (
     UsageError,
     add_kernel_options,
@@ -26,14 +28,19 @@ from fp4sim.harness import (
     one_line_errors,
     positive_int,
 )
-from fp4sim.judge.inputs import DISTRIBUTIONS
+from fp4sim.harness.ranks import (
+    World,
+    own_gpu_only,
+    process_group,
+    share_exit_code,
+    world_from_env,
+)
+from fp4sim.judge.inputs import DISTRIBUTIONS, TENSOR_DISTRIBUTIONS
+from fp4sim.settings import DEFAULTS, RULES
 
 __all__ = ["configure_parser", "run"]
 
-_QUANTIZER_DISTRIBUTIONS = (
-    "gaussian,ties,near_ties,scale_ties,student_t,lognormal,sparse_outliers,"
-    "zero_blocks,below_flush,specials"
-)
+_QUANTIZER_DISTRIBUTIONS = ",".join(TENSOR_DISTRIBUTIONS)
 _REPRO_MARK = "Reproduces a failure found by `fp4sim check"
 
 
@@ -101,26 +108,32 @@ def configure_parser(parser: argparse.ArgumentParser) -> None:
         description="Check a quantizer bit for bit against fp4sim.quantize.",
     )
     _common(quant, "quantizer")
-    quant.add_argument("--format", dest="fmt", choices=("nvfp4", "mxfp4"), required=True,
-                       help="block format: nvfp4 (16, E4M3 scales) or mxfp4 (32, E8M0)"
-                            " (required)")
+    formats = " or ".join(f"{name} ({f.block_size}, {f.scale.name.upper()} scales)"
+                          for name, f in BLOCK_FORMATS.items())
+    quant.add_argument("--format", dest="fmt", choices=tuple(BLOCK_FORMATS), required=True,
+                       help=f"block format: {formats} (required)")
     quant.add_argument("--tensor-scale", type=_tensor_scale, default=None,
                        help="nvfp4 per-tensor scale: none, amax or a positive number"
                             " (default none)")
-    quant.add_argument("--scale-rule", choices=("rceil", "floor", "even", "ceil"), default=None,
-                       help="mxfp4 E8M0 scale rule (default rceil)")
-    quant.add_argument("--scale-op", choices=("reciprocal", "divide"), default=None,
-                       help="nvfp4: x times 1/scale or x / scale (default reciprocal)")
-    quant.add_argument("--scale-amax-op", choices=("divide", "reciprocal"), default=None,
-                       help="nvfp4: amax/6 or amax*(1/6) for the block scale (default divide)")
+    # choices and defaults from the one home of the settings (fp4sim.settings)
+    quant.add_argument("--scale-rule", choices=RULES["scale_rule"].allowed, default=None,
+                       help=f"mxfp4 E8M0 scale rule (default {DEFAULTS['scale_rule']})")
+    quant.add_argument("--scale-op", choices=RULES["scale_op"].allowed, default=None,
+                       help="nvfp4: x times 1/scale or x / scale"
+                            f" (default {DEFAULTS['scale_op']})")
+    quant.add_argument("--scale-amax-op", choices=RULES["scale_amax_op"].allowed, default=None,
+                       help="nvfp4: amax/6 or amax*(1/6) for the block scale"
+                            f" (default {DEFAULTS['scale_amax_op']})")
     quant.add_argument("--scale-lower-clamp", action="store_true", default=None,
-                       help="nvfp4: clamp block scales to the smallest normal E4M3 (default off)")
-    quant.add_argument("--zero-scale-codes", choices=("zeros", "reciprocal"), default=None,
+                       help="nvfp4: clamp block scales to the smallest normal E4M3"
+                            f" (default {'on' if DEFAULTS['scale_lower_clamp'] else 'off'})")
+    quant.add_argument("--zero-scale-codes", choices=RULES["zero_scale_codes"].allowed,
+                       default=None,
                        help="nvfp4: codes in blocks whose scale is 0: zeros, or x*(1/0)"
-                            " (default zeros)")
-    quant.add_argument("--nan", choices=("ptx", "ml_dtypes"), default=None,
+                            f" (default {DEFAULTS['zero_scale_codes']})")
+    quant.add_argument("--nan", choices=RULES["nan"].allowed, default=None,
                        help="E2M1 code of NaN inputs: ptx (+6) or ml_dtypes (signed zero)"
-                            " (default ptx)")
+                            f" (default {DEFAULTS['nan']})")
     quant.add_argument(
         "--input", dest="input_type", choices=("auto", "torch", "numpy"), default="auto",
         help="what the kernel takes: auto (torch, else numpy; torch only on cuda),"
@@ -267,7 +280,13 @@ def _free_default(path: Path) -> Path:
 
 def run(args: argparse.Namespace) -> int:
     """The recipe check, then the kernel's system properties (issue 20; ``--no-system``
-    skips them), each with its own verdict line."""
+    skips them), each with its own verdict line. Under torchrun the recipe check's examples
+    are judged over the ranks (``fp4sim.testing.check_shards``) and rank 0 alone prints,
+    writes the reproduction script and runs the system properties; every rank exits with
+    rank 0's code."""
+    world = world_from_env()
+    if world.size > 1:
+        return _run_sharded(args, world)
     code = _run_recipe_check(args)
     if code == 2 or getattr(args, "no_system", False):
         return code
@@ -277,14 +296,45 @@ def run(args: argparse.Namespace) -> int:
     return check_after_recipe(_build_config(args), args.check_target, code)
 
 
-def _run_recipe_check(args: argparse.Namespace) -> int:
+# how long the other ranks wait for rank 0's shrinking, diagnosis and system properties
+# (each bounded by --shrink-seconds and the per-call --timeout)
+_RANK_WAIT = datetime.timedelta(hours=6)
+
+
+def _run_sharded(args: argparse.Namespace, world: World) -> int:
+    # lazy: torch and Hypothesis extras: `fp4sim check --help` works with NumPy alone
+    from fp4sim.testing.check_shards import Shards
+
+    if getattr(args, "device", "cpu") == "cuda":
+        own_gpu_only(world)  # this rank's kernel workers on GPU LOCAL_RANK, seen as cuda
+    # gloo even with --device cuda: the ranks exchange small Python objects, the reference
+    # runs on the CPU and only the kernel worker (a child process) uses the GPU
+    with process_group(world, "cpu", backend="gloo", timeout=_RANK_WAIT):
+        code = _run_recipe_check(args, Shards(world))
+        if world.leader and code != 2 and not getattr(args, "no_system", False):
+            # Hypothesis 6.1xx draws constants from the local modules loaded (check_shards'
+            # docstring): the system-property modules come in after the drawing, as in one process
+            # lazy: after the drawing, so that the ranks draw what one process draws
+            from fp4sim.testing.system.isolated import check_after_recipe
+
+            code = check_after_recipe(_build_config(args), args.check_target, code)
+        return share_exit_code(world, code)
+
+
+def _run_recipe_check(args: argparse.Namespace, shards: Any = None) -> int:
+    """The recipe check in one process, or this rank's part of it (``shards``: a
+    ``check_shards.Shards``); only rank 0 prints (the other ranks return 0, and the caller
+    gives every rank rank 0's code)."""
     # lazy: torch and Hypothesis extras: `fp4sim check --help` works with NumPy alone
     from fp4sim.testing import check_attention, check_quantizer
     from fp4sim.testing.repro import write_repro_script
 
+    leader = shards is None or shards.leader
     target = getattr(args, "check_target", None)
     if target not in ("quantizer", "attention"):
-        print("fp4sim check: choose a target: quantizer or attention (see --help)", file=sys.stderr)
+        if leader:
+            print("fp4sim check: choose a target: quantizer or attention (see --help)",
+                  file=sys.stderr)
         return 2
     prefix = f"fp4sim check {target}"
 
@@ -295,14 +345,23 @@ def _run_recipe_check(args: argparse.Namespace) -> int:
         repro_path, is_default = _repro_path(args, target)
         config = _build_config(args)
         check_attention.check_device(args.device)
-        progress = None if args.quiet else log
+        progress = None if args.quiet or not leader else log
         if target == "quantizer":
-            result = check_quantizer.run_quantizer_check(config, log=progress)
+            result = check_quantizer.run_quantizer_check(config, log=progress, shards=shards)
         else:
-            result = check_attention.run_attention_check(config, log=progress)
+            result = check_attention.run_attention_check(config, log=progress, shards=shards)
     except (UsageError, _Usage) as err:
-        print(f"{prefix}: usage error: {err}", file=sys.stderr)
+        message = str(err)
+        if shards is not None and not shards.met:
+            try:  # the other ranks learn of it at their meeting (and this rank of theirs)
+                shards.meet(message)
+            except UsageError as first:
+                message = str(first)
+        if leader:
+            print(f"{prefix}: usage error: {message}", file=sys.stderr)
         return 2
+    if result is None:  # a rank other than 0: rank 0 reports
+        return 0
     untested, conventions, restarts = result.untested, result.conventions, result.restarts
     if result.ok:
         print(f"{prefix}: OK: {result.examples_run} examples agree ({config.kernel}, seed"

@@ -20,7 +20,8 @@ from fp4sim.judge.diagnosis.quantizer import (
 from fp4sim.judge.inputs import generate_tensor
 from fp4sim.testing.assertions import QuantizedDiff, compare_quantized, tie_flip_summary
 from fp4sim.testing.check_attention import check_device
-from fp4sim.testing.check_driver import CheckResult, run_hypothesis
+from fp4sim.testing.check_driver import CheckResult
+from fp4sim.testing.check_shards import CaseJudge, Shards, run_check
 from fp4sim.testing.quantizer_conventions import reconcile
 from fp4sim.testing.strategies import BLOCK_SIZES, QUANTIZER_DISTRIBUTIONS, TensorCase, tensor_cases
 
@@ -251,15 +252,19 @@ def _tensor_case_key(case: TensorCase) -> tuple[Any, ...]:
 
 def run_quantizer_check(
     config: QuantizerCheckConfig, *, log: Callable[[str], None] | None = None,
-    progress_every: int = 50,
-) -> CheckResult:
+    progress_every: int = 50, shards: Shards | None = None,
+) -> CheckResult | None:
     """Load the kernel in a worker process, then check it over ``config.examples`` drawn
     inputs. The result's ``conventions`` lists value-neutral conventions the kernel follows
-    (e.g. "agrees with `--zero-scale-codes reciprocal`")."""
+    (e.g. "agrees with `--zero-scale-codes reciprocal`"). Under torchrun (``shards``) the
+    drawn examples are judged over the ranks (``fp4sim.testing.check_shards``): rank 0
+    returns the result, the other ranks None."""
     check_device(config.device)
     with KernelWorker(config.kernel, kind="quantizer", timeout=config.timeout,
                       device=config.device) as worker:
-        input_type = probe_quantizer(worker, config)
+        input_type = probe_quantizer(worker, config)  # every rank probes its own worker
+        if shards is not None:
+            shards.meet()  # a usage error on any rank stops them all
         if log is not None:
             log(f"{config.kernel} loaded in a worker process ({input_type} input); drawing"
                 f" {config.examples} examples")
@@ -267,12 +272,14 @@ def run_quantizer_check(
         conventions: dict[str, int] = {}
         seen = {"hard": False}
 
-        def evaluate(case: TensorCase) -> str | None:
-            if seen["hard"]:
-                return None  # after a time-out or crash, no shrinking (each try could hang)
-            text, causes = evaluate_quantizer_case(worker, case, config, input_type)
+        def judge(case: TensorCase) -> tuple[str | None, list[str]]:
+            return evaluate_quantizer_case(worker, case, config, input_type)
+
+        def absorb(case: TensorCase, outcome: tuple[str | None, list[str]]) -> str | None:
+            text, causes = outcome
             if causes[:1] in (["kernel timed out"], ["kernel crashed"]):
-                seen["hard"] = True
+                seen["hard"] = True  # after a time-out or crash, no shrinking (each try
+                # could hang)
             for cause in causes:
                 if text is None and cause.startswith("convention: "):
                     note = cause.removeprefix("convention: ")
@@ -280,6 +287,8 @@ def run_quantizer_check(
             causes_of[_tensor_case_key(case)] = causes
             return text
 
+        case_judge = CaseJudge(judge, absorb, failed=lambda o: o[0] is not None,
+                               stopped=lambda: seen["hard"])
         strategy = tensor_cases(
             fmt=config.fmt,
             distributions=config.distributions,
@@ -287,16 +296,19 @@ def run_quantizer_check(
             max_rows=config.max_rows,
             max_blocks=config.max_blocks,
         )
-        result = run_hypothesis(
+        result = run_check(
             strategy,
-            evaluate,
+            case_judge,
             examples=config.examples,
             seed=config.seed,
             shrink_seconds=config.shrink_seconds,
             case_key=_tensor_case_key,
             log=log,
             progress_every=progress_every,
+            shards=shards,
         )
+        if result is None:  # a rank other than 0: rank 0 holds the verdict
+            return None
         result.restarts = worker.starts - 1
     if result.case is not None:
         result.causes = causes_of.get(_tensor_case_key(result.case), [])

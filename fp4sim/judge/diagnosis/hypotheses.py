@@ -11,6 +11,7 @@ import math
 from collections.abc import Iterator
 from dataclasses import dataclass, replace
 
+from fp4sim.formats import BLOCK_SIZES
 from fp4sim.judge.diagnosis.deviant import Knobs
 from fp4sim.judge.diagnosis.fake_quant import QuantKnobs
 
@@ -80,7 +81,7 @@ def _granularity(base: Knobs) -> Iterator[Hypothesis]:
                         kn.with_(axis=other)))
         fmt = "mxfp4" if kn.fmt == "nvfp4" else "nvfp4"
         changes.append((fmt, f"quantized as {fmt.upper()} instead of {kn.fmt.upper()}",
-                        kn.with_(fmt=fmt, block=32 if fmt == "mxfp4" else 16)))
+                        kn.with_(fmt=fmt, block=BLOCK_SIZES[fmt])))
         for tag, text, new in changes:
             yield from _operand_change(base, name, f"granularity:{name}:{tag}", "granularity",
                                        f"{words}{where} {text}", new)
