@@ -227,6 +227,14 @@ def triton_attention(q, k, v, causal=False, sm_scale=None):  # noqa: ANN001, ANN
     return kernels.attn_qat(q, k, v, causal, sm_scale, recipe="attn-qat")
 
 
+def mutant_no_quantization(q, k, v, causal=False, sm_scale=None):  # noqa: ANN001, ANN201
+    """Bug: plain attention (torch SDPA, nothing quantized) offered as an attn-qat kernel."""
+    if causal:  # SDPA aligns a causal mask top-left; the recipe's is bottom-right
+        raise ValueError("mutant_no_quantization is checked non-causal only")
+    return torch.nn.functional.scaled_dot_product_attention(
+        q, k, v, scale=sm_scale, enable_gqa=k.shape[1] != q.shape[1])
+
+
 def _drop_diagonal_forward(q, k, v, causal, sm_scale):  # noqa: ANN001, ANN202
     """Causal mask off by one: query i sees keys j < i + Lk - Lq (its diagonal key masked),
     emulated by an extra zero query row at the end (the mask is bottom-right aligned)."""
@@ -375,6 +383,13 @@ MUTANTS: dict[str, tuple[str, str, str, tuple[str, ...], str]] = {
         "attn-qat",
         (),
         "padded keys in the P block scale",
+    ),
+    "no_quantization": (
+        "attention",
+        f"{_MOD}:mutant_no_quantization",
+        "attn-qat",
+        (),
+        "torch SDPA: nothing quantized",
     ),
 }
 

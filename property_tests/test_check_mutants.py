@@ -122,6 +122,7 @@ EXPECTED_CAUSE = {
     "s_high_precision_bwd": "recomputes S in high precision",
     "causal_off_by_one": "causal mask off by one",
     "padded_keys_leak": "padded keys of the last, partial key block",
+    "no_quantization": "nothing quantized",
 }
 
 

@@ -159,6 +159,14 @@ def _scale(base: Knobs) -> Iterator[Hypothesis]:
 
 
 def _which_quantized(base: Knobs) -> Iterator[Hypothesis]:
+    quantized = [name for name, _ in _FWD if getattr(base, name) is not None]
+    if len(quantized) > 1:
+        # a kernel that quantizes nothing (plain attention, e.g. SDPA) checked against an FP4
+        # recipe: every operand at once, which no single-operand change explains on large cases
+        yield Hypothesis("which:all:none", "which_quantized",
+                         "nothing quantized: plain high-precision attention (the bf16 recipe's "
+                         "numerics), forward and backward",
+                         replace(base, **{name: None for name in quantized}))
     for name, words in _FWD:
         if getattr(base, name) is None:
             continue
