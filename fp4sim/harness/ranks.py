@@ -15,9 +15,13 @@ from __future__ import annotations
 
 import datetime
 import os
+import time
 from collections.abc import Iterator, MutableMapping
 from contextlib import contextmanager
 from dataclasses import dataclass
+
+# How long a rank other than 0 waits before leaving with a non-zero code (share_exit_code).
+LEADER_FIRST_SECONDS = 2.0
 
 __all__ = ["World", "own_gpu_only", "process_group", "share_exit_code", "visible_gpu",
            "world_from_env"]
@@ -79,7 +83,12 @@ def share_exit_code(world: World, code: int) -> int:
     # no rank leaves before every rank has the code: torchrun stops the others (SIGTERM) as
     # soon as one exits with a non-zero code
     dist.barrier()
-    return int(box[0])
+    code = int(box[0])
+    if code and not world.leader:
+        # torchrun stops the other ranks as soon as one exits non-zero and names that one the
+        # root cause: give rank 0, which printed the verdict, the time to be first
+        time.sleep(LEADER_FIRST_SECONDS)
+    return code
 
 
 def visible_gpu(local_rank: int, visible: str | None) -> str:
