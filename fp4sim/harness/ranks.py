@@ -80,13 +80,12 @@ def share_exit_code(world: World, code: int) -> int:
 
     box = [code if world.leader else 0]
     dist.broadcast_object_list(box, src=0)
-    # no rank leaves before every rank has the code: torchrun stops the others (SIGTERM) as
-    # soon as one exits with a non-zero code
+    # torchrun stops (SIGTERM) the other ranks as soon as one exits non-zero and names that
+    # one the root cause: every rank gets the code first (barrier), and rank 0, which
+    # printed the verdict, gets the time to leave first
     dist.barrier()
     code = int(box[0])
     if code and not world.leader:
-        # torchrun stops the other ranks as soon as one exits non-zero and names that one the
-        # root cause: give rank 0, which printed the verdict, the time to be first
         time.sleep(LEADER_FIRST_SECONDS)
     return code
 

@@ -287,9 +287,15 @@ def run(args: argparse.Namespace) -> int:
     world = world_from_env()
     if world.size > 1:
         return _run_sharded(args, world)
-    code = _run_recipe_check(args)
+    return _then_system_properties(args, _run_recipe_check(args))
+
+
+def _then_system_properties(args: argparse.Namespace, code: int) -> int:
+    """The system properties after the recipe check's ``code`` (not after a usage error)."""
     if code == 2 or getattr(args, "no_system", False):
         return code
+    # under torchrun this import must also follow the drawing: Hypothesis draws constants
+    # from the loaded modules (check_shards' docstring)
     # lazy: torch and Hypothesis extras: `fp4sim check --help` works with NumPy alone
     from fp4sim.testing.system.isolated import check_after_recipe
 
@@ -311,13 +317,8 @@ def _run_sharded(args: argparse.Namespace, world: World) -> int:
     # runs on the CPU and only the kernel worker (a child process) uses the GPU
     with process_group(world, "cpu", backend="gloo", timeout=_RANK_WAIT):
         code = _run_recipe_check(args, Shards(world))
-        if world.leader and code != 2 and not getattr(args, "no_system", False):
-            # Hypothesis 6.1xx draws constants from the local modules loaded (check_shards'
-            # docstring): the system-property modules come in after the drawing, as in one process
-            # lazy: after the drawing, so that the ranks draw what one process draws
-            from fp4sim.testing.system.isolated import check_after_recipe
-
-            code = check_after_recipe(_build_config(args), args.check_target, code)
+        if world.leader:  # rank 0 alone, after the drawing (check_shards' docstring)
+            code = _then_system_properties(args, code)
         return share_exit_code(world, code)
 
 
