@@ -169,3 +169,16 @@ def test_quantizer_diagnosis_says_none_when_no_setting_explains() -> None:
     diff = compare_quantized(x, expected, packed, expected.scale_bits, axis=-1)
     causes = diagnose_quantizer(x, expected, diff, "nvfp4", {})
     assert causes[0].startswith("no known hypothesis explains it"), causes
+
+
+def _no_gqa_kernel(q, k, v, causal, sm_scale):  # noqa: ANN001, ANN202
+    """A kernel that, like many, needs as many k/v heads as query heads."""
+    return torch.nn.functional.scaled_dot_product_attention(q, k, v, scale=sm_scale)
+
+
+def test_a_kernel_failing_on_gqa_inputs_is_pointed_to_no_gqa() -> None:
+    do = np.ones((1, 4, 8, 64))
+    gqa = ca.call_attention_kernel(_no_gqa_kernel, _case(8, 8, heads=4, kv_heads=2), CONFIG, do)
+    assert gqa.causes[0] == "kernel error" and "pass --no-gqa" in gqa.causes[1], gqa.causes
+    plain = ca.call_attention_kernel(_no_gqa_kernel, _case(8, 8, heads=4, kv_heads=4), CONFIG, do)
+    assert plain.problem is None, plain.problem

@@ -181,6 +181,17 @@ def _output_problem(
     return None
 
 
+def _error_causes(case: AttentionCase) -> list[str]:
+    """Causes of a kernel that raised: with a hint where the input was GQA, the commonest
+    thing a kernel declines (its spec or ``--no-gqa`` keeps such inputs away)."""
+    heads, kv_heads = case.q.shape[1], case.k.shape[1]
+    if kv_heads == heads:
+        return ["kernel error"]
+    return ["kernel error",
+            f"the input was GQA ({heads} query heads, {kv_heads} k/v heads): if the kernel "
+            "does not support GQA, pass --no-gqa (or declare fp4sim_spec = {\"gqa\": False})"]
+
+
 def call_attention_kernel(
     kernel: Any, case: AttentionCase, config: AttentionCheckConfig, do_np: np.ndarray
 ) -> KernelRun:
@@ -197,7 +208,7 @@ def call_attention_kernel(
             cause = "kernel timed out" if "timed out" in res.failure else "kernel crashed"
             return KernelRun(problem=f"kernel {res.failure}", causes=[cause])
         if res.error is not None:
-            return KernelRun(problem=res.error, causes=["kernel error"])
+            return KernelRun(problem=res.error, causes=_error_causes(case))
         tensors = {}
         for name, shape in want:
             dtype, device, got = res.info[name]
@@ -220,7 +231,7 @@ def call_attention_kernel(
             grads = torch.autograd.grad(o, (q, k, v), do, allow_unused=False)
     except Exception as err:
         return KernelRun(problem=f"kernel raised {type(err).__name__}: {err}",
-                         causes=["kernel error"])
+                         causes=_error_causes(case))
     for (name, shape), t in zip(want, (o, *(grads or ())), strict=True):
         bad = _output_problem(name, str(t.dtype).removeprefix("torch."), str(t.device),
                               tuple(t.shape), case.spec.dtype, config.device, shape)
