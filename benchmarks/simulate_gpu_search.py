@@ -155,7 +155,7 @@ def screen(candidate: Candidate, runs: dict[str, dict[str, Any]]) -> dict[str, A
             judged = judge(runs, chance, t) if t >= TAIL else None
             separated[t] = bool(judged) and all(
                 judged["split"].get(k) for k in ("o_only learns worse than bf16",
-                                                   "o_only is unstable"))
+                                                   "o_only fails or is unstable"))
             if t == upto:
                 row["o_only_verdict"] = (judged or {}).get("variants", {}).get(
                     "o_only", {}).get("verdict")

@@ -131,8 +131,8 @@ def verdict(*, status: str, final_loss: float | None, spikes: int,
 def paper_split(verdicts: dict[str, Verdict]) -> dict[str, bool | None]:
     """Whether the runs show the Attn-QAT paper's qualitative result, condition by
     condition: attn_qat learns like bf16 and is stable; p_only learns like bf16; drop_in
-    and o_only learn worse (or not at all, or diverge) and are unstable. ``None`` where the
-    variant was not run or the comparison is inconclusive."""
+    and o_only learn worse than bf16 and either fail to learn (or diverge) or are unstable.
+    ``None`` where the variant was not run or the comparison is inconclusive."""
     def condition(name: str, test: Callable[[Verdict], bool]) -> bool | None:
         if name not in verdicts or verdicts[name].learning in (INCONCLUSIVE, FAILED):
             return None
@@ -149,5 +149,10 @@ def paper_split(verdicts: dict[str, Verdict]) -> dict[str, bool | None]:
     for name in ("drop_in", "o_only"):
         checks[f"{name} learns worse than bf16"] = condition(
             name, lambda v: v.learning != LEARNS_LIKE_BF16)
-        checks[f"{name} is unstable"] = condition(name, lambda v: not v.stable)
+        # issue 19: "o_only fails or is clearly worse and unstable; drop_in diverges or
+        # fails": failing to learn a task bf16 learns counts without spikes, because once
+        # bf16 solves its task its own norm falls towards 0 and the spike rule fires on that
+        # noise (docs/bench/simulate.md, "Second search")
+        checks[f"{name} fails or is unstable"] = condition(
+            name, lambda v: v.learning in (FAILS_TO_LEARN, DIVERGED) or not v.stable)
     return checks

@@ -246,8 +246,8 @@ def build_html(result: SimulationResult) -> str:
         page.callout(
             "The runs " + ("reproduce" if reproduced else "do NOT reproduce")
             + " the Attn-QAT paper's qualitative split (attn_qat learns like bf16 and is "
-            "stable; p_only learns like bf16; drop_in and o_only learn worse and are "
-            "unstable).",
+            "stable; p_only learns like bf16; drop_in and o_only learn worse, and each "
+            "either fails to learn or is unstable).",
             kind="good" if reproduced else "bad")
     page.heading("Summary")
     page.table(TABLE_HEADERS, table_rows(result),
