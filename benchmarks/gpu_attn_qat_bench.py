@@ -19,7 +19,7 @@ Methods: ``sdpa``; a recipe name (the current kernels with their defaults); ``ol
 (the kernels of a saved earlier version, ``--old PATH``, default
 ``.dev_old/training_attention_old.py``, for before/after numbers in the same process);
 ``<recipe>/<switch>`` with a switch of ``training_attention._OPTIONS`` flipped
-(``unpacked``, ``tma``, ``ws``, ``slowexp``).
+(``unpacked``, ``tma``, ``notma``, ``ws``, ``slowexp``).
 
 ``--check``: bit-for-bit comparisons on the GPU before timing: the current kernels with the
 non-ftz exp against the old kernels (same numerics), the ftz exp against the old kernels
@@ -67,8 +67,8 @@ def _mine() -> bool:
 METHODS = ["sdpa", "old:bf16", "old:attn-qat", "old:attn-qat-consistent", "bf16", "attn-qat",
            "attn-qat-consistent", "attn-qat/unpacked", "bf16/tma", "attn-qat/tma",
            "attn-qat-consistent/tma"]
-SWITCHES = {"unpacked": ("packed", False), "tma": ("tma", True), "ws": ("warp_spec", True),
-            "slowexp": ("fast_exp", False)}
+SWITCHES = {"unpacked": ("packed", False), "tma": ("tma", True), "notma": ("tma", False),
+            "ws": ("warp_spec", True), "slowexp": ("fast_exp", False)}
 _OLD = {}
 # Tuned launch configurations: {(head_dim, quant_p): {"fwd"|"dkdv"|"dq": _Config}}.
 _TUNED: dict[tuple[int, bool], dict] = {}
@@ -228,7 +228,7 @@ def _tune(shape, quant_p):
 # Implementations compared bit for bit with the old kernels by --check ("slowexp": same numerics
 # as the old kernels, must be equal; the others report the elements that differ).
 CHECK_VARIANTS = {"slowexp": {"fast_exp": False}, "default": {}, "unpacked": {"packed": False},
-                  "tma": {"tma": True}}
+                  "tma": {"tma": True}, "notma": {"tma": False}}
 
 
 class _Options:

@@ -69,7 +69,10 @@ def _fwd_tile(q, k, v, offs_m, start_n, m_i, l_i, lq_i, acc, acc_hp, sm_scale, L
               FAST: tl.constexpr, UPCAST: tl.constexpr):
     """One key tile of the forward (docs/attention-math.md forward 3-4)."""
     offs_n = start_n + tl.arange(0, BLOCK_N)
-    # S = tau Q^ K^T (docs/attention-math.md forward 3), float32 accumulation.
+    # S = tau Q^ K^T (docs/attention-math.md forward 3), float32 accumulation. On the GPU the
+    # compiler contracts S - m below into fma(QK^T, tau, -m) in unmasked tiles (a mask's select
+    # sits between them otherwise): one rounding fewer than the reference's RN(RN(tau QK^T) - m),
+    # the same bits when tau is a power of two (d = 64), within the derived bounds otherwise.
     s = _dot(q, tl.trans(k), UPCAST) * sm_scale
     if MASK:
         # Padded / causally hidden keys -> -inf -> P = 0 before the P block amax, so they
