@@ -118,6 +118,18 @@ def test_declared_limits_make_properties_untested() -> None:
     assert edge.status in ("ok", "untested") and "Lq=1 Lk=15" in edge.cause, edge.line()
 
 
+def _refuses_everything(q, k, v, causal, sm_scale):  # noqa: ANN001, ANN202
+    raise ValueError("this kernel takes no input of this shape")
+
+
+def test_special_values_rejection_counts_only_if_the_clean_input_runs() -> None:
+    """A kernel that raises on every input has not rejected NaN/Inf: 'untested', not 'ok'."""
+    (verdict,) = run_system_properties(_refuses_everything, SPEC, recipe="bf16",
+                                       device="cpu", seed=0, only=["special values"])
+    assert verdict.status == "untested", verdict.line()
+    assert "without a special value too" in verdict.cause, verdict.line()
+
+
 # ---------------------------------------------------------------------------
 # quantizer properties
 # ---------------------------------------------------------------------------

@@ -589,6 +589,7 @@ def special_values(ctx: AttentionContext) -> Verdict:
              ("Inf in k[0, 0, 7]", "k", (0, 0, 7, 1), np.inf),
              ("NaN in v[0, 1, 9]", "v", (0, 1, 9, 0), np.nan)]
     notes: list[str] = []
+    clean_error: list[str | None] = []  # the finite input's outcome, run once when needed
     for label, which, idx, value in cases:
         arrays = {"q": q.copy(), "k": k.copy(), "v": v.copy()}
         arrays[which][idx] = value
@@ -597,6 +598,17 @@ def special_values(ctx: AttentionContext) -> Verdict:
             o, grads = ctx.forward_backward(*tensors, do)
         except Exception as err:
             if clear_rejection(err):
+                # A rejection is evidence only if the same shape without the special value
+                # runs: a kernel that raises on both has not looked at the value at all.
+                if not clean_error:
+                    try:
+                        ctx.forward_backward(*(ctx.tensor(a) for a in (q, k, v)), do)
+                        clean_error.append(None)
+                    except Exception as clean:
+                        clean_error.append(kernel_error(clean))
+                if clean_error[0] is not None:
+                    return Verdict(name, "untested", "the kernel raises on the same input "
+                                   f"without a special value too ({clean_error[0][:80]})")
                 notes.append(f"{label}: rejected ({kernel_error(err)[:60]})")
                 continue
             raise
