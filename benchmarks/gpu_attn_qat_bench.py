@@ -65,8 +65,8 @@ def _mine() -> bool:
     _JOB[0] += 1
     return not _WORKER or (_JOB[0] - 1) % _WORKER[1] == _WORKER[0]
 METHODS = ["sdpa", "old:bf16", "old:attn-qat", "old:attn-qat-consistent", "bf16", "attn-qat",
-           "attn-qat-consistent", "attn-qat/unpacked", "bf16/tma", "attn-qat/tma",
-           "attn-qat-consistent/tma"]
+           "attn-qat-consistent", "attn-qat/unpacked", "bf16/notma", "attn-qat/notma",
+           "attn-qat-consistent/notma"]
 SWITCHES = {"unpacked": ("packed", False), "tma": ("tma", True), "notma": ("tma", False),
             "ws": ("warp_spec", True), "slowexp": ("fast_exp", False)}
 _OLD = {}
@@ -171,14 +171,19 @@ def _time(method, shape, old_path, reps=(25, 100)):
 # forward BLOCK_N is the recipe's 64.
 TUNE_CANDIDATES = {
     True: {  # with the P quantizer
-        "fwd": [(64, 64, 4, 3), (128, 64, 8, 3), (128, 64, 8, 2)],
-        "dkdv": [(64, 64, 4, 2), (64, 64, 4, 3), (32, 128, 4, 3), (64, 128, 8, 2)],
-        "dq": [(128, 64, 8, 3), (128, 64, 8, 2), (64, 64, 4, 3), (128, 128, 8, 2)],
+        "fwd": [(64, 64, 4, 3), (128, 64, 8, 3), (128, 64, 8, 2), (64, 64, 4, 4), (128, 64, 8, 4),
+                (128, 64, 4, 3)],
+        "dkdv": [(64, 64, 4, 2), (64, 64, 4, 3), (32, 128, 4, 3), (64, 128, 8, 2), (128, 64, 8, 2),
+                 (64, 128, 4, 3)],
+        "dq": [(128, 64, 8, 3), (128, 64, 8, 2), (64, 64, 4, 3), (128, 128, 8, 2), (64, 128, 4, 3),
+               (128, 64, 4, 3)],
     },
     False: {
-        "fwd": [(128, 128, 8, 3), (128, 64, 8, 3), (128, 128, 8, 2), (64, 64, 4, 3)],
-        "dkdv": [(64, 64, 4, 2), (32, 128, 4, 3), (64, 128, 8, 2), (128, 128, 8, 2)],
-        "dq": [(128, 64, 8, 3), (128, 128, 8, 2), (64, 64, 4, 3)],
+        "fwd": [(128, 128, 8, 3), (128, 64, 8, 3), (128, 128, 8, 2), (64, 64, 4, 3),
+                (128, 64, 4, 3), (128, 128, 8, 4), (64, 128, 4, 3)],
+        "dkdv": [(64, 64, 4, 2), (32, 128, 4, 3), (64, 128, 8, 2), (128, 128, 8, 2), (64, 64, 4, 3),
+                 (128, 64, 8, 2)],
+        "dq": [(128, 64, 8, 3), (128, 128, 8, 2), (64, 64, 4, 3), (64, 128, 4, 3), (128, 64, 4, 3)],
     },
 }
 
@@ -226,7 +231,8 @@ def _tune(shape, quant_p):
 
 
 # Implementations compared bit for bit with the old kernels by --check ("slowexp": same numerics
-# as the old kernels, must be equal; the others report the elements that differ).
+# as the old kernels, must be equal where tau is a power of two; the others report the elements
+# that differ; the GPU tests check that the switches are bit-neutral among themselves).
 CHECK_VARIANTS = {"slowexp": {"fast_exp": False}, "default": {}, "unpacked": {"packed": False},
                   "tma": {"tma": True}, "notma": {"tma": False}}
 
@@ -292,7 +298,11 @@ def _check(old_path):
                     ndiff = sum(int((x != y).sum()) for x, y in zip(got, ref, strict=True))
                     maxd = max(float((x.float() - y.float()).abs().max())
                                for x, y in zip(got, ref, strict=True))
-                    must = name.startswith("slowexp")
+                    # slowexp has the old kernels' numerics except that the new forward
+                    # contracts S*tau - m into one fma in unmasked tiles (comment in
+                    # kernels/attn_qat_forward.py): bit-equal only where S*tau is exact,
+                    # i.e. tau = 1/sqrt(d) is a power of two.
+                    must = name == "slowexp" and math.log2(d) % 2 == 0
                     if must and not all(same):
                         ok = False
                     line.append(f"{name}: {'EQUAL' if all(same) else 'DIFF'} "

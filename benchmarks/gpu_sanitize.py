@@ -43,22 +43,31 @@ def _finite(name: str, *tensors: torch.Tensor) -> None:
 
 
 # Implementation switches of the training kernels (training._OPTIONS) run under memcheck: the
-# default, and each non-default path (plain loads instead of tensor descriptors, materialized
-# instead of packed Q^/K^/V^).
-TRAINING_OPTION_SETS = [{}, {"tma": False, "packed": False}, {"tma": True, "packed": True}]
+# default (packed Q^/K^/V^, tiles through tensor descriptors) and the non-default paths (plain
+# loads, with packed and with materialized Q^/K^/V^).
+TRAINING_OPTION_SETS = [{}, {"tma": False, "packed": False}, {"tma": False, "packed": True}]
 
 
-def sanitize_training(dtype: torch.dtype) -> int:
+def sanitize_training(dtype: torch.dtype, option_sets: list[int] | None = None) -> int:
     runs = 0
     # the switches do not depend on the dtype: the non-default sets run in bf16 only
-    for options in TRAINING_OPTION_SETS if dtype == torch.bfloat16 else TRAINING_OPTION_SETS[:1]:
+    indices = range(len(TRAINING_OPTION_SETS)) if dtype == torch.bfloat16 else [0]
+    for i in indices:
+        if option_sets is not None and i not in option_sets:
+            continue
+        options = TRAINING_OPTION_SETS[i]
         saved = dict(training._OPTIONS)
         training._OPTIONS.update(options)
+        start = time.time()
         try:
-            runs += _training_runs(dtype, options)
+            n = _training_runs(dtype, options)
         finally:
             training._OPTIONS.clear()
             training._OPTIONS.update(saved)
+        runs += n
+        # progress, so that a run stopped by a time limit shows which parts were checked
+        print(f"  training {dtype} option set {i} {options or 'default'}: {n} runs "
+              f"({time.time() - start:.1f} s)", flush=True)
     return runs
 
 
@@ -126,7 +135,19 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--only", choices=("training", "quantize", "inference"), default=None)
     parser.add_argument("--device", default="cuda", help="cpu needs TRITON_INTERPRET=1 (smoke)")
+    parser.add_argument("--option-sets", default=None,
+                        help="training: indices into TRAINING_OPTION_SETS, e.g. 0 or 1,2 (split "
+                             "a memcheck run that does not fit one time limit)")
     args = parser.parse_args(argv)
+    option_sets = None
+    if args.option_sets is not None:
+        try:
+            option_sets = [int(x) for x in args.option_sets.split(",")]
+        except ValueError:
+            parser.error(f"--option-sets takes comma-separated integers, got {args.option_sets!r}")
+        bad = [i for i in option_sets if not 0 <= i < len(TRAINING_OPTION_SETS)]
+        if bad:
+            parser.error(f"--option-sets: {bad} out of range 0..{len(TRAINING_OPTION_SETS) - 1}")
     global DEVICE
     DEVICE = args.device
     if DEVICE == "cuda" and not torch.cuda.is_available():
@@ -136,7 +157,8 @@ def main(argv: list[str] | None = None) -> int:
     parts = {
         "quantize": sanitize_quantize,
         "inference": sanitize_inference,
-        "training": lambda: sanitize_training(torch.float16) + sanitize_training(torch.bfloat16),
+        "training": lambda: (sanitize_training(torch.float16, option_sets)
+                             + sanitize_training(torch.bfloat16, option_sets)),
     }
     for name, fn in parts.items():
         if args.only and name != args.only:

@@ -62,7 +62,8 @@ recipe has none) and ``m``, ``l`` (float32, B*H*Lq each).
 
 Implementation switches (``_OPTIONS``; bit-neutral, compared by the tests and
 ``benchmarks/gpu_attn_qat_bench.py --check``): ``fast_exp``, ``packed``, ``tma`` (tensor
-descriptors for the inner-loop tiles), ``warp_spec``. Kernel modules:
+descriptors for the inner-loop tiles; on by default since the GPU suite passed with it on an
+H200, BENCHMARKS.md 2026-12-03), ``warp_spec``. Kernel modules:
 ``kernels/attn_qat_forward.py``, ``kernels/attn_qat_backward.py``, ``kernels/attn_qat_jit.py``.
 """
 
@@ -163,7 +164,7 @@ _CONFIG_OVERRIDE: dict[str, _Config] = {}
 #   "packed": save Q^, K^, V^ packed (NVFP4 codes + E4M3 scale bytes) for the backward;
 #   "tma": the inner-loop tiles through tensor descriptors (GPU; prequantized inputs);
 #   "warp_spec": warp-specialized forward key loop (tl.range(..., warp_specialize=True)).
-_OPTIONS: dict[str, bool] = {"fast_exp": True, "packed": True, "tma": False, "warp_spec": False}
+_OPTIONS: dict[str, bool] = {"fast_exp": True, "packed": True, "tma": True, "warp_spec": False}
 
 
 def _configs(head_dim: int, on_cuda: bool, quant_p: bool = True) -> dict[str, _Config]:
@@ -179,11 +180,13 @@ def _default_configs(head_dim: int, on_cuda: bool, quant_p: bool = True) -> dict
             "dq": _Config(32, 32, 4, 1),
         }
     # From the GPU sweep on an H100 with the fast P quantizer (docs/bench/kernels-training.md,
-    # 2026-11-25 19:02 UTC): 4 forward, 4 dK/dV and 3 dQ candidates per head dim.
+    # 2026-11-25 19:02 UTC): 4 forward, 4 dK/dV and 3 dQ candidates per head dim. Re-swept on an
+    # H200 with packed operands and TMA (BENCHMARKS.md, 2026-12-03 13:19 UTC): only dQ at
+    # d <= 64 moved (4 warps: whole backward 1.117 -> 1.000 ms bf16, 1.416 -> 1.296 ms attn-qat).
     return {
         "fwd": _Config(64, FORWARD_BLOCK_N, 4, 3),
         "dkdv": _Config(64, 64, 4, 3 if head_dim == 64 else 2),
-        "dq": _Config(128, 64, 8, 3),
+        "dq": _Config(128, 64, 8 if head_dim > 64 else 4, 3),
     }
 
 
