@@ -1,0 +1,78 @@
+"""``benchmarks/perf_targets.py``: issue 15's targets judged from benchmark JSON (CPU only)."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import sys
+from pathlib import Path
+
+import pytest
+
+_PATH = Path(__file__).resolve().parents[1] / "benchmarks" / "perf_targets.py"
+_SPEC = importlib.util.spec_from_file_location("perf_targets", _PATH)
+perf_targets = importlib.util.module_from_spec(_SPEC)
+sys.modules.setdefault("perf_targets", perf_targets)  # dataclasses look their module up there
+_SPEC.loader.exec_module(perf_targets)
+
+SHAPE = [2, 16, 4096, 128]
+
+
+def _row(method: str, fwd: float, fwd_bwd: float, peak: float) -> dict:
+    return {"method": method, "shape": SHAPE, "fwd_ms": fwd, "fwd_bwd_ms": fwd_bwd,
+            "peak_mib": peak}
+
+
+def _train(scale: float = 1.0) -> dict:
+    """Every recipe exactly at its bounds when scale is 1 (time and memory)."""
+    bounds = perf_targets.TRAINING_TIME_BOUNDS
+    rows = [_row("sdpa", 1.0, 2.0, 100.0)]
+    for method in ("bf16", "attn-qat", "attn-qat-consistent"):
+        rows.append(_row(method, bounds[(method, "fwd_ms")] * scale,
+                         2.0 * bounds[(method, "fwd_bwd_ms")] * scale,
+                         100.0 * perf_targets.MEMORY_BOUND * scale))
+    return {"card": "test card", "date": "today", "rows": rows}
+
+
+def _decode(speedup: float, ok: bool = True, prefill: float = 2.5) -> dict:
+    result = {"ms": 1.0, "speedup_vs_sdpa": speedup, "ok": ok}
+    return {"device": "test card", "date_utc": "today",
+            "cases": [{"shape": [1, 8, 1, 1, 8192, 128], "causal": False,
+                       "nvfp4": dict(result), "mxfp4": dict(result)}],
+            "prefill": [{"shape": SHAPE, "nvfp4_inference_x_sdpa": prefill,
+                         "mxfp4_inference_x_sdpa": prefill}]}
+
+
+def test_bounds_are_inclusive_and_a_little_over_misses() -> None:
+    at = perf_targets.training_verdicts(_train(1.0))
+    assert at and {v.status for v in at} == {"met"}
+    over = perf_targets.training_verdicts(_train(1.001))
+    assert {v.status for v in over} == {"MISSED"}
+    assert {v.status for v in perf_targets.decode_verdicts(_decode(1.5))} == {"met"}
+    low = perf_targets.decode_verdicts(_decode(1.49, prefill=2.51))
+    assert {v.status for v in low} == {"MISSED"}
+
+
+def test_a_missing_row_is_not_measured_and_a_wrong_result_is_not_met() -> None:
+    train = _train(1.0)
+    train["rows"] = [r for r in train["rows"] if r["method"] != "attn-qat"]
+    statuses = {v.target: v.status for v in perf_targets.training_verdicts(train)}
+    assert statuses["attn-qat forward / SDPA"] == "not measured"
+    assert statuses["bf16 forward / SDPA"] == "met"
+    wrong = perf_targets.decode_verdicts(_decode(9.0, ok=False))
+    assert {v.status for v in wrong if "decode" in v.target} == {"WRONG RESULT"}
+
+
+def test_exit_codes(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    train, decode = tmp_path / "t.json", tmp_path / "d.json"
+    train.write_text(json.dumps(_train(1.0)))
+    decode.write_text(json.dumps(_decode(2.0)))
+    assert perf_targets.main(["--train", str(train), "--decode", str(decode)]) == 0
+    assert "0 missed" in capsys.readouterr().out
+    # a file left out: its targets are not measured, so not every target is met
+    assert perf_targets.main(["--train", str(train)]) == 1
+    decode.write_text(json.dumps(_decode(1.0)))
+    assert perf_targets.main(["--train", str(train), "--decode", str(decode)]) == 1
+    decode.write_text("[1, 2]")
+    assert perf_targets.main(["--train", str(train), "--decode", str(decode)]) == 2
+    assert perf_targets.main(["--train", str(tmp_path / "missing.json")]) == 2
