@@ -416,7 +416,8 @@ def main(argv=None) -> int:
     parser.add_argument("--shapes", default="all", help="'all' or indices, e.g. 0,1")
     parser.add_argument("--old", default=".dev_old/training_attention_old.py")
     parser.add_argument("--budget", type=float, default=1e9,
-                        help="seconds; skip the remaining table rows after this")
+                        help="seconds since the start (precompile, --check and --tune "
+                             "included); skip the remaining table rows after this")
     parser.add_argument("--dry-run", action="store_true",
                         help="CPU under TRITON_INTERPRET=1: tiny shapes, untimed")
     parser.add_argument("--precompile", type=int, default=0, help="parallel compile workers")
