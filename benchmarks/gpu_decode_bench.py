@@ -119,6 +119,7 @@ CHECK_CASES = (  # (B, H, Hkv, Lq, Lk, causal, splits)
     (1, 8, 1, 16, 1000, True, 3),
     (2, 8, 2, 1, 2065, False, 5),
     (1, 32, 8, 16, 700, True, 1),
+    (1, 8, 1, 1, 5000, False, 60),  # 40 splits of 2 tiles: three steps of the blocked merge
 )
 
 
@@ -133,16 +134,20 @@ def correctness(device: str, modes: list[str], cases=CHECK_CASES) -> list[dict]:
             ref = decode_schedule_reference(q, k, v, fmt, causal, splits)
             packed = pack_for_inference(q.to(device), k.to(device), v.to(device), fmt)
             tiled = (*packed[:4], *tile_v(packed[4], packed[5]))
-            runs = [(m, False) for m in modes] + [(modes[0], True)]
-            for mode, use_tiled in runs:
+            # every decode mode; V tiled; the blocked merge (kernels/decode.py docstring)
+            runs = ([(m, False, "serial") for m in modes] + [(modes[0], True, "serial")]
+                    + [(modes[0], True, "blocked")])
+            for mode, use_tiled, merge in runs:
                 t0 = time.time()
                 inputs = tiled if use_tiled else packed
                 try:
                     if device == "cuda":
-                        o = _poisoned_run(inputs, fmt, causal, num_splits=splits, decode=mode)
+                        o = _poisoned_run(inputs, fmt, causal, num_splits=splits, decode=mode,
+                                          merge=merge)
                     else:
                         o = fp4_decode_attention(
-                            *inputs, fmt=fmt, causal=causal, num_splits=splits, decode=mode
+                            *inputs, fmt=fmt, causal=causal, num_splits=splits, decode=mode,
+                            merge=merge,
                         )
                 except Exception as exc:  # a mode that fails to compile is reported
                     rep = {"ok": False, "error": f"{type(exc).__name__}: {exc}"[:400]}
@@ -150,7 +155,7 @@ def correctness(device: str, modes: list[str], cases=CHECK_CASES) -> list[dict]:
                     rep = check_output(o.float().cpu(), ref)
                 rep.update(
                     case=[bsz, h, hkv, lq, lk, causal, splits], fmt=fmt, decode=mode,
-                    v_tiled=use_tiled, s=round(time.time() - t0, 2),
+                    v_tiled=use_tiled, merge=merge, s=round(time.time() - t0, 2),
                 )
                 _log(f"  check {rep}")
                 out.append(rep)
@@ -233,19 +238,21 @@ def bench_case(bsz, hq, hkv, lq, lk, modes, split_sweep, copy_gbps, causal=False
         split_opts = sorted(
             {len(split_bounds(lk, max(1, int(rule * f)))[1]) for f in (1.0, *split_sweep)}
         )
-        configs = [(mode, sp, None, None, True) for mode in modes for sp in split_opts]
+        configs = [(mode, sp, None, None, True, "serial") for mode in modes for sp in split_opts]
         rule_sp = len(split_bounds(lk, rule)[1])
-        configs.append((modes[0], rule_sp, None, None, False))  # pack_for_inference's V^T
+        configs.append((modes[0], rule_sp, None, None, False, "serial"))  # pack_for_inference's V^T
         if split_sweep and rows_per_prog == 16:  # small programs: also 2 and 8 warps
-            configs += [(modes[0], rule_sp, w, None, True) for w in (2, 8)]
+            configs += [(modes[0], rule_sp, w, None, True, "serial") for w in (2, 8)]
         if split_sweep and rows_per_prog == 128:  # one program per SM: pipeline depth
-            configs += [(modes[0], rule_sp, None, st, True) for st in (2, 4)]
-        for mode, sp, warps, stages, tiled in configs:
+            configs += [(modes[0], rule_sp, None, st, True, "serial") for st in (2, 4)]
+        # the blocked merge at every split count that merges (kernels/decode.py docstring)
+        configs += [(modes[0], sp, None, None, True, "blocked") for sp in split_opts if sp > 1]
+        for mode, sp, warps, stages, tiled, merge in configs:
             inputs = tsets if tiled else psets
             try:
                 o = fp4_decode_attention(
                     *inputs[0], fmt=fmt, causal=causal, num_splits=sp, decode=mode,
-                    num_warps=warps, num_stages=stages,
+                    num_warps=warps, num_stages=stages, merge=merge,
                 ).float()
                 ok = bool(torch.isfinite(o).all())
                 err = (
@@ -254,20 +261,21 @@ def bench_case(bsz, hq, hkv, lq, lk, modes, split_sweep, copy_gbps, causal=False
                 ok = ok and err < 0.5
                 t = _graph_time(
                     [
-                        lambda p=p, sp=sp, mode=mode, fmt=fmt, w=warps, st=stages: (
+                        lambda p=p, sp=sp, mode=mode, fmt=fmt, w=warps, st=stages, mg=merge: (
                             fp4_decode_attention(
                                 *p, fmt=fmt, causal=causal, num_splits=sp, decode=mode,
-                                num_warps=w, num_stages=st,
+                                num_warps=w, num_stages=st, merge=mg,
                             )
                         )
                         for p in inputs
                     ]
                 )
             except Exception as exc:
-                _log(f"  {fmt} {mode} splits={sp}: {type(exc).__name__}: {exc}"[:300])
+                _log(f"  {fmt} {mode} splits={sp} merge={merge}: {type(exc).__name__}: {exc}"[:300])
                 continue
             tried.append({"decode": mode, "splits": sp, "warps": warps, "stages": stages,
-                          "v_tiled": tiled, "ms": t, "err_vs_sdpa": err, "ok": ok})
+                          "v_tiled": tiled, "merge": merge, "ms": t, "err_vs_sdpa": err,
+                          "ok": ok})
             if ok and (best is None or t < best["ms"]):
                 best = tried[-1]
         if best is not None:
@@ -410,13 +418,39 @@ def compile_probe(out_dir: str) -> list[dict]:
                "top_ops": ops.most_common(10)}
         _log(f"  {json.dumps(row)}")
         rows.append(row)
+    # the two merge kernels (d = 128, 16 rows, 4 warps): registers and spills only
+    for tag, kern, const in (
+        ("merge_serial", dec._merge_kernel, {}),
+        ("merge_blocked", dec._merge_blocked_kernel,
+         dict(BLOCK_S=dec._MERGE_BLOCK_S, BLOCK_D=dec._MERGE_BLOCK_D)),
+    ):
+        const = dict(HEAD_DIM=D, BLOCK_R=16, UPCAST=False, STATIC_SPLITS=0, **const)
+        types = {n: "constexpr" if n in const else "*fp32" if n.startswith("ws_")
+                 else "*bf16" if n == "o_ptr" else "i32" for n in kern.arg_names}
+        attrs = {(kern.arg_names.index(n),): [["tt.divisibility", 16]]
+                 for n, t in types.items() if t.startswith("*")}
+        c = triton.compile(triton.compiler.ASTSource(kern, types, const, attrs),
+                           target=GPUTarget("cuda", 90, 32),
+                           options=dict(num_warps=4, num_stages=3))
+        base = Path(out_dir) / tag
+        base.with_suffix(".ptx").write_text(c.asm["ptx"])
+        log = subprocess.run([str(tools / "ptxas"), "-v", "--gpu-name=sm_90a",
+                              str(base.with_suffix(".ptx")), "-o", str(base.with_suffix(".cubin"))],
+                             capture_output=True, text=True).stderr
+        regs = re.search(r"Used (\d+) registers", log)
+        spill = re.search(r"(\d+) bytes spill stores", log)
+        row = {"variant": tag, "regs": int(regs.group(1)) if regs else None,
+               "spill_bytes": int(spill.group(1)) if spill else None}
+        _log(f"  {json.dumps(row)}")
+        rows.append(row)
     return rows
 
 
 def sanitize() -> int:
     """One run of each kernel variant on small shapes, outputs poisoned (compute-sanitizer)."""
     # Every mode shares the loads and stores; 'asm' (with V untiled and tiled) and 'exact'
-    # cover both operand paths, on a multi-split and a one-split (direct store) case.
+    # cover both operand paths, on a multi-split and a one-split (direct store) case; both
+    # merge kernels run on the multi-split case.
     reps = correctness("cuda", ["asm", "exact"], cases=CHECK_CASES[:1] + CHECK_CASES[2:3])
     bad = sum(not r["ok"] for r in reps)
     print(f"sanitize runs done, {bad} failing checks", flush=True)

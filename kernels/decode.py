@@ -21,6 +21,10 @@ Schedule (what a reference must reproduce, ``property_tests/test_kernels_decode.
   sees no key), ``L = sum_s w_s l_s``, ``O = (sum_s w_s acc_s) / L`` (IEEE division), bf16
   out; a row that sees no key at all outputs 0. With ``num_splits = 1`` no merge runs and the
   result is the function of ``fp4_inference_attention`` (same tiles, same running max).
+  ``merge="serial"`` (default) runs one program per (batch, kv head, 16 rows) over the splits
+  one at a time; ``merge="blocked"`` reads blocks of 16 splits and 16 columns of d per step in
+  programs spread over d as well (the same formula, float32 sums in another order, so the same
+  bound; more parallel where one kv head has hundreds of splits).
 
 Float32 details (same function, rounding only): S and the maxima are kept in log2 units
 (``S log2 e`` with ``tau log2 e`` folded into one multiply; ``P = 2^(S' - m')``, one
@@ -67,12 +71,17 @@ from fp4sim.kernels.inference import check_packed_inputs
 BLOCK_N = _inf.BLOCK_N  # key tile of the P quantization (the reference recipes' block_n = 64)
 MAX_BLOCK_M = 128  # query rows per program; more rows form further row blocks
 DECODE_MODES = {"exact": 0, "asm": 1, "ops": 2}
+MERGE_MODES = ("serial", "blocked")
+# Blocked merge: splits and columns of d per step (sm_90 compile, 4 warps: 128 registers, no
+# spills; 16 x 32 needs 239)
+_MERGE_BLOCK_S, _MERGE_BLOCK_D = 16, 16
 _LOG2E = 1.4426950408889634  # S and the row maxima are kept in log2 units (exp2 is native)
 
 __all__ = [
     "BLOCK_N",
     "DECODE_MODES",
     "DecodePartials",
+    "MERGE_MODES",
     "default_num_splits",
     "fp4_decode_attention",
     "split_bounds",
@@ -383,6 +392,71 @@ def _merge_kernel(
     )
 
 
+@triton.jit
+def _merge_blocked_kernel(
+    ws_acc,
+    ws_m,
+    ws_l,
+    o_ptr,
+    H,
+    HKV,
+    LQ,
+    ROWS,
+    NUM_SPLITS,
+    HEAD_DIM: tl.constexpr,
+    BLOCK_R: tl.constexpr,
+    BLOCK_S: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+    UPCAST: tl.constexpr,
+    STATIC_SPLITS: tl.constexpr,
+):
+    # The merge of _merge_kernel over [BLOCK_S splits, BLOCK_R rows] tiles and a BLOCK_D slice
+    # of d: a kv head with S splits takes S / BLOCK_S dependent steps instead of S, and
+    # HEAD_DIM / BLOCK_D programs instead of one read its partials.
+    pid_bh = tl.program_id(0)
+    pid_r = tl.program_id(1)
+    pid_d = tl.program_id(2)
+    b = pid_bh // HKV
+    hkv = pid_bh % HKV
+    group = H // HKV
+    rows = pid_r * BLOCK_R + tl.arange(0, BLOCK_R)
+    r_mask = rows < ROWS
+    offs_s = tl.arange(0, BLOCK_S)
+    offs_d = pid_d * BLOCK_D + tl.arange(0, BLOCK_D)
+    base = pid_bh.to(tl.int64) * NUM_SPLITS * ROWS
+    m = tl.full((BLOCK_R,), float("-inf"), tl.float32)
+    for s0 in range(0, STATIC_SPLITS if STATIC_SPLITS else NUM_SPLITS, BLOCK_S):
+        s = s0 + offs_s
+        mask = (s < NUM_SPLITS)[:, None] & r_mask[None, :]
+        idx = base + s[:, None] * ROWS + rows[None, :]
+        m = tl.maximum(m, tl.max(tl.load(ws_m + idx, mask=mask, other=float("-inf")), axis=0))
+    m_safe = tl.where(m == float("-inf"), 0.0, m)  # no visible key in any split
+    l_sum = tl.zeros((BLOCK_R,), tl.float32)
+    o = tl.zeros((BLOCK_R, BLOCK_D), tl.float32)
+    for s0 in range(0, STATIC_SPLITS if STATIC_SPLITS else NUM_SPLITS, BLOCK_S):
+        s = s0 + offs_s
+        mask = (s < NUM_SPLITS)[:, None] & r_mask[None, :]
+        idx = base + s[:, None] * ROWS + rows[None, :]
+        w = _exp2(tl.load(ws_m + idx, mask=mask, other=float("-inf")) - m_safe[None, :],
+                  not UPCAST)  # 0 for padded splits and for splits where the row sees no key
+        l_sum += tl.sum(w * tl.load(ws_l + idx, mask=mask, other=0.0), axis=0)
+        a = tl.load(
+            ws_acc + idx[:, :, None] * HEAD_DIM + offs_d[None, None, :],
+            mask=mask[:, :, None],
+            other=0.0,
+        )
+        o += tl.sum(w[:, :, None] * a, axis=0)
+    l_safe = tl.where(l_sum > 0, l_sum, 1.0)
+    out = tl.math.div_rn(o, tl.broadcast_to(l_safe[:, None], o.shape))
+    out = tl.where(l_sum[:, None] > 0, out, 0.0)
+    grow = ((b * H + hkv * group) * LQ).to(tl.int64) + rows
+    tl.store(
+        o_ptr + grow[:, None] * HEAD_DIM + offs_d[None, :],
+        _inf._to_bf16(out, UPCAST),
+        mask=r_mask[:, None],
+    )
+
+
 def tile_v(v_packed: torch.Tensor, v_scales: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """``pack_for_inference``'s V^T (B, Hkv, d, Lkp/2) codes and (B, Hkv, d, Lkp/blk) scales
     -> the key-tiled layout (B, Hkv, T, d, 32) and (B, Hkv, T, d, 64/blk), T = ceil(Lk / 64):
@@ -465,6 +539,7 @@ def fp4_decode_attention(
     num_stages: int | None = None,
     return_partials: bool = False,
     out: torch.Tensor | None = None,
+    merge: str = "serial",
 ) -> torch.Tensor | tuple[torch.Tensor, DecodePartials]:
     """Split-KV FP4 attention on packed inputs (``kernels.inference`` layout) -> bf16 O.
 
@@ -474,8 +549,11 @@ def fp4_decode_attention(
     'asm' on the GPU, 'exact' in the interpreter (the only mode there). ``return_partials``
     (testing aid) also returns the split partials (``DecodePartials``) and always runs the
     merge kernel. ``out``: optional contiguous bf16 (B, H, Lq, d) tensor to write O into.
+    ``merge``: 'serial' or 'blocked' (module docstring; same formula and bound).
     Returns O (B, H, Lq, d) bfloat16.
     """
+    if merge not in MERGE_MODES:
+        raise ValueError(f"merge must be one of {list(MERGE_MODES)}, got {merge!r}")
     v_tiled = isinstance(v_packed, torch.Tensor) and v_packed.dim() == 5
     shp = check_packed_inputs(
         q_packed, q_scales, k_packed, k_scales, v_packed, v_scales, fmt,
@@ -570,7 +648,27 @@ def fp4_decode_attention(
         num_warps=num_warps,
         num_stages=num_stages,
     )
-    if not direct:
+    if not direct and merge == "blocked":
+        block_r, block_d = 16, min(_MERGE_BLOCK_D, d)
+        _merge_blocked_kernel[(bsz * hkv, triton.cdiv(rows, block_r), d // block_d)](
+            ws_acc,
+            ws_m,
+            ws_l,
+            out,
+            heads,
+            hkv,
+            lq,
+            rows,
+            n_splits,
+            HEAD_DIM=d,
+            BLOCK_R=block_r,
+            BLOCK_S=_MERGE_BLOCK_S,
+            BLOCK_D=block_d,
+            UPCAST=not on_gpu,
+            STATIC_SPLITS=0 if on_gpu else n_splits,
+            num_warps=4,
+        )
+    elif not direct:
         block_r = 16
         _merge_kernel[(bsz * hkv, triton.cdiv(rows, block_r))](
             ws_acc,

@@ -39,7 +39,12 @@ from decode_schedule import (  # noqa: E402
     schedule_splits,
 )
 
-from fp4sim.kernels.decode import fp4_decode_attention, split_bounds, tile_v  # noqa: E402
+from fp4sim.kernels.decode import (  # noqa: E402
+    MERGE_MODES,
+    fp4_decode_attention,
+    split_bounds,
+    tile_v,
+)
 from fp4sim.kernels.inference import fp4_inference_attention, pack_for_inference  # noqa: E402
 
 ON_GPU = torch.cuda.is_available()
@@ -141,9 +146,27 @@ def test_matches_schedule_reference(case, fmt: str) -> None:
     _check_merge(o.float(), parts)
     o_plain = _run(q, k, v, fmt, causal, splits)
     assert torch.equal(o_plain.cpu(), o.cpu())  # returning partials changes nothing
-    if lq > lk and causal:
-        rows = o[:, :, : lq - lk].cpu().float()
-        assert torch.equal(rows, torch.zeros_like(rows))
+    # the blocked merge of the same partials: the same formula summed in another order
+    o_blocked, parts_b = _run(q, k, v, fmt, causal, splits, return_partials=True, merge="blocked")
+    assert all(torch.equal(x.cpu(), y.cpu()) for x, y in zip(parts, parts_b, strict=True))
+    _assert_report(check_output(o_blocked.float().cpu(), ref), f"{fmt} {case} blocked merge")
+    _check_merge(o_blocked.float(), parts)
+    for out in (o, o_blocked):
+        if lq > lk and causal:
+            rows = out[:, :, : lq - lk].cpu().float()
+            assert torch.equal(rows, torch.zeros_like(rows))
+
+
+@pytest.mark.parametrize("merge", MERGE_MODES)
+def test_many_splits_merge(merge: str) -> None:
+    """40 splits of one tile: the blocked merge takes three steps of 16 splits (the last one
+    padded); rows of the causal diagonal see no key in the late splits."""
+    q, k, v = _inputs(7, 1, 4, 1, 2, 40 * 64 - 30)
+    o, parts = _run(q, k, v, "nvfp4", True, 40, return_partials=True, merge=merge)
+    assert parts[0].shape[-1] == 40
+    ref = decode_schedule_reference(q, k, v, "nvfp4", True, 40)
+    _assert_report(check_output(o.float().cpu(), ref), f"40 splits, {merge} merge")
+    _check_merge(o.float(), parts)
 
 
 @pytest.mark.parametrize("fmt", ["nvfp4", "mxfp4"])
@@ -180,10 +203,11 @@ def test_gqa_mapping_is_checked() -> None:
     splits=st.integers(1, 6),
     causal=st.booleans(),
     seed=st.integers(0, 2**16),
+    merge=st.sampled_from(MERGE_MODES),
 )
-def test_random_shapes_match_schedule(fmt, lq, group, lk, splits, causal, seed) -> None:
+def test_random_shapes_match_schedule(fmt, lq, group, lk, splits, causal, seed, merge) -> None:
     q, k, v = _inputs(seed, 1, group, 1, lq, lk)
-    o, parts = _run(q, k, v, fmt, causal, splits, return_partials=True)
+    o, parts = _run(q, k, v, fmt, causal, splits, return_partials=True, merge=merge)
     ref = decode_schedule_reference(q, k, v, fmt, causal, splits)
     assert parts[0].shape[-1] == len(ref["ranges"])
     _assert_report(check_output(o.float().cpu(), ref), f"{fmt} lq={lq} G={group} lk={lk}")
@@ -221,6 +245,8 @@ def test_bad_arguments_raise() -> None:
     packed = pack_for_inference(q.to(DEVICE), k.to(DEVICE), v.to(DEVICE), "nvfp4")
     with pytest.raises(ValueError, match="decode must be one of"):
         fp4_decode_attention(*packed, decode="fast")
+    with pytest.raises(ValueError, match="merge must be one of"):
+        fp4_decode_attention(*packed, merge="tree")
     with pytest.raises(ValueError, match="out must be"):
         fp4_decode_attention(*packed, out=torch.empty(1, 2, 1, 32, dtype=torch.bfloat16))
     with pytest.raises(ValueError, match="q_scales must have shape"):
@@ -251,6 +277,10 @@ def test_gpu_decode_modes_match_reference(fmt: str, shape) -> None:
     fp4_decode_attention(*packed[:4], *tile_v(packed[4], packed[5]), fmt=fmt, causal=causal,
                          num_splits=splits, out=out)
     outs["asm, V tiled"] = out.float().cpu()
+    out = torch.full((b, h, lq, 128), float("nan"), dtype=torch.bfloat16, device="cuda")
+    fp4_decode_attention(*packed, fmt=fmt, causal=causal, num_splits=splits, merge="blocked",
+                         out=out)
+    outs["asm, blocked merge"] = out.float().cpu()
     _tps, ranges = split_bounds(lk, splits if splits else 1)
     if splits is None:  # the default rule on this GPU: ask the kernel how many it used
         _o, parts = fp4_decode_attention(*packed, fmt=fmt, causal=causal, return_partials=True)
