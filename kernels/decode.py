@@ -340,6 +340,24 @@ def _decode_split_kernel(
 
 
 @triton.jit
+def _store_merged(o_ptr, o, l_sum, pid_bh, H, HKV, LQ, rows, r_mask, offs_d,
+                  HEAD_DIM: tl.constexpr, UPCAST: tl.constexpr):
+    """Both merges' last step: O = sum w acc / L (IEEE division; 0 for a row that saw no key),
+    bf16, stored at the rows' heads (row r = g * Lq + i of kv head hkv is head hkv * G + g)."""
+    b = pid_bh // HKV
+    hkv = pid_bh % HKV
+    l_safe = tl.where(l_sum > 0, l_sum, 1.0)
+    out = tl.math.div_rn(o, tl.broadcast_to(l_safe[:, None], o.shape))
+    out = tl.where(l_sum[:, None] > 0, out, 0.0)
+    grow = ((b * H + hkv * (H // HKV)) * LQ).to(tl.int64) + rows
+    tl.store(
+        o_ptr + grow[:, None] * HEAD_DIM + offs_d[None, :],
+        _inf._to_bf16(out, UPCAST),
+        mask=r_mask[:, None],
+    )
+
+
+@triton.jit
 def _merge_kernel(
     ws_acc,
     ws_m,
@@ -357,9 +375,6 @@ def _merge_kernel(
 ):
     pid_bh = tl.program_id(0)
     pid_r = tl.program_id(1)
-    b = pid_bh // HKV
-    hkv = pid_bh % HKV
-    group = H // HKV
     rows = pid_r * BLOCK_R + tl.arange(0, BLOCK_R)
     r_mask = rows < ROWS
     offs_d = tl.arange(0, HEAD_DIM)
@@ -381,15 +396,7 @@ def _merge_kernel(
             other=0.0,
         )
         o += w[:, None] * a
-    l_safe = tl.where(l_sum > 0, l_sum, 1.0)
-    out = tl.math.div_rn(o, tl.broadcast_to(l_safe[:, None], o.shape))
-    out = tl.where(l_sum[:, None] > 0, out, 0.0)
-    grow = ((b * H + hkv * group) * LQ).to(tl.int64) + rows
-    tl.store(
-        o_ptr + grow[:, None] * HEAD_DIM + offs_d[None, :],
-        _inf._to_bf16(out, UPCAST),
-        mask=r_mask[:, None],
-    )
+    _store_merged(o_ptr, o, l_sum, pid_bh, H, HKV, LQ, rows, r_mask, offs_d, HEAD_DIM, UPCAST)
 
 
 @triton.jit
@@ -416,9 +423,6 @@ def _merge_blocked_kernel(
     pid_bh = tl.program_id(0)
     pid_r = tl.program_id(1)
     pid_d = tl.program_id(2)
-    b = pid_bh // HKV
-    hkv = pid_bh % HKV
-    group = H // HKV
     rows = pid_r * BLOCK_R + tl.arange(0, BLOCK_R)
     r_mask = rows < ROWS
     offs_s = tl.arange(0, BLOCK_S)
@@ -446,15 +450,7 @@ def _merge_blocked_kernel(
             other=0.0,
         )
         o += tl.sum(w[:, :, None] * a, axis=0)
-    l_safe = tl.where(l_sum > 0, l_sum, 1.0)
-    out = tl.math.div_rn(o, tl.broadcast_to(l_safe[:, None], o.shape))
-    out = tl.where(l_sum[:, None] > 0, out, 0.0)
-    grow = ((b * H + hkv * group) * LQ).to(tl.int64) + rows
-    tl.store(
-        o_ptr + grow[:, None] * HEAD_DIM + offs_d[None, :],
-        _inf._to_bf16(out, UPCAST),
-        mask=r_mask[:, None],
-    )
+    _store_merged(o_ptr, o, l_sum, pid_bh, H, HKV, LQ, rows, r_mask, offs_d, HEAD_DIM, UPCAST)
 
 
 def tile_v(v_packed: torch.Tensor, v_scales: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
