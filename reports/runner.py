@@ -24,7 +24,6 @@ and the run goes on.
 from __future__ import annotations
 
 import math
-import sys
 import time
 import traceback
 import zlib
@@ -39,6 +38,7 @@ from fp4sim import kernels, reference
 from fp4sim.judge.attention import AttentionCheckConfig, evaluate_attention_case
 from fp4sim.judge.inputs import AttentionCase, round_to_dtype
 from fp4sim.kernels import RECIPES as KERNEL_RECIPES
+from fp4sim.publish.console import progress_line
 from fp4sim.reference.exact import default_sm_scale
 from fp4sim.reference.quant_torch import quantize_torch_full
 from fp4sim.reports import head_parts, metrics, streaming_metrics
@@ -169,7 +169,7 @@ def to_numpy(t: torch.Tensor) -> np.ndarray:
 
 
 def log(message: str) -> None:
-    print(message, file=sys.stderr, flush=True)
+    progress_line(message)  # ranks share stderr: one write per line
 
 
 def resolved_sm_scale(scenario: Scenario) -> float:

@@ -5,4 +5,5 @@ A base of the comparison tier (docs/DESIGN.md): NumPy and the standard library o
 
 * ``folder``: the atomic folder write (``index.html``, ``report.json``, ``summary.md``).
 * ``html``: ``HtmlReport``, a self-contained HTML page builder.
+* ``console``: ``progress_line``, one stderr write per progress line (several processes).
 """

@@ -15,6 +15,7 @@ import sys
 import torch
 
 from fp4sim.harness import add_kernel_options, one_line_errors
+from fp4sim.publish.console import progress_line
 from fp4sim.publish.folder import ReportFolderError, check_output_folder, write_report_folder
 from fp4sim.simulate.config import PRESETS, get_preset, with_overrides
 from fp4sim.simulate.runner import run_simulation
@@ -83,7 +84,7 @@ def _error(message: str) -> int:
 
 
 def _log(line: str) -> None:
-    print(line, file=sys.stderr, flush=True)
+    progress_line(line)
 
 
 def run(args: argparse.Namespace) -> int:

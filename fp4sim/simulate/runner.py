@@ -17,7 +17,6 @@ from __future__ import annotations
 import datetime
 import multiprocessing
 import platform
-import sys
 import time
 import traceback
 from concurrent.futures import Future, ProcessPoolExecutor
@@ -27,6 +26,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from fp4sim.publish.console import progress_line
 from fp4sim.simulate.config import SimulationConfig
 from fp4sim.simulate.metrics import NormSummary, Verdict, paper_split, summarize_norms, verdict
 from fp4sim.simulate.tasks import get_task
@@ -116,7 +116,7 @@ def describe_environment(device: str) -> dict[str, Any]:
 
 
 def _stderr_log(line: str) -> None:
-    print(line, file=sys.stderr, flush=True)
+    progress_line(line)  # the --jobs workers share stderr: one write per line
 
 
 def train_named_variant(config: SimulationConfig, name: str,
