@@ -56,11 +56,15 @@ def test_bf16_only_kernel_runs_and_a_correct_kernel_exits_0(project: Path) -> No
 
 def test_unquantized_kernel_claiming_attn_qat_fails_with_a_verdict(project: Path) -> None:
     # it matches bf16, which runs too, but it claims attn-qat (added to the recipes run)
-    code, data, md, _ = report(
+    code, data, md, err = report(
         project, "unq", *SMALL, "--recipes", "bf16", "--kernel", kernel("unquantized"),
         "--claims", "attn-qat",
     )
     assert code == 1
+    # the progress line never says "ok" next to a disagreement
+    progress = [x for x in err.splitlines() if kernel("unquantized") in x and " x attn-qat x " in x]
+    assert progress and all("ran, DISAGREES with the recipe" in x for x in progress), progress
+    assert not any(": ok" in x for x in progress), progress
     assert data["settings"]["recipes"] == ["bf16", "attn-qat"]
     verdict = verdict_of(data, "unquantized")
     assert (verdict["recipe"], verdict["basis"], verdict["passed"]) == (

@@ -888,10 +888,11 @@ def run_unit(
             case["status"] = "error"
             case["error"] = traceback.format_exc()
         case["seconds"] = round(time.perf_counter() - t0, 3)
-        status = case["status"]
+        status = case["status"]  # "ok" means the case ran; the rule's verdict is separate
         rule = case.get("rule")
-        if rule is not None:
-            status += " (agrees)" if rule["agrees"] else " (disagrees)"
+        if rule is not None and status == "ok":
+            status = ("ran, agrees with the recipe" if rule["agrees"]
+                      else "ran, DISAGREES with the recipe")
         progress(f"{label} {scenario.name} x {recipe} x {impl.name}: {status} "
                  f"({case['seconds']:.1f} s)")
         if case["status"] == "error":
