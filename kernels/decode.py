@@ -21,10 +21,11 @@ Schedule (what a reference must reproduce, ``property_tests/test_kernels_decode.
   sees no key), ``L = sum_s w_s l_s``, ``O = (sum_s w_s acc_s) / L`` (IEEE division), bf16
   out; a row that sees no key at all outputs 0. With ``num_splits = 1`` no merge runs and the
   result is the function of ``fp4_inference_attention`` (same tiles, same running max).
-  ``merge="serial"`` (default) runs one program per (batch, kv head, 16 rows) over the splits
-  one at a time; ``merge="blocked"`` reads blocks of 16 splits and 16 columns of d per step in
-  programs spread over d as well (the same formula, float32 sums in another order, so the same
-  bound; more parallel where one kv head has hundreds of splits).
+  ``merge="blocked"`` (default) reads a block of splits and columns of d per step in programs
+  spread over rows and d (``merge_blocks`` has the block sizes); ``merge="serial"`` runs one
+  program per (batch, kv head, 16 rows) over the splits one at a time. The same formula,
+  float32 sums in another order, so the same bound; on the H200 the blocked merge made one kv
+  head with 342 splits 4.4x faster end to end (BENCHMARKS.md).
 
 Float32 details (same function, rounding only): S and the maxima are kept in log2 units
 (``S log2 e`` with ``tau log2 e`` folded into one multiply; ``P = 2^(S' - m')``, one
@@ -71,10 +72,10 @@ from fp4sim.kernels.inference import check_packed_inputs
 BLOCK_N = _inf.BLOCK_N  # key tile of the P quantization (the reference recipes' block_n = 64)
 MAX_BLOCK_M = 128  # query rows per program; more rows form further row blocks
 DECODE_MODES = {"exact": 0, "asm": 1, "ops": 2}
-MERGE_MODES = ("serial", "blocked")
-# Blocked merge: splits and columns of d per step (sm_90 compile, 4 warps: 128 registers, no
-# spills; 16 x 32 needs 239)
-_MERGE_BLOCK_S, _MERGE_BLOCK_D = 16, 16
+MERGE_MODES = ("blocked", "serial")
+# Blocked merge: float32 partials one program holds per step (rows x splits x columns of d;
+# 4 warps, 32 a thread), columns of d a program, splits a step of the max pass (rows x splits)
+_MERGE_TILE, _MERGE_BLOCK_D, _MERGE_MAX_TILE = 4096, 16, 4096
 _LOG2E = 1.4426950408889634  # S and the row maxima are kept in log2 units (exp2 is native)
 
 __all__ = [
@@ -83,7 +84,9 @@ __all__ = [
     "DecodePartials",
     "MERGE_MODES",
     "default_num_splits",
+    "default_unroll",
     "fp4_decode_attention",
+    "merge_blocks",
     "split_bounds",
     "tile_v",
 ]
@@ -191,6 +194,62 @@ def _decode_tile(
 
 
 @triton.jit
+def _key_tile(
+    t, t_lo, t_hi, last_key, m_i, l_i, acc, q_hat, qi, qk_scale, k_base, ks_base, v_ptr, vs_ptr,
+    v_base, vs_base, bhkv, LQ, LK, LKP,
+    HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK: tl.constexpr,
+    IS_MX: tl.constexpr, CAUSAL: tl.constexpr, DECODE: tl.constexpr, OPK: tl.constexpr,
+    UPCAST: tl.constexpr, STATIC_TILES: tl.constexpr, V_TILED: tl.constexpr,
+):
+    """One 64-key tile of a split's flash pass (module docstring): (m, l, acc) -> updated."""
+    D2: tl.constexpr = HEAD_DIM // 2
+    DS: tl.constexpr = HEAD_DIM // BLOCK
+    offs_d = tl.arange(0, HEAD_DIM)
+    start_n = t * BLOCK_N
+    offs_n = start_n + tl.arange(0, BLOCK_N)
+    n_mask = offs_n < LK
+    if STATIC_TILES:
+        n_mask = n_mask & (t >= t_lo) & (t < t_hi)
+    k_pk = _inf._load_rows(k_base, offs_n, n_mask, D2)
+    k_sb = _inf._load_rows(ks_base, offs_n, n_mask, DS)
+    k_hat = _decode_tile(k_pk, k_sb, BLOCK, IS_MX, DECODE, OPK)
+    s = _mma(q_hat, tl.trans(k_hat), tl.zeros((BLOCK_M, BLOCK_N), tl.float32), OPK)
+    s = s * qk_scale  # log2 units: tau * log2(e) folded into one multiply
+    # Masks only where a key of the tile may be invisible: past Lk, outside this split
+    # (interpreter), or (causal) past some row's last visible key.
+    if (start_n + BLOCK_N - 1 > last_key) or STATIC_TILES:
+        visible = n_mask[None, :]
+        if CAUSAL:
+            visible = visible & (offs_n[None, :] <= qi[:, None] + (LK - LQ))
+        s = tl.where(visible, s, float("-inf"))
+    m_new = tl.maximum(m_i, tl.max(s, axis=1))
+    m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)  # rows with no key yet
+    p = _exp2(s - m_safe[:, None], not UPCAST)  # = exp(S - m); 0 at masked keys
+    # alpha = exp(m - m') where the row max moved, exactly 1 where it did not (a select, not a
+    # block-wide branch: no barrier, and the products by 1 keep acc and l bit for bit).
+    alpha = tl.where(m_new > m_i, _exp2(m_i - m_safe, not UPCAST), 1.0)
+    l_i = l_i * alpha + tl.sum(p, axis=1)  # the high-precision P, as the reference
+    acc = acc * alpha[:, None]
+
+    if V_TILED:  # (.., tiles, d, 32) bytes: the tile's V^T is one contiguous 4 KiB block
+        VB: tl.constexpr = BLOCK_N // 2
+        VS: tl.constexpr = BLOCK_N // BLOCK
+        t64 = (bhkv * tl.cdiv(LK, BLOCK_N) + t) * HEAD_DIM
+        v_pk = tl.load(v_ptr + (t64 + offs_d[:, None]) * VB + tl.arange(0, VB)[None, :])
+        v_sb = tl.load(vs_ptr + (t64 + offs_d[:, None]) * VS + tl.arange(0, VS)[None, :])
+    else:
+        v_pk, v_sb = _inf._load_vt_tile(v_base, vs_base, start_n, LKP, HEAD_DIM, BLOCK_N, BLOCK)
+    v_hat = _decode_tile(v_pk, v_sb, BLOCK, IS_MX, DECODE, OPK)
+    # P is finite and >= 0: the inference kernel's non-negative quantizers (same bits).
+    if IS_MX:
+        _pc, _psb, _ps, p_tilde = fp4_jit.mxfp4_quantize_nonneg_rows(p, BLOCK)
+    else:
+        p_tilde = fp4_jit.nvfp4_fake_quantize_probs(p, BLOCK, not UPCAST)
+    acc = _mma(_op(p_tilde, OPK), tl.trans(v_hat), acc, OPK)  # P~ exact in bf16 / f16
+    return m_new, l_i, acc
+
+
+@triton.jit
 def _decode_split_kernel(
     q_ptr,
     qs_ptr,
@@ -223,6 +282,7 @@ def _decode_split_kernel(
     STATIC_TILES: tl.constexpr,
     DIRECT: tl.constexpr,
     V_TILED: tl.constexpr,
+    UNROLL: tl.constexpr,
 ):
     pid_r = tl.program_id(0)  # row blocks of one split launch together: shared K/V in L2
     pid_s = tl.program_id(1)
@@ -247,7 +307,6 @@ def _decode_split_kernel(
     ks_base = ks_ptr + bhkv * LK * DS
     v_base = v_ptr + bhkv * HEAD_DIM * (LKP // 2)
     vs_base = vs_ptr + bhkv * HEAD_DIM * (LKP // BLOCK)
-    offs_n0 = tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, HEAD_DIM)
 
     n_tiles = tl.cdiv(LK, BLOCK_N)
@@ -266,64 +325,40 @@ def _decode_split_kernel(
     m_i = tl.full((BLOCK_M,), float("-inf"), tl.float32)
     l_i = tl.zeros((BLOCK_M,), tl.float32)
     acc = tl.zeros((BLOCK_M, HEAD_DIM), tl.float32)
-    # STATIC_TILES (the interpreter, whose range() needs a Python int): walk every tile and
-    # mask the ones outside this split (S = -inf there, so nothing changes).
-    for t in range(0 if STATIC_TILES else t_lo, STATIC_TILES if STATIC_TILES else t_hi):
-        start_n = t * BLOCK_N
-        offs_n = start_n + offs_n0
-        n_mask = offs_n < LK
-        if STATIC_TILES:
-            n_mask = n_mask & (t >= t_lo) & (t < t_hi)
-        k_pk = _inf._load_rows(k_base, offs_n, n_mask, D2)
-        k_sb = _inf._load_rows(ks_base, offs_n, n_mask, DS)
-        k_hat = _decode_tile(k_pk, k_sb, BLOCK, IS_MX, DECODE, OPK)
-        s = _mma(q_hat, tl.trans(k_hat), tl.zeros((BLOCK_M, BLOCK_N), tl.float32), OPK)
-        s = s * qk_scale  # log2 units: tau * log2(e) folded into one multiply
-        # Masks only where a key of the tile may be invisible: past Lk, outside this split
-        # (interpreter), or (causal) past some row's last visible key.
-        if (start_n + BLOCK_N - 1 > last_key) or STATIC_TILES:
-            visible = n_mask[None, :]
-            if CAUSAL:
-                visible = visible & (offs_n[None, :] <= qi[:, None] + (LK - LQ))
-            s = tl.where(visible, s, float("-inf"))
-        m_new = tl.maximum(m_i, tl.max(s, axis=1))
-        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)  # rows with no key yet
-        p = _exp2(s - m_safe[:, None], not UPCAST)  # = exp(S - m); 0 at masked keys
-        # Rescale only when some row max moved: otherwise alpha = exp(0) = 1 exactly and the
-        # products would return acc and l unchanged (same bits, fewer instructions).
-        if tl.sum((m_new > m_i).to(tl.int32), axis=0) > 0:
-            alpha = _exp2(m_i - m_safe, not UPCAST)
-            l_i = l_i * alpha
-            acc = acc * alpha[:, None]
-        l_i = l_i + tl.sum(p, axis=1)  # the high-precision P, as the reference
-        m_i = m_new
-
-        if V_TILED:  # (.., tiles, d, 32) bytes: the tile's V^T is one contiguous 4 KiB block
-            VB: tl.constexpr = BLOCK_N // 2
-            VS: tl.constexpr = BLOCK_N // BLOCK
-            t64 = (bhkv * tl.cdiv(LK, BLOCK_N) + t) * HEAD_DIM
-            v_pk = tl.load(v_ptr + (t64 + offs_d[:, None]) * VB + tl.arange(0, VB)[None, :])
-            v_sb = tl.load(vs_ptr + (t64 + offs_d[:, None]) * VS + tl.arange(0, VS)[None, :])
-        else:
-            vk = start_n // 2 + tl.arange(0, BLOCK_N // 2)
-            vks = start_n // BLOCK + tl.arange(0, BLOCK_N // BLOCK)
-            v_pk = tl.load(
-                v_base + offs_d[:, None].to(tl.int64) * (LKP // 2) + vk[None, :],
-                mask=vk[None, :] < LKP // 2,
-                other=0,
+    if STATIC_TILES:
+        # The interpreter, whose range() needs a Python int: walk every tile and mask the ones
+        # outside this split (S = -inf there, so nothing changes).
+        for t in range(0, STATIC_TILES):
+            m_i, l_i, acc = _key_tile(
+                t, t_lo, t_hi, last_key, m_i, l_i, acc, q_hat, qi, qk_scale, k_base, ks_base,
+                v_ptr, vs_ptr, v_base, vs_base, bhkv, LQ, LK, LKP, HEAD_DIM, BLOCK_M, BLOCK_N,
+                BLOCK, IS_MX, CAUSAL, DECODE, OPK, UPCAST, True, V_TILED,
             )
-            v_sb = tl.load(
-                vs_base + offs_d[:, None].to(tl.int64) * (LKP // BLOCK) + vks[None, :],
-                mask=vks[None, :] < LKP // BLOCK,
-                other=0,
+    else:
+        # UNROLL = 2: two tiles an iteration, one after the other (the same operations in the
+        # same order, so the same bits); the second tile's loads, decode and Q K^T do not wait
+        # for the first's softmax, so one warp has independent work in flight. An odd last tile
+        # runs alone after the loop.
+        t_pairs = t_lo + tl.maximum(t_hi - t_lo, 0) // UNROLL * UNROLL
+        for t in range(t_lo, t_pairs, UNROLL):
+            m_i, l_i, acc = _key_tile(
+                t, t_lo, t_hi, last_key, m_i, l_i, acc, q_hat, qi, qk_scale, k_base, ks_base,
+                v_ptr, vs_ptr, v_base, vs_base, bhkv, LQ, LK, LKP, HEAD_DIM, BLOCK_M, BLOCK_N,
+                BLOCK, IS_MX, CAUSAL, DECODE, OPK, UPCAST, False, V_TILED,
             )
-        v_hat = _decode_tile(v_pk, v_sb, BLOCK, IS_MX, DECODE, OPK)
-        # P is finite and >= 0: the inference kernel's non-negative quantizers (same bits).
-        if IS_MX:
-            _pc, _psb, _ps, p_tilde = fp4_jit.mxfp4_quantize_nonneg_rows(p, BLOCK)
-        else:
-            p_tilde = fp4_jit.nvfp4_fake_quantize_probs(p, BLOCK, not UPCAST)
-        acc = _mma(_op(p_tilde, OPK), tl.trans(v_hat), acc, OPK)  # P~ exact in bf16 / f16
+            if UNROLL == 2:
+                m_i, l_i, acc = _key_tile(
+                    t + 1, t_lo, t_hi, last_key, m_i, l_i, acc, q_hat, qi, qk_scale, k_base,
+                    ks_base, v_ptr, vs_ptr, v_base, vs_base, bhkv, LQ, LK, LKP, HEAD_DIM,
+                    BLOCK_M, BLOCK_N, BLOCK, IS_MX, CAUSAL, DECODE, OPK, UPCAST, False, V_TILED,
+                )
+        if UNROLL == 2:
+            for t in tl.range(t_pairs, t_hi, num_stages=1):  # at most one tile
+                m_i, l_i, acc = _key_tile(
+                    t, t_lo, t_hi, last_key, m_i, l_i, acc, q_hat, qi, qk_scale, k_base,
+                    ks_base, v_ptr, vs_ptr, v_base, vs_base, bhkv, LQ, LK, LKP, HEAD_DIM,
+                    BLOCK_M, BLOCK_N, BLOCK, IS_MX, CAUSAL, DECODE, OPK, UPCAST, False, V_TILED,
+                )
 
     if DIRECT:  # one split: normalize here, exactly as kernels.inference
         l_safe = tl.where(l_i > 0, l_i, 1.0)
@@ -413,43 +448,49 @@ def _merge_blocked_kernel(
     HEAD_DIM: tl.constexpr,
     BLOCK_R: tl.constexpr,
     BLOCK_S: tl.constexpr,
+    BLOCK_SM: tl.constexpr,
     BLOCK_D: tl.constexpr,
     UPCAST: tl.constexpr,
     STATIC_SPLITS: tl.constexpr,
 ):
     # The merge of _merge_kernel over [BLOCK_S splits, BLOCK_R rows] tiles and a BLOCK_D slice
-    # of d: a kv head with S splits takes S / BLOCK_S dependent steps instead of S, and
-    # HEAD_DIM / BLOCK_D programs instead of one read its partials.
+    # of d: a kv head with S splits takes S / BLOCK_SM + S / BLOCK_S dependent steps (the loads
+    # of one step are issued together) instead of 2 S, and HEAD_DIM / BLOCK_D programs instead
+    # of one read its partials. Each step only adds into per-split lanes; the sums over the
+    # lanes (cross-thread) run once at the end.
     pid_bh = tl.program_id(0)
     pid_r = tl.program_id(1)
     pid_d = tl.program_id(2)
     rows = pid_r * BLOCK_R + tl.arange(0, BLOCK_R)
     r_mask = rows < ROWS
-    offs_s = tl.arange(0, BLOCK_S)
     offs_d = pid_d * BLOCK_D + tl.arange(0, BLOCK_D)
     base = pid_bh.to(tl.int64) * NUM_SPLITS * ROWS
-    m = tl.full((BLOCK_R,), float("-inf"), tl.float32)
-    for s0 in range(0, STATIC_SPLITS if STATIC_SPLITS else NUM_SPLITS, BLOCK_S):
-        s = s0 + offs_s
+    m_lanes = tl.full((BLOCK_SM, BLOCK_R), float("-inf"), tl.float32)
+    for s0 in range(0, STATIC_SPLITS if STATIC_SPLITS else NUM_SPLITS, BLOCK_SM):
+        s = s0 + tl.arange(0, BLOCK_SM)
         mask = (s < NUM_SPLITS)[:, None] & r_mask[None, :]
         idx = base + s[:, None] * ROWS + rows[None, :]
-        m = tl.maximum(m, tl.max(tl.load(ws_m + idx, mask=mask, other=float("-inf")), axis=0))
+        m_lanes = tl.maximum(m_lanes, tl.load(ws_m + idx, mask=mask, other=float("-inf")))
+    m = tl.max(m_lanes, axis=0)
     m_safe = tl.where(m == float("-inf"), 0.0, m)  # no visible key in any split
-    l_sum = tl.zeros((BLOCK_R,), tl.float32)
-    o = tl.zeros((BLOCK_R, BLOCK_D), tl.float32)
+    l_lanes = tl.zeros((BLOCK_S, BLOCK_R), tl.float32)
+    o_lanes = tl.zeros((BLOCK_S, BLOCK_R, BLOCK_D), tl.float32)
+    offs_s = tl.arange(0, BLOCK_S)
     for s0 in range(0, STATIC_SPLITS if STATIC_SPLITS else NUM_SPLITS, BLOCK_S):
         s = s0 + offs_s
         mask = (s < NUM_SPLITS)[:, None] & r_mask[None, :]
         idx = base + s[:, None] * ROWS + rows[None, :]
         w = _exp2(tl.load(ws_m + idx, mask=mask, other=float("-inf")) - m_safe[None, :],
                   not UPCAST)  # 0 for padded splits and for splits where the row sees no key
-        l_sum += tl.sum(w * tl.load(ws_l + idx, mask=mask, other=0.0), axis=0)
+        l_lanes += w * tl.load(ws_l + idx, mask=mask, other=0.0)
         a = tl.load(
             ws_acc + idx[:, :, None] * HEAD_DIM + offs_d[None, None, :],
             mask=mask[:, :, None],
             other=0.0,
         )
-        o += tl.sum(w[:, :, None] * a, axis=0)
+        o_lanes += w[:, :, None] * a
+    l_sum = tl.sum(l_lanes, axis=0)
+    o = tl.sum(o_lanes, axis=0)
     _store_merged(o_ptr, o, l_sum, pid_bh, H, HKV, LQ, rows, r_mask, offs_d, HEAD_DIM, UPCAST)
 
 
@@ -472,6 +513,27 @@ def tile_v(v_packed: torch.Tensor, v_scales: torch.Tensor) -> tuple[torch.Tensor
     vp = vp.reshape(b, h, d, n_t, BLOCK_N // 2).permute(0, 1, 3, 2, 4).contiguous()
     vs = vs.reshape(b, h, d, n_t, BLOCK_N // blk).permute(0, 1, 3, 2, 4).contiguous()
     return vp, vs
+
+
+def merge_blocks(rows: int, head_dim: int, num_splits: int) -> tuple[int, int, int, int]:
+    """Blocked merge sizes (rows, splits a step, splits a max-pass step, columns of d) for
+    ``rows`` query rows per kv head and ``num_splits`` splits: rows a program = next power of
+    two (2 to 16); splits a step = as many as fit ``_MERGE_TILE`` float32 values at 16 columns
+    (at most 64, at most the splits' next power of two); then columns widened into what is left
+    of the tile (few splits: fewer, wider programs, no masked lanes)."""
+    block_r = min(16, max(2, triton.next_power_of_2(rows)))
+    splits_p2 = triton.next_power_of_2(max(1, num_splits))
+    block_d = min(_MERGE_BLOCK_D, head_dim)
+    block_s = min(64, splits_p2, _MERGE_TILE // (block_r * block_d))
+    block_d = min(head_dim, max(block_d, _MERGE_TILE // (block_r * block_s)))
+    return block_r, block_s, min(splits_p2, _MERGE_MAX_TILE // block_r), block_d
+
+
+def default_unroll(block_m: int) -> int:
+    """Key tiles a loop iteration: 2 for programs of 128 query rows, else 1. H200, 2026-12-03
+    (BENCHMARKS.md): two tiles made (1, 8/1, 16, 131072) 4 % faster and every 16-row shape 0 to
+    20 % slower (123 -> 167 registers at 16 rows: 3 programs a multiprocessor instead of 4)."""
+    return 2 if block_m >= 128 else 1
 
 
 def split_bounds(lk: int, num_splits: int) -> tuple[int, list[tuple[int, int]]]:
@@ -499,16 +561,25 @@ def _sm_count(device: torch.device) -> int:
 # 160 per thread at 16 rows / 4 warps, 250 at 64 rows / 4 warps and 128 rows / 8 warps; sm_90
 # compile of 2026-12-02).
 _PROGRAMS_PER_SM = {16: 3, 32: 2, 64: 1, 128: 1}
+# A second wave of programs pays where each split still walks at least this many key tiles
+_MIN_TILES_FOR_TWO_WAVES = 16
 
 
 def default_num_splits(batch_kv_heads: int, row_blocks: int, block_m: int, lk: int,
                        sm_count: int) -> int:
-    """Splits per (batch, kv head): one full wave of resident programs, at least 2 key tiles
-    (128 keys) per split. Each split costs rows * (d + 2) float32 of partials (written, then
-    read by the merge; about the FP4 K/V bytes at 128 rows and one split per multiprocessor)."""
+    """Splits per (batch, kv head): two waves of resident programs where each split keeps at
+    least ``_MIN_TILES_FOR_TWO_WAVES`` key tiles, else one wave; at least 2 key tiles (128 keys)
+    per split. Each split costs rows * (d + 2) float32 of partials (written, then read by the
+    merge). H200 split sweeps of 2026-12-03 (BENCHMARKS.md): twice the one-wave count was 3 to
+    20 % faster at 8 and 64 kv heads with 131072 or 32768 keys (21 to 342 tiles a split), 3 %
+    slower at (8, 32/8, 16, 8192) (21 tiles a split) and 12 to 53 % slower at one kv head (1 to
+    8 tiles a split)."""
     n_tiles = -(-lk // BLOCK_N)
     slots = sm_count * _PROGRAMS_PER_SM.get(block_m, 1)
-    want = -(-slots // max(1, batch_kv_heads * row_blocks))
+    programs = max(1, batch_kv_heads * row_blocks)
+    want = -(-slots // programs)
+    if n_tiles >= _MIN_TILES_FOR_TWO_WAVES * -(-2 * slots // programs):
+        want = -(-2 * slots // programs)
     return max(1, min(want, max(1, n_tiles // 2)))
 
 
@@ -535,7 +606,8 @@ def fp4_decode_attention(
     num_stages: int | None = None,
     return_partials: bool = False,
     out: torch.Tensor | None = None,
-    merge: str = "serial",
+    merge: str = "blocked",
+    unroll: int | None = None,
 ) -> torch.Tensor | tuple[torch.Tensor, DecodePartials]:
     """Split-KV FP4 attention on packed inputs (``kernels.inference`` layout) -> bf16 O.
 
@@ -545,11 +617,15 @@ def fp4_decode_attention(
     'asm' on the GPU, 'exact' in the interpreter (the only mode there). ``return_partials``
     (testing aid) also returns the split partials (``DecodePartials``) and always runs the
     merge kernel. ``out``: optional contiguous bf16 (B, H, Lq, d) tensor to write O into.
-    ``merge``: 'serial' or 'blocked' (module docstring; same formula and bound).
+    ``merge``: 'blocked' (default) or 'serial' (module docstring; same formula and bound).
+    ``unroll``: key tiles per loop iteration on the GPU, 1 or 2 (None: ``default_unroll``);
+    the same bits either way.
     Returns O (B, H, Lq, d) bfloat16.
     """
     if merge not in MERGE_MODES:
         raise ValueError(f"merge must be one of {list(MERGE_MODES)}, got {merge!r}")
+    if unroll not in (None, 1, 2):
+        raise ValueError(f"unroll must be 1 or 2, got {unroll!r}")
     v_tiled = isinstance(v_packed, torch.Tensor) and v_packed.dim() == 5
     shp = check_packed_inputs(
         q_packed, q_scales, k_packed, k_scales, v_packed, v_scales, fmt,
@@ -579,6 +655,8 @@ def fp4_decode_attention(
     group = heads // hkv
     rows = group * lq
     block_m = min(MAX_BLOCK_M, max(16, triton.next_power_of_2(rows)))
+    if unroll is None:
+        unroll = default_unroll(block_m)
     row_blocks = triton.cdiv(rows, block_m)
     if num_splits is None:
         num_splits = (
@@ -641,11 +719,12 @@ def fp4_decode_attention(
         STATIC_TILES=0 if on_gpu else triton.cdiv(lk, BLOCK_N),
         DIRECT=direct,
         V_TILED=v_tiled,
+        UNROLL=unroll,
         num_warps=num_warps,
         num_stages=num_stages,
     )
     if not direct and merge == "blocked":
-        block_r, block_d = 16, min(_MERGE_BLOCK_D, d)
+        block_r, block_s, block_sm, block_d = merge_blocks(rows, d, n_splits)
         _merge_blocked_kernel[(bsz * hkv, triton.cdiv(rows, block_r), d // block_d)](
             ws_acc,
             ws_m,
@@ -658,7 +737,8 @@ def fp4_decode_attention(
             n_splits,
             HEAD_DIM=d,
             BLOCK_R=block_r,
-            BLOCK_S=_MERGE_BLOCK_S,
+            BLOCK_S=block_s,
+            BLOCK_SM=block_sm,
             BLOCK_D=block_d,
             UPCAST=not on_gpu,
             STATIC_SPLITS=0 if on_gpu else n_splits,

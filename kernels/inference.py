@@ -89,6 +89,27 @@ def _load_rows(ptr, rows, row_mask, n_cols: tl.constexpr):
 
 
 @triton.jit
+def _load_vt_tile(v_base, vs_base, start_n, LKP, HEAD_DIM: tl.constexpr, BLOCK_N: tl.constexpr,
+                  BLOCK: tl.constexpr):
+    """The V^T tile of keys [start_n, start_n + BLOCK_N): (HEAD_DIM, BLOCK_N / 2) code bytes
+    along keys and (HEAD_DIM, BLOCK_N / BLOCK) scale bytes; zero past the padded length."""
+    offs_d = tl.arange(0, HEAD_DIM)
+    vk = start_n // 2 + tl.arange(0, BLOCK_N // 2)
+    vks = start_n // BLOCK + tl.arange(0, BLOCK_N // BLOCK)
+    v_pk = tl.load(
+        v_base + offs_d[:, None].to(tl.int64) * (LKP // 2) + vk[None, :],
+        mask=vk[None, :] < LKP // 2,
+        other=0,
+    )
+    v_sb = tl.load(
+        vs_base + offs_d[:, None].to(tl.int64) * (LKP // BLOCK) + vks[None, :],
+        mask=vks[None, :] < LKP // BLOCK,
+        other=0,
+    )
+    return v_pk, v_sb
+
+
+@triton.jit
 def _decode(packed, sbits, BLOCK: tl.constexpr, IS_MX: tl.constexpr):
     """Packed codes (R, C/2) and scale bytes (R, C/BLOCK) -> float32 values (R, C) (exact)."""
     if IS_MX:
@@ -214,18 +235,7 @@ def _fp4_inference_fwd_kernel(
         m_i = m_new
 
         # V^T tile: (HEAD_DIM, BLOCK_N) codes along keys, scales (HEAD_DIM, BLOCK_N / BLOCK).
-        vk = start_n // 2 + tl.arange(0, BLOCK_N // 2)
-        vks = start_n // BLOCK + tl.arange(0, BLOCK_N // BLOCK)
-        v_pk = tl.load(
-            v_base + offs_d[:, None].to(tl.int64) * (LKP // 2) + vk[None, :],
-            mask=vk[None, :] < LKP // 2,
-            other=0,
-        )
-        v_sb = tl.load(
-            vs_base + offs_d[:, None].to(tl.int64) * (LKP // BLOCK) + vks[None, :],
-            mask=vks[None, :] < LKP // BLOCK,
-            other=0,
-        )
+        v_pk, v_sb = _load_vt_tile(v_base, vs_base, start_n, LKP, HEAD_DIM, BLOCK_N, BLOCK)
         if not QUANT_P:  # benchmark ablation only (a different function: P not quantized)
             v_hat = _decode(v_pk, v_sb, BLOCK, IS_MX)
             acc = _dot(p, tl.trans(v_hat), acc, UPCAST)

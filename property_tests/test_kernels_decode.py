@@ -39,6 +39,7 @@ from decode_schedule import (  # noqa: E402
     schedule_splits,
 )
 
+from fp4sim.kernels import decode as decode_mod  # noqa: E402
 from fp4sim.kernels.decode import (  # noqa: E402
     MERGE_MODES,
     fp4_decode_attention,
@@ -146,21 +147,25 @@ def test_matches_schedule_reference(case, fmt: str) -> None:
     _check_merge(o.float(), parts)
     o_plain = _run(q, k, v, fmt, causal, splits)
     assert torch.equal(o_plain.cpu(), o.cpu())  # returning partials changes nothing
-    # the blocked merge of the same partials: the same formula summed in another order
-    o_blocked, parts_b = _run(q, k, v, fmt, causal, splits, return_partials=True, merge="blocked")
-    assert all(torch.equal(x.cpu(), y.cpu()) for x, y in zip(parts, parts_b, strict=True))
-    _assert_report(check_output(o_blocked.float().cpu(), ref), f"{fmt} {case} blocked merge")
-    _check_merge(o_blocked.float(), parts)
-    for out in (o, o_blocked):
+    # the serial merge (the default is the blocked one) of the same partials: the same formula
+    # summed in another order
+    o_serial, parts_s = _run(q, k, v, fmt, causal, splits, return_partials=True, merge="serial")
+    assert all(torch.equal(x.cpu(), y.cpu()) for x, y in zip(parts, parts_s, strict=True))
+    _assert_report(check_output(o_serial.float().cpu(), ref), f"{fmt} {case} serial merge")
+    _check_merge(o_serial.float(), parts)
+    for out in (o, o_serial):
         if lq > lk and causal:
             rows = out[:, :, : lq - lk].cpu().float()
             assert torch.equal(rows, torch.zeros_like(rows))
 
 
-def test_many_splits_blocked_merge() -> None:
-    """20 splits of one tile: the blocked merge takes two steps of 16 splits, the second one
-    padded. (The interpreter walks every tile in every split, so more splits cost quadratic
-    time here; 20 is the fewest that needs a padded second step.)"""
+def test_many_splits_blocked_merge(monkeypatch: pytest.MonkeyPatch) -> None:
+    """20 splits of one tile, the blocked merge's tiles shrunk so that both of its passes take
+    three steps of 8 splits, the last one padded. (The interpreter walks every tile in every
+    split, so more splits cost quadratic time here; hence smaller blocks, not more splits.)"""
+    monkeypatch.setattr(decode_mod, "_MERGE_TILE", 1024)
+    monkeypatch.setattr(decode_mod, "_MERGE_MAX_TILE", 64)
+    assert decode_mod.merge_blocks(8, 128, 20) == (8, 8, 8, 16)
     q, k, v = _inputs(7, 1, 4, 1, 2, 20 * 64 - 30)
     o, parts = _run(q, k, v, "nvfp4", True, 20, return_partials=True, merge="blocked")
     assert parts[0].shape[-1] == 20
@@ -240,6 +245,17 @@ def test_split_bounds_follow_the_documented_rule() -> None:
             assert tps == math.ceil(math.ceil(lk / 64) / min(s, math.ceil(lk / 64)))
 
 
+def test_default_splits_follow_the_documented_rule() -> None:
+    """``default_num_splits`` on a 132-multiprocessor card (H200) at the decode table's shapes:
+    one wave of programs where a second would leave splits under 16 key tiles, else two."""
+    cases = {  # (batch * kv heads, rows a program, Lk) -> splits
+        (1, 16, 131072): 396, (1, 16, 8192): 64, (8, 16, 131072): 99, (64, 16, 131072): 13,
+        (64, 16, 8192): 7, (64, 64, 131072): 5, (1, 128, 131072): 132, (1, 128, 8192): 64,
+    }
+    for (bkv, rows, lk), want in cases.items():
+        assert decode_mod.default_num_splits(bkv, 1, rows, lk, 132) == want, (bkv, rows, lk)
+
+
 def test_bad_arguments_raise() -> None:
     q, k, v = _inputs(4, 1, 2, 1, 1, 64)
     packed = pack_for_inference(q.to(DEVICE), k.to(DEVICE), v.to(DEVICE), "nvfp4")
@@ -247,6 +263,8 @@ def test_bad_arguments_raise() -> None:
         fp4_decode_attention(*packed, decode="fast")
     with pytest.raises(ValueError, match="merge must be one of"):
         fp4_decode_attention(*packed, merge="tree")
+    with pytest.raises(ValueError, match="unroll must be 1 or 2"):
+        fp4_decode_attention(*packed, unroll=4)
     with pytest.raises(ValueError, match="out must be"):
         fp4_decode_attention(*packed, out=torch.empty(1, 2, 1, 32, dtype=torch.bfloat16))
     with pytest.raises(ValueError, match="q_scales must have shape"):
@@ -254,6 +272,34 @@ def test_bad_arguments_raise() -> None:
     if not ON_GPU:
         with pytest.raises(ValueError, match="interpreter"):
             fp4_decode_attention(*packed, decode="asm")
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not ON_GPU, reason="the tile loop is unrolled only on the GPU")
+@pytest.mark.parametrize("fmt", ["nvfp4", "mxfp4"])
+@pytest.mark.parametrize("causal", [False, True])
+@pytest.mark.parametrize("heads", [(8, 2, 3), (8, 1, 16)], ids=["16rows", "128rows"])
+def test_gpu_unroll_gives_the_same_bits(fmt: str, causal: bool, heads) -> None:
+    """Two key tiles an iteration run the same operations in the same order: the same output
+    and partials bit for bit, in programs of 16 and of 128 query rows: 18 key tiles in 4 splits
+    (5, 5, 5, 3 tiles: odd), in 9 splits (2 tiles each: even) and in one split (the direct
+    store)."""
+    h, hkv, lq = heads
+    q, k, v = _inputs(8, 2, h, hkv, lq, 1100, d=128)
+    packed = pack_for_inference(q.cuda(), k.cuda(), v.cuda(), fmt)
+    packed = (*packed[:4], *tile_v(packed[4], packed[5]))
+    for splits in (4, 9, 1):
+        runs = [
+            fp4_decode_attention(*packed, fmt=fmt, causal=causal, num_splits=splits, unroll=u,
+                                 return_partials=splits > 1)
+            for u in (1, 2)
+        ]
+        if splits > 1:
+            (o1, p1), (o2, p2) = runs
+            assert all(torch.equal(a, b) for a, b in zip(p1, p2, strict=True))
+        else:
+            o1, o2 = runs
+        assert torch.equal(o1, o2), f"splits={splits}"
 
 
 @pytest.mark.gpu
@@ -278,9 +324,9 @@ def test_gpu_decode_modes_match_reference(fmt: str, shape) -> None:
                          num_splits=splits, out=out)
     outs["asm, V tiled"] = out.float().cpu()
     out = torch.full((b, h, lq, 128), float("nan"), dtype=torch.bfloat16, device="cuda")
-    fp4_decode_attention(*packed, fmt=fmt, causal=causal, num_splits=splits, merge="blocked",
+    fp4_decode_attention(*packed, fmt=fmt, causal=causal, num_splits=splits, merge="serial",
                          out=out)
-    outs["asm, blocked merge"] = out.float().cpu()
+    outs["asm, serial merge"] = out.float().cpu()
     _tps, ranges = split_bounds(lk, splits if splits else 1)
     if splits is None:  # the default rule on this GPU: ask the kernel how many it used
         _o, parts = fp4_decode_attention(*packed, fmt=fmt, causal=causal, return_partials=True)
