@@ -19,6 +19,9 @@ Run on a CUDA machine from the repository root:
    input set (R sets together exceed 4x the L2, so no call reads a cached set); ms = replay
    time / R (median of replays). Bytes: each input read once, O written once (FP4: codes +
    scale bytes; bf16: 2 bytes an element), plus for FP4 the split partials written and read.
+   Per format: the fastest correct configuration of a sweep (split counts, merges, tiles an
+   iteration, ...) and, as ``default``, the call a user makes (key-tiled V, every other knob
+   at the kernel's default), which ``perf_targets.py`` judges.
 """
 
 from __future__ import annotations
@@ -119,7 +122,7 @@ CHECK_CASES = (  # (B, H, Hkv, Lq, Lk, causal, splits)
     (1, 8, 1, 16, 1000, True, 3),
     (2, 8, 2, 1, 2065, False, 5),
     (1, 32, 8, 16, 700, True, 1),
-    (1, 8, 1, 1, 5000, False, 60),  # 40 splits of 2 tiles: three steps of the blocked merge
+    (1, 8, 1, 1, 5000, False, 60),  # 40 splits of 2 tiles: blocked merge steps of 32, one padded
 )
 
 
@@ -134,20 +137,21 @@ def correctness(device: str, modes: list[str], cases=CHECK_CASES) -> list[dict]:
             ref = decode_schedule_reference(q, k, v, fmt, causal, splits)
             packed = pack_for_inference(q.to(device), k.to(device), v.to(device), fmt)
             tiled = (*packed[:4], *tile_v(packed[4], packed[5]))
-            # every decode mode; V tiled; the blocked merge (kernels/decode.py docstring)
-            runs = ([(m, False, "serial") for m in modes] + [(modes[0], True, "serial")]
-                    + [(modes[0], True, "blocked")])
-            for mode, use_tiled, merge in runs:
+            # every decode mode; V tiled; the blocked merge; two key tiles an iteration
+            # (kernels/decode.py docstring)
+            runs = ([(m, False, "serial", 1) for m in modes] + [(modes[0], True, "serial", 1)]
+                    + [(modes[0], True, "blocked", 1), (modes[0], True, "blocked", 2)])
+            for mode, use_tiled, merge, unroll in runs:
                 t0 = time.time()
                 inputs = tiled if use_tiled else packed
                 try:
                     if device == "cuda":
                         o = _poisoned_run(inputs, fmt, causal, num_splits=splits, decode=mode,
-                                          merge=merge)
+                                          merge=merge, unroll=unroll)
                     else:
                         o = fp4_decode_attention(
                             *inputs, fmt=fmt, causal=causal, num_splits=splits, decode=mode,
-                            merge=merge,
+                            merge=merge, unroll=unroll,
                         )
                 except Exception as exc:  # a mode that fails to compile is reported
                     rep = {"ok": False, "error": f"{type(exc).__name__}: {exc}"[:400]}
@@ -155,7 +159,7 @@ def correctness(device: str, modes: list[str], cases=CHECK_CASES) -> list[dict]:
                     rep = check_output(o.float().cpu(), ref)
                 rep.update(
                     case=[bsz, h, hkv, lq, lk, causal, splits], fmt=fmt, decode=mode,
-                    v_tiled=use_tiled, merge=merge, s=round(time.time() - t0, 2),
+                    v_tiled=use_tiled, merge=merge, unroll=unroll, s=round(time.time() - t0, 2),
                 )
                 _log(f"  check {rep}")
                 out.append(rep)
@@ -238,21 +242,25 @@ def bench_case(bsz, hq, hkv, lq, lk, modes, split_sweep, copy_gbps, causal=False
         split_opts = sorted(
             {len(split_bounds(lk, max(1, int(rule * f)))[1]) for f in (1.0, *split_sweep)}
         )
-        configs = [(mode, sp, None, None, True, "serial") for mode in modes for sp in split_opts]
+        # (decode, splits, warps, stages, V tiled, merge, unroll); None: the kernel's default
+        configs = [(mode, sp, None, None, True, "serial", 1) for mode in modes for sp in split_opts]
         rule_sp = len(split_bounds(lk, rule)[1])
-        configs.append((modes[0], rule_sp, None, None, False, "serial"))  # pack_for_inference's V^T
+        configs.append((modes[0], rule_sp, None, None, False, "serial", 1))  # the untiled V^T
         if split_sweep and rows_per_prog == 16:  # small programs: also 2 and 8 warps
-            configs += [(modes[0], rule_sp, w, None, True, "serial") for w in (2, 8)]
+            configs += [(modes[0], rule_sp, w, None, True, "serial", 1) for w in (2, 8)]
         if split_sweep and rows_per_prog == 128:  # one program per SM: pipeline depth
-            configs += [(modes[0], rule_sp, None, st, True, "serial") for st in (2, 4)]
-        # the blocked merge at every split count that merges (kernels/decode.py docstring)
-        configs += [(modes[0], sp, None, None, True, "blocked") for sp in split_opts if sp > 1]
-        for mode, sp, warps, stages, tiled, merge in configs:
+            configs += [(modes[0], rule_sp, None, st, True, "serial", 1) for st in (2, 4)]
+        # the blocked merge at every split count that merges, and two key tiles an iteration
+        # (kernels/decode.py docstring)
+        configs += [(modes[0], sp, None, None, True, "blocked", 1) for sp in split_opts if sp > 1]
+        configs += [(modes[0], sp, None, None, True, "blocked" if sp > 1 else "serial", 2)
+                    for sp in split_opts]
+        for mode, sp, warps, stages, tiled, merge, unroll in configs:
             inputs = tsets if tiled else psets
             try:
                 o = fp4_decode_attention(
                     *inputs[0], fmt=fmt, causal=causal, num_splits=sp, decode=mode,
-                    num_warps=warps, num_stages=stages, merge=merge,
+                    num_warps=warps, num_stages=stages, merge=merge, unroll=unroll,
                 ).float()
                 ok = bool(torch.isfinite(o).all())
                 err = (
@@ -261,21 +269,23 @@ def bench_case(bsz, hq, hkv, lq, lk, modes, split_sweep, copy_gbps, causal=False
                 ok = ok and err < 0.5
                 t = _graph_time(
                     [
-                        lambda p=p, sp=sp, mode=mode, fmt=fmt, w=warps, st=stages, mg=merge: (
+                        lambda p=p, sp=sp, mode=mode, fmt=fmt, w=warps, st=stages, mg=merge,
+                        u=unroll: (
                             fp4_decode_attention(
                                 *p, fmt=fmt, causal=causal, num_splits=sp, decode=mode,
-                                num_warps=w, num_stages=st, merge=mg,
+                                num_warps=w, num_stages=st, merge=mg, unroll=u,
                             )
                         )
                         for p in inputs
                     ]
                 )
             except Exception as exc:
-                _log(f"  {fmt} {mode} splits={sp} merge={merge}: {type(exc).__name__}: {exc}"[:300])
+                _log(f"  {fmt} {mode} splits={sp} merge={merge} unroll={unroll}: "
+                     f"{type(exc).__name__}: {exc}"[:300])
                 continue
             tried.append({"decode": mode, "splits": sp, "warps": warps, "stages": stages,
-                          "v_tiled": tiled, "merge": merge, "ms": t, "err_vs_sdpa": err,
-                          "ok": ok})
+                          "v_tiled": tiled, "merge": merge, "unroll": unroll, "ms": t,
+                          "err_vs_sdpa": err, "ok": ok})
             if ok and (best is None or t < best["ms"]):
                 best = tried[-1]
         if best is not None:
@@ -286,10 +296,25 @@ def bench_case(bsz, hq, hkv, lq, lk, modes, split_sweep, copy_gbps, causal=False
             best["pct_copy"] = 100 * best["gbps"] / copy_gbps
             best["speedup_vs_sdpa"] = t_sdpa / best["ms"]
             best["rule_splits"] = rule
+            try:
+                best["default"] = _time_default(tsets, fmt, causal, ref_o, t_sdpa, rule, lk)
+            except Exception as exc:  # keep the sweep's results
+                _log(f"  {fmt} defaults: {type(exc).__name__}: {exc}"[:300])
         row[fmt] = best
         row[f"{fmt}_tried"] = tried
         del packed, psets, vt, tsets
     return row
+
+
+def _time_default(tsets, fmt, causal, ref_o, t_sdpa, rule, lk) -> dict:
+    """The call a user makes (README): key-tiled V, every knob at the kernel's default."""
+    o = fp4_decode_attention(*tsets[0], fmt=fmt, causal=causal).float()
+    err = float((o - ref_o).norm() / ref_o.norm()) if ref_o is not None else 0.0
+    ok = bool(torch.isfinite(o).all()) and err < 0.5
+    t = _graph_time([lambda p=p: fp4_decode_attention(*p, fmt=fmt, causal=causal)
+                     for p in tsets])
+    return {"ms": t, "speedup_vs_sdpa": t_sdpa / t, "splits": len(split_bounds(lk, rule)[1]),
+            "err_vs_sdpa": err, "ok": ok}
 
 
 PREFILL_SHAPES = ((2, 16, 4096, 128), (2, 16, 4096, 64), (1, 3, 31200, 128))
@@ -338,10 +363,11 @@ def prefill(budget_end: float, decode: str = "asm") -> list[dict]:
 
 def compile_probe(out_dir: str) -> list[dict]:
     """Offline sm_90 compile of the split kernel (no GPU needed): registers, spills and the SASS
-    instruction count of the key loop per warp, by variant, with the loop's top opcodes.
+    instruction count of the key loop per warp (``unroll`` tiles an iteration), by variant, with
+    the loop's top opcodes.
 
     Triton's bundled ptxas / nvdisasm; the key loop is the longest backward branch in the
-    SASS. Per key and multiprocessor the loop costs ``instr * warps / 64 / 4`` issue cycles
+    SASS. Per key and multiprocessor the loop costs ``instr * warps / (64 unroll) / 4`` issue cycles
     (4 warp instructions a cycle at most), to hold against the memory time of a key's bytes.
     """
     import collections
@@ -357,17 +383,18 @@ def compile_probe(out_dir: str) -> list[dict]:
     kern = dec._decode_split_kernel
     rows = []
     os.makedirs(out_dir, exist_ok=True)
-    variants = [  # (block_m, is_mx, decode, opk, warps, causal, v_tiled)
-        (16, False, 1, 2, 4, False, True), (16, False, 1, 2, 4, False, False),
-        (16, False, 1, 2, 2, False, True), (16, False, 2, 2, 4, False, True),
-        (16, False, 0, 1, 4, False, True), (16, True, 1, 1, 4, False, True),
-        (64, False, 1, 2, 4, False, True), (128, False, 1, 2, 8, True, True),
-        (128, True, 1, 1, 8, True, True),
+    variants = [  # (block_m, is_mx, decode, opk, warps, causal, v_tiled, unroll)
+        (16, False, 1, 2, 4, False, True, 1), (16, False, 1, 2, 4, False, True, 2),
+        (16, False, 1, 2, 4, False, False, 1), (16, False, 1, 2, 2, False, True, 1),
+        (16, False, 2, 2, 4, False, True, 1), (16, False, 0, 1, 4, False, True, 1),
+        (16, True, 1, 1, 4, False, True, 1), (16, True, 1, 1, 4, False, True, 2),
+        (64, False, 1, 2, 4, False, True, 1), (128, False, 1, 2, 8, True, True, 1),
+        (128, False, 1, 2, 8, True, True, 2), (128, True, 1, 1, 8, True, True, 1),
     ]
-    for bm, mx, decode, opk, warps, causal, v_tiled in variants:
+    for bm, mx, decode, opk, warps, causal, v_tiled, unroll in variants:
         const = dict(HEAD_DIM=D, BLOCK_M=bm, BLOCK_N=64, BLOCK=32 if mx else 16, IS_MX=mx,
                      CAUSAL=causal, DECODE=decode, OPK=opk, UPCAST=False, STATIC_TILES=0,
-                     DIRECT=False, V_TILED=v_tiled)
+                     DIRECT=False, V_TILED=v_tiled, UNROLL=unroll)
         types = {}
         for n in kern.arg_names:
             if n in const:
@@ -386,7 +413,7 @@ def compile_probe(out_dir: str) -> list[dict]:
         c = triton.compile(src, target=GPUTarget("cuda", 90, 32),
                            options=dict(num_warps=warps, num_stages=3))
         tag = (f"bm{bm}_{'mx' if mx else 'nv'}_dec{decode}_w{warps}{'_causal' if causal else ''}"
-               f"{'_vtiled' if v_tiled else ''}")
+               f"{'_vtiled' if v_tiled else ''}_unroll{unroll}")
         base = Path(out_dir) / tag
         base.with_suffix(".ptx").write_text(c.asm["ptx"])
         log = subprocess.run([str(tools / "ptxas"), "-v", "--gpu-name=sm_90a",
@@ -414,17 +441,19 @@ def compile_probe(out_dir: str) -> list[dict]:
         spill = re.search(r"(\d+) bytes spill stores", log)
         row = {"variant": tag, "regs": int(regs.group(1)) if regs else None,
                "spill_bytes": int(spill.group(1)) if spill else None, "loop_instr": len(body),
-               "issue_cycles_per_key_per_sm": len(body) * warps / 64 / 4,
+               "issue_cycles_per_key_per_sm": len(body) * warps / (64 * unroll) / 4,
                "top_ops": ops.most_common(10)}
         _log(f"  {json.dumps(row)}")
         rows.append(row)
-    # the two merge kernels (d = 128, 16 rows, 4 warps): registers and spills only
-    for tag, kern, const in (
-        ("merge_serial", dec._merge_kernel, {}),
-        ("merge_blocked", dec._merge_blocked_kernel,
-         dict(BLOCK_S=dec._MERGE_BLOCK_S, BLOCK_D=dec._MERGE_BLOCK_D)),
-    ):
-        const = dict(HEAD_DIM=D, BLOCK_R=16, UPCAST=False, STATIC_SPLITS=0, **const)
+    # the merge kernels (d = 128, 4 warps; the blocked one at (rows, splits) of the table):
+    # registers and spills only
+    merges = [("merge_serial", dec._merge_kernel, dict(BLOCK_R=16))]
+    for n_rows, n_splits in ((2, 400), (8, 342), (16, 64), (16, 3)):
+        br, bs, bsm, bd = dec.merge_blocks(n_rows, D, n_splits)
+        merges.append((f"merge_blocked_r{br}_s{bs}_sm{bsm}_d{bd}", dec._merge_blocked_kernel,
+                       dict(BLOCK_R=br, BLOCK_S=bs, BLOCK_SM=bsm, BLOCK_D=bd)))
+    for tag, kern, const in merges:
+        const = dict(HEAD_DIM=D, UPCAST=False, STATIC_SPLITS=0, **const)
         types = {n: "constexpr" if n in const else "*fp32" if n.startswith("ws_")
                  else "*bf16" if n == "o_ptr" else "i32" for n in kern.arg_names}
         attrs = {(kern.arg_names.index(n),): [["tt.divisibility", 16]]
@@ -467,9 +496,10 @@ def _write(res: dict, out_dir: str, copy_gbps: float) -> str:
         "",
         f"Copy ceiling: {copy_gbps:.0f} GB/s (1 GiB device-to-device, read + write).",
         "",
-        "| B, Hq/Hkv, Lq, Lk | causal | SDPA ms (GB/s, % copy) | NVFP4 ms (x faster, GB/s, % copy,"
-        " splits, decode) | MXFP4 ms (x faster, GB/s, % copy, splits, decode) |",
-        "|---|---|---|---|---|",
+        "| B, Hq/Hkv, Lq, Lk | causal | SDPA ms (GB/s, % copy) | NVFP4 best ms (x faster, GB/s,"
+        " % copy, splits, decode) | NVFP4 defaults ms (x faster) | MXFP4 best ms (x faster, GB/s,"
+        " % copy, splits, decode) | MXFP4 defaults ms (x faster) |",
+        "|---|---|---|---|---|---|---|",
     ]
     for row in res["cases"]:
         b, hq, hkv, lq, lk, _ = row["shape"]
@@ -486,6 +516,9 @@ def _write(res: dict, out_dir: str, copy_gbps: float) -> str:
                 f"{'' if r.get('stages') is None else ', ' + str(r['stages']) + ' stages'}"
                 f"{', V tiled' if r.get('v_tiled') else ', V^T untiled'})"
             )
+            dflt = (r or {}).get("default")
+            cells.append("n/a" if not dflt
+                         else f"{dflt['ms']:.4f} ({dflt['speedup_vs_sdpa']:.2f}x)")
         lines.append("| " + " | ".join(cells) + " |")
     if res.get("prefill"):
         lines += ["", "| prefill (B, H, L, d) | SDPA ms | " + " | ".join(

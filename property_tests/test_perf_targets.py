@@ -63,6 +63,20 @@ def test_a_missing_row_is_not_measured_and_a_wrong_result_is_not_met() -> None:
     assert {v.status for v in wrong if "decode" in v.target} == {"WRONG RESULT"}
 
 
+def test_decode_is_judged_on_the_defaults_when_the_file_has_them() -> None:
+    """A sweep's best configuration may not be what the kernel does by default: the default
+    call's speed-up decides, and the target names which one was judged."""
+    decode = _decode(2.0)
+    decode["cases"][0]["nvfp4"]["default"] = {"ms": 2.0, "speedup_vs_sdpa": 1.2, "ok": True}
+    verdicts = {v.target: v for v in perf_targets.decode_verdicts(decode)
+                if "decode" in v.target}
+    assert verdicts["nvfp4 decode speed-up over SDPA (defaults)"].status == "MISSED"
+    assert verdicts["mxfp4 decode speed-up over SDPA (best of the sweep)"].status == "met"
+    decode["cases"][0]["nvfp4"]["default"]["ok"] = False
+    wrong = [v for v in perf_targets.decode_verdicts(decode) if "(defaults)" in v.target]
+    assert [v.status for v in wrong] == ["WRONG RESULT"]
+
+
 def test_exit_codes(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
     train, decode = tmp_path / "t.json", tmp_path / "d.json"
     train.write_text(json.dumps(_train(1.0)))
