@@ -22,6 +22,7 @@ _EXPORTS = {
     "fp4_inference_attention": "fp4sim.kernels.inference",
     "fp4_decode_attention": "fp4sim.kernels.decode",
     "pack_for_inference": "fp4sim.kernels.inference",
+    "tile_v": "fp4sim.kernels.decode",
 }
 
 __all__ = sorted([*_EXPORTS, "RECIPES"])
