@@ -29,9 +29,9 @@ Schedule (what a reference must reproduce, ``property_tests/test_kernels_decode.
 
 Float32 details (same function, rounding only): S and the maxima are kept in log2 units
 (``S log2 e`` with ``tau log2 e`` folded into one multiply; ``P = 2^(S' - m')``, one
-``ex2.approx.ftz`` on the GPU: P below 2^-126 flushes to 0); the rescale by ``alpha`` runs only
-when some row's max moved (otherwise alpha is exactly 1); masks are applied only to tiles that
-hold an invisible key. ``return_partials`` gives m back in natural-log units.
+``ex2.approx.ftz`` on the GPU: P below 2^-126 flushes to 0); ``alpha`` is exactly 1 in a row
+whose max did not move (selected, not computed); masks are applied only to tiles that hold an
+invisible key. ``return_partials`` gives m back in natural-log units.
 
 Grouped-query attention is read once per kv head: one program holds all ``G * Lq`` query rows
 (G = H / Hkv) of a kv head (up to 128 rows; more are cut into row blocks), so each K/V tile is
@@ -531,8 +531,9 @@ def merge_blocks(rows: int, head_dim: int, num_splits: int) -> tuple[int, int, i
 
 def default_unroll(block_m: int) -> int:
     """Key tiles a loop iteration: 2 for programs of 128 query rows, else 1. H200, 2026-12-03
-    (BENCHMARKS.md): two tiles made (1, 8/1, 16, 131072) 4 % faster and every 16-row shape 0 to
-    20 % slower (123 -> 167 registers at 16 rows: 3 programs a multiprocessor instead of 4)."""
+    (BENCHMARKS.md): two tiles made (1, 8/1, 16, 131072) 4 % faster, 16-row shapes from 1 %
+    faster to 21 % slower (123 -> 167 registers: 3 programs a multiprocessor instead of 4) and
+    a 64-row shape 24 % slower."""
     return 2 if block_m >= 128 else 1
 
 
