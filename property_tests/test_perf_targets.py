@@ -90,3 +90,50 @@ def test_exit_codes(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
     decode.write_text("[1, 2]")
     assert perf_targets.main(["--train", str(train), "--decode", str(decode)]) == 2
     assert perf_targets.main(["--train", str(tmp_path / "missing.json")]) == 2
+
+
+def _load_issue15():
+    path = _PATH.parent / "gpu_issue15.py"
+    spec = importlib.util.spec_from_file_location("gpu_issue15", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.mark.parametrize("train_rc, decode_rc, speedup, write_decode, want", [
+    (0, 0, 2.0, True, 0),  # both ran, every target met
+    (0, 0, 1.0, True, 1),  # both ran, decode targets missed
+    (0, 1, 2.0, True, 2),  # the decode benchmark failed a correctness check
+    (0, 0, 2.0, False, 2),  # the decode benchmark wrote no JSON
+    (1, 0, 2.0, True, 2),  # the training benchmark failed
+])
+def test_issue15_runs_both_benchmarks_then_judges(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, train_rc: int, decode_rc: int,
+    speedup: float, write_decode: bool, want: int,
+) -> None:
+    """``gpu_issue15.py``: the training and the decode benchmark into one folder (decode with
+    ``--prefill``), then perf_targets on both files; 2 when a benchmark failed."""
+    pytest.importorskip("torch")
+    pytest.importorskip("triton")
+    issue15 = _load_issue15()
+    calls = []
+
+    def fake_train(argv: list[str]) -> int:
+        calls.append(("train", argv))
+        (Path(argv[argv.index("--out") + 1]) / "attn_qat_bench.json").write_text(
+            json.dumps(_train(1.0)))
+        return train_rc
+
+    def fake_decode(argv: list[str]) -> int:
+        calls.append(("decode", argv))
+        if write_decode:
+            (Path(argv[argv.index("--out") + 1]) / "decode_bench.json").write_text(
+                json.dumps(_decode(speedup)))
+        return decode_rc
+
+    monkeypatch.setattr(issue15.gpu_attn_qat_bench, "main", fake_train)
+    monkeypatch.setattr(issue15.gpu_decode_bench, "main", fake_decode)
+    rc = issue15.main(["--out", str(tmp_path), "--decode-args", "--budget-s 100"])
+    assert rc == want
+    assert [c[0] for c in calls] == ["train", "decode"]
+    assert calls[1][1] == ["--out", str(tmp_path), "--prefill", "--budget-s", "100"]
