@@ -4,6 +4,9 @@ for bit: a hypothesis is then exactly "the reference with one deviation"."""
 
 from __future__ import annotations
 
+import sys
+from pathlib import Path
+
 import numpy as np
 import pytest
 import torch
@@ -85,3 +88,32 @@ def test_a_knob_changes_the_output() -> None:
                    {"v": base.v.with_(axis=-2)}, {"l_from": "tilde"}):
         o2 = deviant_attention(q, k, v, None, False, None, replace(base, **change))["O"]
         assert not torch.equal(o, o2), change
+
+
+@pytest.mark.parametrize("fmt", ["nvfp4", "mxfp4"])
+@pytest.mark.parametrize("shape", SHAPES[1:])
+def test_split_kv_knobs_equal_the_decode_schedule(fmt: str, shape: tuple) -> None:
+    """The split-KV knobs (a hypothesis of the engine) against an independent float64 model
+    of a split-KV kernel, property_tests/decode_schedule.py (written for kernels.decode): the
+    same O for 2 and 3 splits, and ``kv_split_tiles`` equals the split count that gives the
+    same tiles a split."""
+    from dataclasses import replace
+
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    from decode_schedule import decode_schedule_reference
+
+    q, k, v, _ = _inputs(np.random.default_rng(shape[4]), shape)
+    causal = shape[-1]
+    base = faithful(reference.get_recipe(f"infer-{fmt}"))
+    n_tiles = -(-shape[4] // base.block_n)
+    for splits in (2, 3):
+        want = decode_schedule_reference(q, k, v, fmt, causal, splits)["o"]
+        got = deviant_attention(q, k, v, None, causal, None, replace(base, kv_splits=splits))
+        # the schedule keeps m and l as float32 values: agreement to float32 rounding
+        assert float((got["O"] - want).abs().max()) <= 1e-6 * float(want.abs().max()), splits
+        per = -(-n_tiles // splits)
+        by_length = deviant_attention(q, k, v, None, causal, None,
+                                      replace(base, kv_split_tiles=per))
+        assert torch.equal(by_length["O"], got["O"]), (splits, per)
+    one_pass = deviant_attention(q, k, v, None, causal, None, base)["O"]
+    assert not torch.equal(one_pass, got["O"])  # the knob is live

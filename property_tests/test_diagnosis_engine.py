@@ -5,6 +5,7 @@ kernel or the reference a cause."""
 
 from __future__ import annotations
 
+import os
 import sys
 import time
 from dataclasses import replace
@@ -182,3 +183,61 @@ def test_a_kernel_failing_on_gqa_inputs_is_pointed_to_no_gqa() -> None:
     assert gqa.causes[0] == "kernel error" and "pass --no-gqa" in gqa.causes[1], gqa.causes
     plain = ca.call_attention_kernel(_no_gqa_kernel, _case(8, 8, heads=4, kv_heads=4), CONFIG, do)
     assert plain.problem is None, plain.problem
+
+
+def _split_kv_kernel(splits_for: Any) -> Any:
+    """The repository's split-KV decode kernel (kernels.decode, written before the split-KV
+    hypotheses) as a forward-only kernel: ``splits_for(key tiles)`` splits, its own running
+    max in each (interpreter on the CPU)."""
+    from fp4sim.kernels import fp4_decode_attention, pack_for_inference
+
+    def kernel(q, k, v, causal=False, sm_scale=None):  # noqa: ANN001, ANN202
+        dev = "cuda" if torch.cuda.is_available() else "cpu"
+        ops = pack_for_inference(q.to(dev), k.to(dev), v.to(dev), "nvfp4")
+        n_tiles = -(-k.shape[-2] // 64)
+        o = fp4_decode_attention(*ops, "nvfp4", causal=causal, sm_scale=sm_scale,
+                                 num_splits=splits_for(n_tiles))
+        return o.to(device=q.device, dtype=q.dtype)
+
+    return kernel
+
+
+@pytest.mark.skipif(not (torch.cuda.is_available() or os.environ.get("TRITON_INTERPRET")),
+                    reason="the Triton decode kernel needs CUDA or TRITON_INTERPRET=1")
+@pytest.mark.parametrize("splits_for, lk, want", [
+    (lambda n: 3, 130, "running_max:splits3"),  # a fixed number of splits
+    (lambda n: -(-n // 2), 200, "running_max:split_keys128"),  # a fixed split length
+], ids=["three_splits", "splits_of_128_keys"])
+def test_split_kv_decode_kernel_is_named(splits_for: Any, lk: int, want: str) -> None:
+    """A flash-decoding kernel quantizes each split's P~ against that split's running max: a
+    different function from the one-pass recipe it is checked against (infer-nvfp4); the
+    engine names the split rule from the kernel's outputs alone, re-tested on larger inputs
+    (where the split counts and lengths differ from the shrunk case's)."""
+    spec = AttentionInputSpec(lq=3, lk=lk, head_dim=64, dtype="bfloat16")
+    q, k, v = generate_attention_inputs(np.random.default_rng(0), spec)
+    case = AttentionCase(spec, 0, False, 0.0625, q, k, v)
+    found = diagnose_attention(case, reference.get_recipe("infer-nvfp4"),
+                               kernel_outputs_from_callable(_split_kv_kernel(splits_for), None),
+                               None)
+    assert found.failing == ["O"]
+    assert found.named is not None and found.named.name == want, "\n".join(found.lines())
+    assert found.retest_shapes
+
+
+@pytest.mark.skipif(not (torch.cuda.is_available() or os.environ.get("TRITON_INTERPRET")),
+                    reason="the Triton decode kernel needs CUDA or TRITON_INTERPRET=1")
+def test_what_the_check_fails_is_failing_for_the_engine() -> None:
+    """Shrunk cases often fail by one row just over the forward bound. The engine judges the
+    failing tensors by the rule's own bound and factors (forward for O), so it diagnoses what
+    the check fails; with one factor of 3 for every tensor and an extra output-rounding term,
+    this case (the shrunk case `fp4sim check` found for the 3-split kernel) had nothing
+    failing and got "no known hypothesis"."""
+    spec = AttentionInputSpec(lq=2, lk=65, head_dim=64, dtype="bfloat16")
+    q, k, v = generate_attention_inputs(np.random.default_rng(1), spec)
+    case = AttentionCase(spec, 1, False, 0.0625, q, k, v)
+    kernel = _split_kv_kernel(lambda n: 3)
+    config = ca.AttentionCheckConfig(kernel="in-process", recipe="infer-nvfp4", backward=False)
+    outcome = ca.evaluate_attention_case(kernel, case, config, diagnose=True)
+    assert not outcome.ok
+    # named (not only "closest"): the hypothesis explains this case and three larger ones
+    assert "[hypothesis running_max:splits" in outcome.causes[0], outcome.describe(case)

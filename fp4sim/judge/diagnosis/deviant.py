@@ -49,6 +49,11 @@ class Knobs:
     p_max: str = "running"  # running (tile-wise online max) | final (second pass)
     p_max_bwd: str | None = None  # the backward's P~ policy (None: as p_max)
     block_n: int = 64  # key tile width (sets the running max and the key padding)
+    # split-KV (flash-decoding): the key tiles cut into contiguous splits, each starting its
+    # own running max (the P~ of a tile is quantized against its split's max), then merged
+    # exactly: kv_splits splits of ceil(tiles / kv_splits) tiles, or splits of kv_split_tiles
+    kv_splits: int = 0
+    kv_split_tiles: int = 0
     p_norm: str = "after"  # after: O = P~ V / l | before: O = FQ(exp(S - LSE)) V
     l_from: str = "hp"  # hp | tilde: l sums the quantized P~
     o_from: str = "tilde"  # tilde | hp: O from the unquantized P
@@ -202,6 +207,19 @@ def _pick(knob: Any, default: QuantKnobs | None) -> QuantKnobs | None:
     return default if knob == _SAME else knob
 
 
+def _split_running_max(tile_max: torch.Tensor, n_tiles: int, splits: int,
+                       split_tiles: int) -> torch.Tensor:
+    """Running max over key tiles (last axis), restarting at each split's first tile: with
+    ``splits`` the tiles holding keys form contiguous splits of ceil(n_tiles / splits) tiles,
+    with ``split_tiles`` splits of that many tiles; neither: one pass."""
+    per = split_tiles or (-(-n_tiles // splits) if splits else 0)
+    if not per:
+        return torch.cummax(tile_max, dim=-1).values
+    parts = [torch.cummax(tile_max[..., s0:s0 + per], dim=-1).values
+             for s0 in range(0, tile_max.shape[-1], per)]
+    return torch.cat(parts, dim=-1)
+
+
 def deviant_attention(
     q: torch.Tensor,
     k: torch.Tensor,
@@ -240,7 +258,7 @@ def deviant_attention(
     tile_max = s_t.amax(dim=-1)
     m = tile_max.amax(dim=-1)
     if kn.p_max == "running":
-        m_tiles = torch.cummax(tile_max, dim=-1).values
+        m_tiles = _split_running_max(tile_max, -(-lk // bn), kn.kv_splits, kn.kv_split_tiles)
     else:
         m_tiles = m.unsqueeze(-1).expand_as(tile_max)
     p_t = torch.exp(s_t - _finite_or(m_tiles, 0.0).unsqueeze(-1))

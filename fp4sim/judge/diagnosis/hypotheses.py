@@ -317,7 +317,25 @@ def _factor(base: Knobs, tau: float, default_tau: float) -> Iterator[Hypothesis]
                              replace(base, **{k: mult for k in knobs}))
 
 
-def _running_max(base: Knobs) -> Iterator[Hypothesis]:
+def _running_max(base: Knobs, lk: int = 0) -> Iterator[Hypothesis]:
+    n_tiles = -(-lk // base.block_n)
+    if base.p is not None and base.p_max == "running" and n_tiles > 1:
+        # split-KV (flash-decoding): P~ quantized against a running max that restarts at each
+        # split; a fixed number of splits, or a fixed split length
+        for n in (2, 3, 4, 8):
+            yield Hypothesis(
+                f"running_max:splits{n}", "running_max",
+                f"the keys cut into {n} splits (split-KV / flash-decoding), each with its own "
+                f"running max: P~ quantized against its split's max, then the splits merged",
+                replace(base, kv_splits=n))
+        for t in (1, 2, 4, 8, 16):
+            if t < n_tiles:
+                yield Hypothesis(
+                    f"running_max:split_keys{t * base.block_n}", "running_max",
+                    f"the keys cut into splits of {t * base.block_n} (split-KV / "
+                    f"flash-decoding), each with its own running max: P~ quantized against "
+                    f"its split's max, then the splits merged",
+                    replace(base, kv_split_tiles=t))
     if base.p is not None:
         other = "final" if base.p_max == "running" else "running"
         text = ("P quantized against the wrong max (the final row max instead of the running "
@@ -400,7 +418,7 @@ def attention_hypotheses(
         _mask(base, causal),
         _gqa(base, group),
         _factor(base, tau, default_tau),
-        _running_max(base),
+        _running_max(base, lk),
         _tail(base, lk),
         _rounding(base),
     )
@@ -418,9 +436,9 @@ def attention_hypotheses(
 
 
 FORWARD_KNOBS = frozenset({
-    "q", "k", "v", "p", "p_max", "block_n", "p_norm", "l_from", "o_from", "rescale",
-    "causal_flip", "mask_align", "mask_offset", "pad_keys", "pad_to", "head_map", "s_mult",
-    "round_s", "round_p", "round_acc", "p_tail"})
+    "q", "k", "v", "p", "p_max", "block_n", "kv_splits", "kv_split_tiles", "p_norm", "l_from",
+    "o_from", "rescale", "causal_flip", "mask_align", "mask_offset", "pad_keys", "pad_to",
+    "head_map", "s_mult", "round_s", "round_p", "round_acc", "p_tail"})
 
 
 def changes_forward(kn: Knobs, base: Knobs) -> bool:
