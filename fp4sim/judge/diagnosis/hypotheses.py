@@ -317,7 +317,7 @@ def _factor(base: Knobs, tau: float, default_tau: float) -> Iterator[Hypothesis]
                              replace(base, **{k: mult for k in knobs}))
 
 
-def _running_max(base: Knobs, lk: int = 0) -> Iterator[Hypothesis]:
+def _running_max(base: Knobs, lk: int) -> Iterator[Hypothesis]:
     n_tiles = -(-lk // base.block_n)
     if base.p is not None and base.p_max == "running" and n_tiles > 1:
         # split-KV (flash-decoding): P~ quantized against a running max that restarts at each
