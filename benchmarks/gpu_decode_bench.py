@@ -318,11 +318,20 @@ def _time_default(tsets, fmt, causal, ref_o, t_sdpa, rule, lk) -> dict:
 
 
 PREFILL_SHAPES = ((2, 16, 4096, 128), (2, 16, 4096, 64), (1, 3, 31200, 128))
+# Launch configurations (BLOCK_M, warps, stages) of kernel='dense' tried per shape; the first is
+# the training forward's own.
+DENSE_CONFIGS = ((64, 4, 3), (128, 8, 3), (128, 8, 2), (64, 4, 4))
 
 
 def prefill(budget_end: float, decode: str = "asm") -> list[dict]:
-    """Issue 15's prefill shapes (non-causal, Lq = Lk): SDPA bf16 forward, the inference kernel
-    and the decode kernel with one split (the same function), each fmt; do_bench medians."""
+    """Issue 15's prefill shapes (non-causal, Lq = Lk): SDPA bf16 forward against
+    ``fp4_inference_attention`` as a user calls it (``inference``: the default kernel) and each
+    of its kernels ('tiles'; the decode kernel with one split; 'dense' at each launch
+    configuration of DENSE_CONFIGS, plus its operand decode alone), each fmt; do_bench medians.
+    Every timed output's relative L2 distance to SDPA's is kept beside its time."""
+    from fp4sim.kernels.inference import check_packed_inputs
+    from fp4sim.kernels.prefill import decode_operands, dense_prefill
+
     rows = []
     sdpa = torch.nn.functional.scaled_dot_product_attention
     for b, h, seq, d in PREFILL_SHAPES:
@@ -341,11 +350,18 @@ def prefill(budget_end: float, decode: str = "asm") -> list[dict]:
         )
         for fmt in ("nvfp4", "mxfp4"):
             packed = pack_for_inference(q, k, v, fmt)
-            for name, fn in (
+            shp = check_packed_inputs(*packed, fmt)
+            tau = 1.0 / math.sqrt(d)
+            runs = [
                 ("inference", lambda p=packed, f=fmt: fp4_inference_attention(*p, fmt=f)),
+                ("tiles", lambda p=packed, f=fmt: fp4_inference_attention(*p, fmt=f,
+                                                                          kernel="tiles")),
                 ("decode1", lambda p=packed, f=fmt: fp4_decode_attention(
                     *p, fmt=f, num_splits=1, decode=decode)),
-            ):
+            ]
+            runs += [(f"dense_{m}_{w}_{st}", lambda p=packed, s=shp, c=(m, w, st), t=tau:
+                      dense_prefill(p, s, False, t, c)) for m, w, st in DENSE_CONFIGS]
+            for name, fn in runs:
                 try:
                     o = fn().float()
                     err = float((o - ref).norm() / ref.norm())
@@ -356,6 +372,8 @@ def prefill(budget_end: float, decode: str = "asm") -> list[dict]:
                 row[f"{fmt}_{name}_ms"] = ms
                 row[f"{fmt}_{name}_x_sdpa"] = ms / row["sdpa_ms"]
                 row[f"{fmt}_{name}_err_vs_sdpa"] = err
+            row[f"{fmt}_dense_decode_only_ms"] = triton.testing.do_bench(
+                lambda p=packed, s=shp: decode_operands(*p, s), return_mode="median")
         _log(f"  prefill {json.dumps(row)}")
         rows.append(row)
     return rows
@@ -521,15 +539,20 @@ def _write(res: dict, out_dir: str, copy_gbps: float) -> str:
                          else f"{dflt['ms']:.4f} ({dflt['speedup_vs_sdpa']:.2f}x)")
         lines.append("| " + " | ".join(cells) + " |")
     if res.get("prefill"):
+        kinds = ("inference", "tiles", "decode1", "dense (best launch)")
         lines += ["", "| prefill (B, H, L, d) | SDPA ms | " + " | ".join(
-            f"{f} {n} ms (x SDPA)" for f in ("nvfp4", "mxfp4") for n in ("inference", "decode1")
-        ) + " |", "|---" * 6 + "|"]
+            f"{f} {n} ms (x SDPA)" for f in ("nvfp4", "mxfp4") for n in kinds
+        ) + " |", "|---" * (2 + 2 * len(kinds)) + "|"]
         for r in res["prefill"]:
             cells = [str(tuple(r["shape"])), f"{r['sdpa_ms']:.3f}"]
             for f in ("nvfp4", "mxfp4"):
-                for n in ("inference", "decode1"):
-                    ms = r.get(f"{f}_{n}_ms")
-                    cells.append("n/a" if ms is None else f"{ms:.3f} ({r[f'{f}_{n}_x_sdpa']:.2f}x)")
+                dense = sorted(n[len(f) + 1:-3] for n in r if n.startswith(f"{f}_dense_")
+                               and n.endswith("_ms") and "decode_only" not in n)
+                best = min(dense, key=lambda n: r[f"{f}_{n}_ms"], default=None)
+                for n in ("inference", "tiles", "decode1", best):
+                    ms = None if n is None else r.get(f"{f}_{n}_ms")
+                    cells.append("n/a" if ms is None else f"{ms:.3f} ({r[f'{f}_{n}_x_sdpa']:.2f}x"
+                                 + (f", {n[6:]}" if n.startswith("dense_") else "") + ")")
             lines.append("| " + " | ".join(cells) + " |")
     text = "\n".join(lines)
     with open(os.path.join(out_dir, "decode_bench.md"), "w") as fh:
@@ -550,6 +573,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--mode-jobs", type=int, default=2, help="jobs that time every mode")
     parser.add_argument("--cases", default="", help="indices into TABLE (default all)")
     parser.add_argument("--prefill", action="store_true", help="also the prefill shapes")
+    parser.add_argument("--prefill-only", action="store_true",
+                        help="the prefill shapes only (no decode checks or table)")
     args = parser.parse_args(argv)
     t_start = time.time()
     if args.compile_probe:
@@ -574,6 +599,11 @@ def main(argv: list[str] | None = None) -> int:
     res["copy"] = copy_bandwidth()
     copy_gbps = res["copy"]["gbps"]
     _log(f"device {res['device']}; copy ceiling {copy_gbps:.0f} GB/s (read + write)")
+    if args.prefill_only:
+        res["cases"], res["checks"] = [], []
+        res["prefill"] = prefill(t_start + args.budget_s, args.modes.split(",")[0])
+        print(_write(res, args.out, copy_gbps), flush=True)
+        return 0 if res["prefill"] else 1
     check_modes = [m for m in args.check_modes.split(",") if m]
     # Every check case in the first mode; the other modes on the first case only (compiles).
     checks = correctness("cuda", check_modes[:1])

@@ -116,13 +116,19 @@ def sanitize_inference() -> int:
             k = torch.randn(1, hkv, lk, d, device=DEVICE, dtype=torch.bfloat16)
             v = torch.randn(1, hkv, lk, d, device=DEVICE, dtype=torch.bfloat16)
             packed = inference.pack_for_inference(q, k, v, fmt)
-            out = inference.fp4_inference_attention(*packed, fmt=fmt, causal=causal)
+            out = inference.fp4_inference_attention(*packed, fmt=fmt, causal=causal,
+                                                    kernel="tiles")
             out2, codes = inference.fp4_inference_attention(*packed, fmt=fmt, causal=causal,
                                                             return_p_codes=True)
             _finite(f"inference {fmt}", out)
             if not torch.equal(out, out2):
                 raise AssertionError(f"inference {fmt}: return_p_codes changed the output")
             runs += 2
+            for kernel in inference.KERNELS:  # the other kernels (and the default) as well
+                if kernel != "tiles":
+                    _finite(f"inference {fmt} {kernel}", inference.fp4_inference_attention(
+                        *packed, fmt=fmt, causal=causal, kernel=kernel))
+                    runs += 1
             if fmt == "mxfp4":
                 for ds in (True, False):
                     inference.fp4_inference_attention(*packed, fmt=fmt, causal=causal,

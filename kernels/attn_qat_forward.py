@@ -23,6 +23,7 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
+from fp4sim.formats import MXFP4
 from fp4sim.kernels.attn_qat_jit import (
     _cast,
     _dot,
@@ -31,6 +32,10 @@ from fp4sim.kernels.attn_qat_jit import (
     _load_tile,
     _visible,
 )
+from fp4sim.kernels.fp4_jit import mxfp4_quantize_nonneg_rows
+
+# MXFP4 block length of P~ when P_MX (OCP MX v1.0 5.3: 32-element blocks, E8M0 scale).
+_MX_BLOCK = tl.constexpr(MXFP4.block_size)
 
 
 @triton.jit
@@ -66,7 +71,8 @@ def _fwd_tile(q, k, v, offs_m, start_n, m_i, l_i, lq_i, acc, acc_hp, sm_scale, L
               PDBG, PQDBG, pid_bh, LK_PAD, BLOCK_N: tl.constexpr, MASK: tl.constexpr,
               CAUSAL: tl.constexpr, CAUSAL_SHIFT: tl.constexpr, QUANT_P: tl.constexpr,
               CONSISTENT: tl.constexpr, DIAG: tl.constexpr, STORE_P: tl.constexpr,
-              FAST: tl.constexpr, UPCAST: tl.constexpr):
+              FAST: tl.constexpr, UPCAST: tl.constexpr, KEEP_HP: tl.constexpr,
+              P_MX: tl.constexpr):
     """One key tile of the forward (docs/attention-math.md forward 3-4)."""
     offs_n = start_n + tl.arange(0, BLOCK_N)
     # S = tau Q^ K^T (docs/attention-math.md forward 3), float32 accumulation. On the GPU the
@@ -90,12 +96,15 @@ def _fwd_tile(q, k, v, offs_m, start_n, m_i, l_i, lq_i, acc, acc_hp, sm_scale, L
         alpha = _exp(m_i - m_safe, FAST)
         l_i = l_i * alpha + tl.sum(p, 1)
         acc = acc * alpha[:, None]
-        if QUANT_P:
+        if QUANT_P and KEEP_HP:
             acc_hp = acc_hp * alpha[:, None]
         if DIAG:
             lq_i = lq_i * alpha
         m_i = m_new
-    if QUANT_P:
+    if QUANT_P and P_MX:
+        # MXFP4 P~ (the inference recipe infer-mxfp4): blocks of 32 keys, E8M0 rceil scale.
+        _pc, _psb, _ps, pq = mxfp4_quantize_nonneg_rows(p, _MX_BLOCK)
+    elif QUANT_P:
         # P~ = FQ(P), blocks of 16 along keys, E4M3 scale, no tensor scale (attention-math.md).
         pq = _fake_quantize_probs(p, UPCAST)
     else:
@@ -109,7 +118,7 @@ def _fwd_tile(q, k, v, offs_m, start_n, m_i, l_i, lq_i, acc, acc_hp, sm_scale, L
         tl.store(PQDBG + pofs, pq, mask=pmask)
     # P~ is exact in bf16/fp16 (code * E4M3 scale), so the cast below is lossless.
     acc += _dot(_cast(pq, v.dtype, UPCAST), v, UPCAST)
-    if QUANT_P:
+    if QUANT_P and KEEP_HP:
         acc_hp += _dot(_cast(p, v.dtype, UPCAST), v, UPCAST)
     return m_i, l_i, lq_i, acc, acc_hp
 
@@ -164,6 +173,9 @@ def _attn_fwd_kernel(
     FAST: tl.constexpr = False,
     USE_TMA: tl.constexpr = False,
     WARP_SPEC: tl.constexpr = False,
+    KEEP_HP: tl.constexpr = True,
+    P_MX: tl.constexpr = False,
+    DIV_L: tl.constexpr = False,
 ):
     start_m = tl.program_id(0) * BLOCK_M
     pid_bh = tl.program_id(1)
@@ -223,7 +235,7 @@ def _attn_fwd_kernel(
             m_i, l_i, lq_i, acc, acc_hp = _fwd_tile(
                 q, k, v, offs_m, start_n, m_i, l_i, lq_i, acc, acc_hp, sm_scale, Lq, Lk, PDBG,
                 PQDBG, pid_bh, LK_PAD, BLOCK_N, True, CAUSAL, CAUSAL_SHIFT, QUANT_P, CONSISTENT,
-                DIAG, STORE_P, FAST, UPCAST)
+                DIAG, STORE_P, FAST, UPCAST, KEEP_HP, P_MX)
     else:
         for start_n in tl.range(0, n_full, BLOCK_N, warp_specialize=WARP_SPEC):
             k, v = _load_kv(k_base, v_base, desc_k, desc_v, bhk, start_n, Lk, HEAD_DIM, BLOCK_N,
@@ -231,14 +243,14 @@ def _attn_fwd_kernel(
             m_i, l_i, lq_i, acc, acc_hp = _fwd_tile(
                 q, k, v, offs_m, start_n, m_i, l_i, lq_i, acc, acc_hp, sm_scale, Lq, Lk, PDBG,
                 PQDBG, pid_bh, LK_PAD, BLOCK_N, False, CAUSAL, CAUSAL_SHIFT, QUANT_P, CONSISTENT,
-                DIAG, STORE_P, FAST, UPCAST)
+                DIAG, STORE_P, FAST, UPCAST, KEEP_HP, P_MX)
         for start_n in range(n_full, hi, BLOCK_N):
             k, v = _load_kv(k_base, v_base, desc_k, desc_v, bhk, start_n, Lk, HEAD_DIM, BLOCK_N,
                             QUANT_QKV, USE_TMA)
             m_i, l_i, lq_i, acc, acc_hp = _fwd_tile(
                 q, k, v, offs_m, start_n, m_i, l_i, lq_i, acc, acc_hp, sm_scale, Lq, Lk, PDBG,
                 PQDBG, pid_bh, LK_PAD, BLOCK_N, True, CAUSAL, CAUSAL_SHIFT, QUANT_P, CONSISTENT,
-                DIAG, STORE_P, FAST, UPCAST)
+                DIAG, STORE_P, FAST, UPCAST, KEEP_HP, P_MX)
 
     # O = acc / l, O_hp = acc_hp / l, LSE = m + log l (docs/attention-math.md forward 4); rows
     # that see no key: l = 0 -> output 0, LSE = -inf. Such rows divide and take the log of 1
@@ -248,11 +260,15 @@ def _attn_fwd_kernel(
     lse = tl.where(l_i > 0, m_i + tl.log(l_pos), float("-inf"))
     o_offs = (pid_bh.to(tl.int64) * Lq + offs_m[:, None]) * HEAD_DIM + offs_d[None, :]
     row_ok = offs_m < Lq
-    tl.store(
-        O + o_offs, _cast(acc * inv_l[:, None], O.dtype.element_ty, UPCAST), mask=row_ok[:, None]
-    )
-    if QUANT_P:
-        # Without the P quantizer O_hp is O: the host passes O itself and nothing is stored.
+    if DIV_L:
+        # O = acc / l, rounded once (the inference kernels' and reference's order)
+        o_val = tl.where(l_i[:, None] > 0, acc / l_pos[:, None], 0.0)
+    else:
+        o_val = acc * inv_l[:, None]
+    tl.store(O + o_offs, _cast(o_val, O.dtype.element_ty, UPCAST), mask=row_ok[:, None])
+    if QUANT_P and KEEP_HP:
+        # Without the P quantizer O_hp is O: the host passes O itself and nothing is stored;
+        # without KEEP_HP (inference) nobody needs O_hp.
         tl.store(
             OHP + o_offs,
             _cast(acc_hp * inv_l[:, None], OHP.dtype.element_ty, UPCAST),

@@ -1,6 +1,8 @@
 """FP4 inference attention on packed FP4 Q, K, V (NVFP4 or MXFP4), P quantized in registers.
 
-Forward only, flash-style over key tiles of ``BLOCK_N = 64`` keys; the math is
+Forward only, flash-style over key tiles of ``BLOCK_N = 64`` keys (this module's kernel,
+``kernel="tiles"``; ``fp4_inference_attention`` runs the same function by default through
+``kernels/prefill.py``, which decodes the operands once); the math is
 ``docs/attention-math.md`` "Forward" with V blocked along the key axis (the contraction axis of
 P.V, as an FP4 tensor-core product needs) and P quantized per tile against the running row max:
 the reference recipes ``infer-nvfp4`` / ``infer-mxfp4`` (``reference.fp4_attention_forward(...,
@@ -67,8 +69,12 @@ SUPPORTED_HEAD_DIMS = (64, 128)
 # shape was exact; benchmarks/gpu_dot_scaled_probe.py, docs/bench/kernels-inference.md), so at
 # d = 64 QK^T decodes in registers and only PV uses dot_scaled.
 _MX_DOT_SCALED_DEFAULT: dict[int, tuple[bool, bool]] = {64: (False, True), 128: (True, True)}
-# Which kernel fp4_inference_attention runs by default ('tiles' or 'loop', see its docstring).
-DEFAULT_KERNEL = "tiles"
+# The kernels fp4_inference_attention can run (its docstring), and the one it runs by default:
+# 'dense' since it measured 1.66x-2.39x SDPA's forward on an H200 against 4.7x-6.7x for 'tiles'
+# and 2.8x-4.0x for 'loop' (issue 15's prefill shapes, NVFP4 and MXFP4; BENCHMARKS.md,
+# 2026-12-03 17:03 UTC). Decode-shaped calls (few queries) belong to kernels.decode.
+KERNELS = ("tiles", "loop", "dense")
+DEFAULT_KERNEL = "dense"
 
 __all__ = [
     "BLOCK_N",
@@ -410,9 +416,11 @@ def fp4_inference_attention(
     mode defines them (tiles a causal row never visits hold 0, as P = 0 there).
     ``_quantize_p=False`` is a benchmark ablation only (P is not quantized, so the
     function differs).
-    ``kernel``: 'tiles' (this module's kernel) or 'loop' (``kernels.decode`` with one split: the
-    same function, its fast operand decode; GQA groups share K/V tiles); None picks
-    ``DEFAULT_KERNEL`` when no option above needs this module's kernel.
+    ``kernel``: 'tiles' (this module's kernel), 'loop' (``kernels.decode`` with one split: the
+    same function, its fast operand decode; GQA groups share K/V tiles) or 'dense'
+    (``kernels.prefill``: Q, K, V decoded once to bf16, then the training forward's key loop
+    with the P quantizer; the same function; three bf16 operand tensors while it runs); None
+    picks ``DEFAULT_KERNEL`` when no option above needs this module's kernel.
     Returns O (B, H, Lq, d) in bfloat16.
     """
     shp = check_packed_inputs(
@@ -424,12 +432,22 @@ def fp4_inference_attention(
     )
     if kernel is None:
         kernel = "tiles" if tiles_only else DEFAULT_KERNEL
-    if kernel not in ("tiles", "loop"):
-        raise ValueError(f"kernel must be 'tiles' or 'loop', got {kernel!r}")
+    if kernel not in KERNELS:
+        raise ValueError(f"kernel must be one of {KERNELS}, got {kernel!r}")
+    if kernel != "tiles" and tiles_only:
+        raise ValueError("block_m, mx_dot_scaled, _quantize_p and return_p_codes need "
+                         "kernel='tiles'")
+    if kernel == "dense":
+        from fp4sim.kernels.prefill import dense_prefill  # lazy: prefill imports this module
+
+        tau = 1.0 / math.sqrt(d) if sm_scale is None else float(sm_scale)
+        packed = tuple(t.contiguous() for t in (q_packed, q_scales, k_packed, k_scales,
+                                                 v_packed, v_scales))
+        if num_warps is not None or num_stages is not None:
+            raise ValueError("num_warps and num_stages are not options of kernel='dense' "
+                             "(kernels.prefill.PREFILL_CONFIG sets its launch)")
+        return dense_prefill(packed, shp, causal, tau)
     if kernel == "loop":
-        if tiles_only:
-            raise ValueError("block_m, mx_dot_scaled, _quantize_p and return_p_codes need "
-                             "kernel='tiles'")
         from fp4sim.kernels.decode import fp4_decode_attention  # lazy: decode imports this
 
         return fp4_decode_attention(

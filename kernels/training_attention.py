@@ -255,14 +255,19 @@ def _row_descriptors(tensors, block_rows: int):
     return tuple(out)
 
 
-def _forward_impl(q, k, v, causal, sm_scale, recipe, quant_inputs_in_kernel, diagnostics, store_p):
+def _forward_impl(q, k, v, causal, sm_scale, recipe, quant_inputs_in_kernel, diagnostics, store_p,
+                  keep_hp=True, p_mx=False, config=None):
+    """The forward kernel's launch. Inference (``kernels/prefill.py``) sets ``keep_hp=False``
+    (no O_hp: no backward), ``p_mx`` (P~ in MXFP4, the infer-mxfp4 recipe) and gets O = acc / l
+    (the inference kernels' rounding) instead of acc * (1 / l); ``config`` overrides the launch
+    configuration (``_Config``; BLOCK_N must stay the recipe's 64 when P is quantized)."""
     batch, heads, lq, head_dim = q.shape
     hkv, lk = k.shape[1], k.shape[2]
     _quant_qkv, quant_p, consistent = _flags(recipe)
-    cfg = _configs(head_dim, q.is_cuda, quant_p)["fwd"]
+    cfg = config or _configs(head_dim, q.is_cuda, quant_p)["fwd"]
     o = torch.empty_like(q)
     # Without the P quantizer O_hp equals O: the kernel stores O only and O_hp aliases it.
-    o_hp = torch.empty_like(q) if quant_p else o
+    o_hp = torch.empty_like(q) if quant_p and keep_hp else o
     rows = (batch, heads, lq)
     m = torch.empty(rows, device=q.device, dtype=torch.float32)
     l_sum = torch.empty_like(m)
@@ -314,6 +319,9 @@ def _forward_impl(q, k, v, causal, sm_scale, recipe, quant_inputs_in_kernel, dia
         FAST=on_gpu and _OPTIONS["fast_exp"],
         USE_TMA=use_tma,
         WARP_SPEC=on_gpu and _OPTIONS["warp_spec"],
+        KEEP_HP=keep_hp,
+        P_MX=p_mx,
+        DIV_L=not keep_hp,
         num_warps=cfg.num_warps,
         num_stages=cfg.num_stages,
     )
