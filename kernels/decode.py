@@ -562,25 +562,31 @@ def _sm_count(device: torch.device) -> int:
 # 160 per thread at 16 rows / 4 warps, 250 at 64 rows / 4 warps and 128 rows / 8 warps; sm_90
 # compile of 2026-12-02).
 _PROGRAMS_PER_SM = {16: 3, 32: 2, 64: 1, 128: 1}
-# A second wave of programs pays where each split still walks at least this many key tiles
-_MIN_TILES_FOR_TWO_WAVES = 16
+# More waves of programs pay where each split still walks enough key tiles: (waves, least
+# tiles a split), most waves first (H200 sweeps, BENCHMARKS.md 2026-12-03 15:27 and 17:20).
+_WAVES_AND_MIN_TILES = ((4, 32), (2, 16))
 
 
 def default_num_splits(batch_kv_heads: int, row_blocks: int, block_m: int, lk: int,
                        sm_count: int) -> int:
-    """Splits per (batch, kv head): two waves of resident programs where each split keeps at
-    least ``_MIN_TILES_FOR_TWO_WAVES`` key tiles, else one wave; at least 2 key tiles (128 keys)
-    per split. Each split costs rows * (d + 2) float32 of partials (written, then read by the
-    merge). H200 split sweeps of 2026-12-03 (BENCHMARKS.md): twice the one-wave count was 3 to
-    20 % faster at 8 and 64 kv heads with 131072 or 32768 keys (21 to 342 tiles a split), 3 %
-    slower at (8, 32/8, 16, 8192) (21 tiles a split) and 12 to 53 % slower at one kv head (1 to
-    8 tiles a split)."""
+    """Splits per (batch, kv head): the most waves of resident programs in
+    ``_WAVES_AND_MIN_TILES`` whose splits keep at least that many key tiles each, else one
+    wave; at least 2 key tiles (128 keys) per split. Each split costs rows * (d + 2) float32 of
+    partials (written, then read by the merge). H200 split sweeps of 2026-12-03 (BENCHMARKS.md):
+    two waves against one, 3 to 20 % faster at 8 and 64 kv heads with 131072 or 32768 keys (21
+    to 342 tiles a split), 3 % slower at (8, 32/8, 16, 8192) (21 tiles a split) and 12 to 53 %
+    slower at one kv head (1 to 8 tiles a split); four against two, 8 % faster at (8, 32/8, 1,
+    131072) (26 splits of 79 tiles: 0.747 against 0.813 ms), 19 % at (8, 32/8, 16, 131072) (10
+    splits of 205 tiles: 1.388 against 1.705 ms) and 10 % at (8, 32/8, 16, 32768) (7 and 10
+    splits of 73 and 51 tiles: 0.406 and 0.411 against 0.450 ms)."""
     n_tiles = -(-lk // BLOCK_N)
     slots = sm_count * _PROGRAMS_PER_SM.get(block_m, 1)
     programs = max(1, batch_kv_heads * row_blocks)
     want = -(-slots // programs)
-    if n_tiles >= _MIN_TILES_FOR_TWO_WAVES * -(-2 * slots // programs):
-        want = -(-2 * slots // programs)
+    for waves, min_tiles in _WAVES_AND_MIN_TILES:
+        if n_tiles >= min_tiles * -(-waves * slots // programs):
+            want = -(-waves * slots // programs)
+            break
     return max(1, min(want, max(1, n_tiles // 2)))
 
 

@@ -247,10 +247,12 @@ def test_split_bounds_follow_the_documented_rule() -> None:
 
 def test_default_splits_follow_the_documented_rule() -> None:
     """``default_num_splits`` on a 132-multiprocessor card (H200) at the decode table's shapes:
-    one wave of programs where a second would leave splits under 16 key tiles, else two."""
+    four waves of programs where splits keep >= 32 key tiles, else two where they keep >= 16,
+    else one."""
     cases = {  # (batch * kv heads, rows a program, Lk) -> splits
-        (1, 16, 131072): 396, (1, 16, 8192): 64, (8, 16, 131072): 99, (64, 16, 131072): 13,
-        (64, 16, 8192): 7, (64, 64, 131072): 5, (1, 128, 131072): 132, (1, 128, 8192): 64,
+        (1, 16, 131072): 396, (1, 16, 8192): 64, (8, 16, 131072): 99, (64, 16, 131072): 25,
+        (64, 16, 32768): 13, (64, 16, 8192): 7, (64, 64, 131072): 9, (64, 64, 32768): 9,
+        (64, 64, 8192): 5, (1, 128, 131072): 132, (1, 128, 8192): 64,
     }
     for (bkv, rows, lk), want in cases.items():
         assert decode_mod.default_num_splits(bkv, 1, rows, lk, 132) == want, (bkv, rows, lk)
