@@ -134,8 +134,15 @@ def signature(kernel: triton.JITFunction, variant: Variant) -> tuple[dict, dict,
                  STORE_P=False, STATIC_END=0, STATIC_GROUP=0, UPCAST=False,
                  FAST=bool(variant.fast), PACKED=bool(variant.packed), USE_TMA=bool(variant.tma),
                  WARP_SPEC=bool(variant.ws))
-    # Kernels take different flag subsets; a flag a kernel gains but we lack fails the compile.
+    # Kernels take different flag subsets; a constexpr the table lacks takes its default (a
+    # constexpr without one fails here: typed as a pointer it would compile a different kernel).
     constexprs = {name: value for name, value in flags.items() if name in kernel.arg_names}
+    for param in kernel.params:
+        if param.is_constexpr and param.name not in constexprs:
+            if not param.has_default:
+                raise ValueError(f"{kernel.__name__}: constexpr {param.name} has no default "
+                                 "and no value in the probe's flags")
+            constexprs[param.name] = param.default
     types = {}
     for name in kernel.arg_names:
         if name in constexprs:

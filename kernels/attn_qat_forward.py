@@ -260,12 +260,13 @@ def _attn_fwd_kernel(
     lse = tl.where(l_i > 0, m_i + tl.log(l_pos), float("-inf"))
     o_offs = (pid_bh.to(tl.int64) * Lq + offs_m[:, None]) * HEAD_DIM + offs_d[None, :]
     row_ok = offs_m < Lq
+    o_ptrs = O + o_offs  # before the product, as the training epilogue always had it
     if DIV_L:
         # O = acc / l, rounded once (the inference kernels' and reference's order)
         o_val = tl.where(l_i[:, None] > 0, acc / l_pos[:, None], 0.0)
     else:
         o_val = acc * inv_l[:, None]
-    tl.store(O + o_offs, _cast(o_val, O.dtype.element_ty, UPCAST), mask=row_ok[:, None])
+    tl.store(o_ptrs, _cast(o_val, O.dtype.element_ty, UPCAST), mask=row_ok[:, None])
     if QUANT_P and KEEP_HP:
         # Without the P quantizer O_hp is O: the host passes O itself and nothing is stored;
         # without KEEP_HP (inference) nobody needs O_hp.
