@@ -577,8 +577,8 @@ def default_num_splits(batch_kv_heads: int, row_blocks: int, block_m: int, lk: i
     to 342 tiles a split), 3 % slower at (8, 32/8, 16, 8192) (21 tiles a split) and 12 to 53 %
     slower at one kv head (1 to 8 tiles a split); four against two, 8 % faster at (8, 32/8, 1,
     131072) (26 splits of 79 tiles: 0.747 against 0.813 ms), 19 % at (8, 32/8, 16, 131072) (10
-    splits of 205 tiles: 1.388 against 1.705 ms) and 10 % at (8, 32/8, 16, 32768) (7 and 10
-    splits of 73 and 51 tiles: 0.406 and 0.411 against 0.450 ms)."""
+    splits of 205 tiles: 1.388 against 1.705 ms) and 8-10 % at (8, 32/8, 16, 32768) (7 and 10
+    splits of 73 and 51 tiles: 0.410 and 0.421 against 0.455 ms); blocked merge throughout."""
     n_tiles = -(-lk // BLOCK_N)
     slots = sm_count * _PROGRAMS_PER_SM.get(block_m, 1)
     programs = max(1, batch_kv_heads * row_blocks)
