@@ -419,8 +419,10 @@ def fp4_inference_attention(
     ``kernel``: 'tiles' (this module's kernel), 'loop' (``kernels.decode`` with one split: the
     same function, its fast operand decode; GQA groups share K/V tiles) or 'dense'
     (``kernels.prefill``: Q, K, V decoded once to bf16, then the training forward's key loop
-    with the P quantizer; the same function; three bf16 operand tensors while it runs); None
-    picks ``DEFAULT_KERNEL`` when no option above needs this module's kernel.
+    with the P quantizer; the same function; three bf16 operand tensors while it runs; its
+    launch is ``kernels.prefill.PREFILL_CONFIG``'s, so ``num_warps``/``num_stages`` are errors
+    there); None picks ``DEFAULT_KERNEL`` unless an option above (or a launch override) needs
+    this module's kernel.
     Returns O (B, H, Lq, d) in bfloat16.
     """
     shp = check_packed_inputs(
@@ -431,7 +433,9 @@ def fp4_inference_attention(
         block_m is not None or mx_dot_scaled is not None or not _quantize_p or return_p_codes
     )
     if kernel is None:
-        kernel = "tiles" if tiles_only else DEFAULT_KERNEL
+        # a launch override names the tiled (or loop) kernel's launch, so it keeps that kernel
+        tuned = num_warps is not None or num_stages is not None
+        kernel = "tiles" if tiles_only or tuned else DEFAULT_KERNEL
     if kernel not in KERNELS:
         raise ValueError(f"kernel must be one of {KERNELS}, got {kernel!r}")
     if kernel != "tiles" and tiles_only:

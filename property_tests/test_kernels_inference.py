@@ -266,6 +266,13 @@ def test_bad_inputs_raise_clear_errors() -> None:
             "nvfp4",
         )
         fp4_inference_attention(*q3, fmt="nvfp4")
+    with pytest.raises(ValueError, match="kernel must be one of"):
+        fp4_inference_attention(*packed, fmt="nvfp4", kernel="fused")
+    with pytest.raises(ValueError, match="not options of kernel='dense'"):
+        fp4_inference_attention(*packed, fmt="nvfp4", kernel="dense", num_warps=4)
+    # without a kernel named, a launch override keeps the kernel it tunes (the tiled one)
+    tuned = fp4_inference_attention(*packed, fmt="nvfp4", num_warps=4)
+    assert torch.equal(tuned, fp4_inference_attention(*packed, fmt="nvfp4", kernel="tiles"))
 
 
 def test_cpu_without_interpreter_raises(monkeypatch: pytest.MonkeyPatch) -> None:
