@@ -444,12 +444,12 @@ def fp4_inference_attention(
     if kernel == "dense":
         from fp4sim.kernels.prefill import dense_prefill  # lazy: prefill imports this module
 
-        tau = 1.0 / math.sqrt(d) if sm_scale is None else float(sm_scale)
-        packed = tuple(t.contiguous() for t in (q_packed, q_scales, k_packed, k_scales,
-                                                 v_packed, v_scales))
         if num_warps is not None or num_stages is not None:
             raise ValueError("num_warps and num_stages are not options of kernel='dense' "
                              "(kernels.prefill.PREFILL_CONFIG sets its launch)")
+        tau = 1.0 / math.sqrt(d) if sm_scale is None else float(sm_scale)
+        packed = tuple(t.contiguous() for t in (q_packed, q_scales, k_packed, k_scales,
+                                                 v_packed, v_scales))
         return dense_prefill(packed, shp, causal, tau)
     if kernel == "loop":
         from fp4sim.kernels.decode import fp4_decode_attention  # lazy: decode imports this

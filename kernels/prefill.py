@@ -6,7 +6,9 @@ FP4 tensor cores (Hopper: ``tl.dot_scaled`` upcasts to bf16) every product runs 
 operands anyway, and a kernel that decodes packed K and V inside its key loop decodes each
 tile once per query block: ``Lq / BLOCK_M`` times. Here the packed Q, K and V are decoded once,
 in one pass each, into bf16 tensors (exact: an E2M1 value times an E4M3 or E8M0 scale has at
-most 2 + 4 significant bits, inside bf16's range for every scale byte the formats allow), and
+most 2 + 4 significant bits and bf16 has float32's exponent range; the one exception, an MXFP4
+value past float32's largest finite number (scale 2^126 or 2^127), is inf in the tiled
+kernel's float32 decode as well), and
 the training forward kernel (``kernels/attn_qat_forward.py``) runs on them with its operand
 quantizer off, its P quantizer on (NVFP4 or MXFP4 blocks along keys, against the running row
 max of each 64-key tile) and its high-precision second output off.
