@@ -270,9 +270,11 @@ def test_bad_inputs_raise_clear_errors() -> None:
         fp4_inference_attention(*packed, fmt="nvfp4", kernel="fused")
     with pytest.raises(ValueError, match="not options of kernel='dense'"):
         fp4_inference_attention(*packed, fmt="nvfp4", kernel="dense", num_warps=4)
-    # without a kernel named, a launch override keeps the kernel it tunes (the tiled one)
+    # without a kernel named, a launch override keeps the kernel it tunes (the tiled one; were
+    # it the dense default, the call would raise as above)
     tuned = fp4_inference_attention(*packed, fmt="nvfp4", num_warps=4)
-    assert torch.equal(tuned, fp4_inference_attention(*packed, fmt="nvfp4", kernel="tiles"))
+    assert torch.equal(tuned, fp4_inference_attention(*packed, fmt="nvfp4", kernel="tiles",
+                                                      num_warps=4))
 
 
 def test_cpu_without_interpreter_raises(monkeypatch: pytest.MonkeyPatch) -> None:
