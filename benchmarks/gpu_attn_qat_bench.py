@@ -15,7 +15,10 @@ TFLOPS with FLOPs = 4 B H Lq Lk d (forward) and 2.5x that (backward), non-causal
 during one forward+backward. Writes a JSON file and a Markdown table to ``--out`` (default
 ``$OUT`` or ``.``).
 
-Methods: ``sdpa``; a recipe name (the current kernels with their defaults); ``old:<recipe>``
+Methods: ``sdpa``; ``fastvideo`` (FastVideo's public Attn-QAT training kernel through
+``fp4sim.adapters.fastvideo_attn_qat_train``, the anchor of issue 15's table; skipped with a
+note unless its package ``fastvideo_kernel`` is on PYTHONPATH, README "Checking a public
+kernel"); a recipe name (the current kernels with their defaults); ``old:<recipe>``
 (the kernels of a saved earlier version, ``--old PATH``, default
 ``.dev_old/training_attention_old.py``, for before/after numbers in the same process);
 ``<recipe>/<switch>`` with a switch of ``training_attention._OPTIONS`` flipped
@@ -66,7 +69,9 @@ def _mine() -> bool:
     return not _WORKER or (_JOB[0] - 1) % _WORKER[1] == _WORKER[0]
 METHODS = ["sdpa", "old:bf16", "old:attn-qat", "old:attn-qat-consistent", "bf16", "attn-qat",
            "attn-qat-consistent", "attn-qat/unpacked", "bf16/notma", "attn-qat/notma",
-           "attn-qat-consistent/notma"]
+           "attn-qat-consistent/notma", "fastvideo"]
+# The anchor kernel's package (imported by fp4sim.adapters.fastvideo_attn_qat_train)
+FASTVIDEO_PACKAGE = "fastvideo_kernel"
 SWITCHES = {"unpacked": ("packed", False), "tma": ("tma", True), "notma": ("tma", False),
             "ws": ("warp_spec", True), "slowexp": ("fast_exp", False)}
 _OLD = {}
@@ -126,6 +131,10 @@ class _Switch:
 def _fn(method, old_path):
     if method == "sdpa":
         return lambda q, k, v: F.scaled_dot_product_attention(q, k, v)
+    if method == "fastvideo":
+        from fp4sim.adapters import fastvideo_attn_qat_train as fastvideo  # lazy: optional
+
+        return lambda q, k, v: fastvideo.attention(q, k, v, False, 1.0 / math.sqrt(q.shape[-1]))
     if method.startswith("old:"):
         mod = _old_module(old_path)
         recipe = method[4:]
@@ -138,7 +147,8 @@ def _time(method, shape, old_path, reps=(25, 100)):
     (q, k, v), do = _inputs(*shape)
     f = _fn(method, old_path)
     warm, rep = reps
-    with _Switch(method if not method.startswith(("sdpa", "old:")) else "x", shape[-1]):
+    with _Switch(method if not method.startswith(("sdpa", "old:", "fastvideo")) else "x",
+                 shape[-1]):
         t_fwd = _bench(lambda: f(q, k, v), warm, rep)
         graph = [f(q, k, v)]
         t_bwd = _bench(lambda: graph[0].backward(do, retain_graph=True), warm, rep,
@@ -451,6 +461,9 @@ def main(argv=None) -> int:
     if not os.path.exists(args.old):
         methods = [m for m in methods if not m.startswith("old:")]
         print(f"no old kernel at {args.old}: old:* methods skipped", flush=True)
+    if "fastvideo" in methods and importlib.util.find_spec(FASTVIDEO_PACKAGE) is None:
+        methods.remove("fastvideo")
+        print(f"no {FASTVIDEO_PACKAGE} package on PYTHONPATH: fastvideo skipped", flush=True)
     check_ok = None
     if args.check:
         check_ok = _check(args.old) and (DEVICE != "cuda" or bool(_WORKER) or _smoke())

@@ -136,4 +136,25 @@ def test_issue15_runs_both_benchmarks_then_judges(
     rc = issue15.main(["--out", str(tmp_path), "--decode-args", "--budget-s 100"])
     assert rc == want
     assert [c[0] for c in calls] == ["train", "decode"]
+    assert calls[0][1] == ["--out", str(tmp_path), "--methods", issue15.TRAIN_METHODS]
     assert calls[1][1] == ["--out", str(tmp_path), "--prefill", "--budget-s", "100"]
+
+
+def test_training_bench_times_fastvideo_through_the_adapter(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """``gpu_attn_qat_bench.py``'s ``fastvideo`` method: the adapter's call, non-causal, at the
+    default tau (what issue 15's table timed); the script drops the method with a note when
+    FastVideo's package is not importable (its ``main`` checks ``FASTVIDEO_PACKAGE``)."""
+    torch = pytest.importorskip("torch")
+    pytest.importorskip("triton")
+    bench = _load_issue15().gpu_attn_qat_bench
+    from fp4sim.adapters import fastvideo_attn_qat_train as adapter
+
+    seen = []
+    monkeypatch.setattr(adapter, "attention", lambda q, k, v, causal, tau: seen.append(
+        (q.shape, causal, tau)) or q)
+    q = torch.zeros(1, 2, 8, 64)
+    assert bench._fn("fastvideo", None)(q, q, q) is q
+    assert seen == [(q.shape, False, 0.125)]
+    assert bench.FASTVIDEO_PACKAGE == adapter.KERNEL_MODULE.split(".")[0]
