@@ -241,3 +241,26 @@ def test_what_the_check_fails_is_failing_for_the_engine() -> None:
     assert not outcome.ok
     # named (not only "closest"): the hypothesis explains this case and three larger ones
     assert "[hypothesis running_max:splits" in outcome.causes[0], outcome.describe(case)
+
+
+def _o_kept_in_bfloat16(q, k, v, causal=False, sm_scale=None):  # noqa: ANN001, ANN202
+    """A float32 kernel that keeps O in bfloat16 and returns it widened (as a bf16-only kernel
+    behind a float32 wrapper does): the reference's O through a bf16 store."""
+    o = reference.fp4_attention_forward(q, k, v, "infer-nvfp4", causal=causal,
+                                        sm_scale=sm_scale).o
+    return o.to(torch.bfloat16).to(q.dtype)
+
+
+def test_output_kept_in_a_narrower_type_is_named() -> None:
+    """Seen on fp4sim's own inference kernel wrapped for float32 (2026-12-03): before the
+    output-rounding hypothesis the engine said only "explains the shrunk case only: the P~ V
+    accumulator rounded to bfloat16", which larger inputs did not confirm."""
+    spec = AttentionInputSpec(lq=3, lk=40, head_dim=64, dtype="float32")
+    q, k, v = generate_attention_inputs(np.random.default_rng(2), spec)
+    case = AttentionCase(spec, 2, False, None, q, k, v)
+    found = diagnose_attention(case, reference.get_recipe("infer-nvfp4"),
+                               kernel_outputs_from_callable(_o_kept_in_bfloat16, None), None)
+    assert found.failing == ["O"]
+    assert found.named is not None and found.named.name == "rounding:round_o:bfloat16", (
+        "\n".join(found.lines()))
+    assert found.retest_shapes

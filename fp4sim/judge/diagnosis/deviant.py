@@ -90,6 +90,7 @@ class Knobs:
     round_p: str | None = None
     round_o_hp: str | None = None
     round_acc: str | None = None  # the P~ V accumulator rounded after every key tile
+    round_o: str | None = None  # the output O rounded (kept in a narrower type, returned wider)
     round_dp: str | None = None
     round_ds: str | None = None
     backward: str = "attn_qat"  # the recipe's variant (exact / drop_in handled as knobs)
@@ -311,7 +312,7 @@ def deviant_attention(
         p_n = torch.where(torch.isfinite(lse).unsqueeze(-1),
                           torch.exp(s - _finite_or(lse, 0.0).unsqueeze(-1)), 0.0)
         o = _fq(p_n, kn.p) @ v_pad
-    out = {"O": o}
+    out = {"O": _round(o, kn.round_o)}
     if do is None:
         return out
 

@@ -392,6 +392,7 @@ def _rounding(base: Knobs) -> Iterator[Hypothesis]:
     where = (
         ("round_s", "S"),
         ("round_acc", "the P~ V accumulator (after every key tile)"),
+        ("round_o", "the output O (kept in a narrower type than the one returned)"),
         ("round_p", "P (before its quantization)"),
         ("round_o_hp", "O_hp (before D = rowsum(dO*O_hp))"),
         ("round_dp", "dP"),
@@ -438,7 +439,7 @@ def attention_hypotheses(
 FORWARD_KNOBS = frozenset({
     "q", "k", "v", "p", "p_max", "block_n", "kv_splits", "kv_split_tiles", "p_norm", "l_from",
     "o_from", "rescale", "causal_flip", "mask_align", "mask_offset", "pad_keys", "pad_to",
-    "head_map", "s_mult", "round_s", "round_p", "round_acc", "p_tail"})
+    "head_map", "s_mult", "round_s", "round_p", "round_acc", "round_o", "p_tail"})
 
 
 def changes_forward(kn: Knobs, base: Knobs) -> bool:
