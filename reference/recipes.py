@@ -59,6 +59,12 @@ class Recipe:
     ``tile_global`` policy). ``backward`` is the default backward variant. ``v_pad_keys``: pad V
     with zero keys up to a block multiple when blocked along keys (else an error at call time).
     ``nan_policy``: 'raise' (NaN or Inf input raises ValueError) or 'propagate'.
+    ``kv_splits``: the forward of a split-KV (flash-decoding) kernel: the key tiles cut into
+    ``kv_splits`` contiguous splits of ceil(T / kv_splits) tiles each (T the number of key
+    tiles; the rule of FlashAttention's split-KV decode, whose ``num_splits`` blocks of
+    ceil(T / num_splits) tiles it follows), each split's running max starting afresh, the
+    splits merged exactly; 1 is one pass. It changes which max each tile's P is quantized
+    against (tiled mode), nothing else, so the backward is unchanged.
     """
 
     name: str = "custom"
@@ -73,6 +79,7 @@ class Recipe:
     backward: str = "attn_qat"
     v_pad_keys: bool = True
     nan_policy: str = "raise"
+    kv_splits: int = 1
 
     def __post_init__(self):
         for field in ("q", "k", "v", "p"):
@@ -101,10 +108,13 @@ class Recipe:
                 )
             if self.p_policy in ("tile_global", "two_level") and self.p.fmt != "nvfp4":
                 raise ValueError(f"p_policy {self.p_policy!r} needs an NVFP4 P format")
-        for field in ("block_n", "block_m"):
+        for field in ("block_n", "block_m", "kv_splits"):
             val = getattr(self, field)
             if not isinstance(val, int) or isinstance(val, bool) or val <= 0:
                 raise ValueError(f"Recipe.{field} must be a positive int, got {val!r}")
+        if self.kv_splits > 1 and self.p_policy == "consistent":
+            raise ValueError("Recipe.kv_splits > 1 with the consistent P policy: its second "
+                             "pass quantizes against the final max, so splits have no meaning")
         blocks = [s.block for s in (self.p,) if s is not None]
         if self.v is not None and self.v_axis == "keys":
             blocks.append(self.v.block)
@@ -167,12 +177,27 @@ PRESETS: dict[str, Recipe] = {
 RECIPE_NAMES: tuple[str, ...] = tuple(PRESETS)
 
 
+# Recipe fields a recipe name may set after '@' ("infer-nvfp4@kv_splits=3"): the name then
+# crosses the command line, child processes and reports as one string.
+NAME_OPTIONS: tuple[str, ...] = ("kv_splits",)
+
+
 def get_recipe(name_or_recipe: str | Recipe) -> Recipe:
-    """The preset called ``name`` (or the recipe itself); unknown names raise ValueError."""
+    """The preset called ``name`` (or the recipe itself); ``preset@field=N`` sets one of
+    ``NAME_OPTIONS`` (a positive int) on the preset, its name kept as given. Unknown names and
+    bad options raise ValueError."""
     if isinstance(name_or_recipe, Recipe):
         return name_or_recipe
-    if isinstance(name_or_recipe, str) and name_or_recipe in PRESETS:
-        return PRESETS[name_or_recipe]
-    raise ValueError(
-        f"unknown recipe {name_or_recipe!r}; valid names: {', '.join(RECIPE_NAMES)}"
-    )
+    if not isinstance(name_or_recipe, str):
+        raise ValueError(f"a recipe is a name or a Recipe, got {name_or_recipe!r}")
+    preset, _, option = name_or_recipe.partition("@")
+    if preset not in PRESETS:
+        raise ValueError(f"unknown recipe {preset!r}; valid names: {', '.join(RECIPE_NAMES)}")
+    if not option:
+        return PRESETS[preset]
+    field_name, _, value = option.partition("=")
+    if field_name not in NAME_OPTIONS or not value.isdigit() or int(value) < 1:
+        raise ValueError(f"recipe option {option!r} in {name_or_recipe!r}: expected "
+                         f"{' or '.join(f'{f}=N' for f in NAME_OPTIONS)} with N >= 1")
+    return dataclasses.replace(PRESETS[preset], name=name_or_recipe,
+                               **{field_name: int(value)})

@@ -42,6 +42,17 @@ def _tiles(x: torch.Tensor, block_n: int) -> torch.Tensor:
     return x.reshape(*x.shape[:-1], x.shape[-1] // block_n, block_n)
 
 
+def split_running_max(tile_max: torch.Tensor, kv_splits: int) -> torch.Tensor:
+    """Running max over the key tiles (last axis) of splits of ceil(T / kv_splits) tiles, each
+    starting afresh (``Recipe.kv_splits``; one split: the plain running max)."""
+    n_tiles = tile_max.shape[-1]
+    per = -(-n_tiles // max(1, kv_splits))
+    if per >= n_tiles:
+        return torch.cummax(tile_max, dim=-1).values
+    return torch.cat([torch.cummax(tile_max[..., a:a + per], dim=-1).values
+                      for a in range(0, n_tiles, per)], dim=-1)
+
+
 @dataclass(frozen=True)
 class SoftmaxForward:
     """Tile-wise forward softmax quantities (flattened back to (B, H, Lq, Lkp) where 2-D).
@@ -69,8 +80,9 @@ def softmax_forward(s: torch.Tensor, recipe: Recipe, mode: str) -> SoftmaxForwar
     tile_max = s_t.amax(dim=-1)  # (B, H, Lq, T)
     m = tile_max.amax(dim=-1)
     if mode == "tiled" and recipe.p_policy != "consistent":
-        # FlashAttention online softmax: running max m_j = max(m_{j-1}, rowmax S_j)
-        m_tiles = torch.cummax(tile_max, dim=-1).values
+        # FlashAttention online softmax: running max m_j = max(m_{j-1}, rowmax S_j), afresh
+        # at each split's first tile (Recipe.kv_splits)
+        m_tiles = split_running_max(tile_max, recipe.kv_splits)
     else:
         # dense mode, and the consistent policy's second pass: every tile against m_final
         m_tiles = m.unsqueeze(-1).expand_as(tile_max)

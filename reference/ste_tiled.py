@@ -65,9 +65,13 @@ def tiled_forward_autograd(
     # concatenates the tiles' gradients once. Same views, same values (bit-identical).
     s_tiles = s.split(bn, dim=-1)
     v_tiles = v_pad.split(bn, dim=-2)
+    per_split = -(-len(s_tiles) // recipe.kv_splits)  # Recipe.kv_splits: tiles a split
     for j, s_j in enumerate(s_tiles):
-        # FlashAttention's online softmax: m_j = max(m_{j-1}, rowmax S_j); consistent: m_final
-        m_new = m_final if consistent else torch.maximum(m, s_j.amax(dim=-1))
+        # FlashAttention's online softmax: m_j = max(m_{j-1}, rowmax S_j), from rowmax S_j
+        # alone at a split's first tile (the sums are still rescaled from the previous max, an
+        # exact merge); consistent: m_final
+        m_prev = m if j % per_split else torch.full_like(m, float("-inf"))
+        m_new = m_final if consistent else torch.maximum(m_prev, s_j.amax(dim=-1))
         e_j = torch.exp(s_j - _finite(m_new).unsqueeze(-1))
         e_tilde = e_j if p_tiles is None else straight_through(e_j, p_tiles[..., j, :])
         alpha = torch.where(torch.isfinite(m_new), torch.exp(_finite(m) - _finite(m_new)), 0.0)

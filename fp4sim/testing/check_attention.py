@@ -168,8 +168,7 @@ def run_attention_check(
     try:
         reference.get_recipe(config.recipe)
     except (KeyError, ValueError) as err:  # one line, as in report and simulate
-        raise UsageError(f"unknown recipe {config.recipe!r}; valid recipes: "
-                         f"{', '.join(reference.RECIPE_NAMES)}") from err
+        raise UsageError(str(err)) from err
     check_device(config.device)
     with KernelWorker(config.kernel, spec_overrides=config.kernel_overrides,
                       timeout=config.timeout, device=config.device) as worker:

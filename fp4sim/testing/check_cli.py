@@ -156,6 +156,10 @@ def configure_parser(parser: argparse.ArgumentParser) -> None:
     _common(attn, "attention")
     attn.add_argument("--recipe", default=None,
                       help="reference recipe preset (default: --claims, else attn-qat)")
+    attn.add_argument("--kv-splits", type=positive_int, default=None, metavar="N",
+                      help="the kernel is split-KV (flash-decoding): its key tiles cut into N "
+                           "splits of ceil(tiles / N), each with its own running max; checks "
+                           "against RECIPE@kv_splits=N (default: one pass)")
     attn.add_argument("--causal", action="store_true", help="draw causal cases (default off)")
     attn.add_argument("--max-len", type=positive_int, default=80,
                       help="longest Lq, Lk drawn (default 80)")
@@ -230,8 +234,14 @@ def _build_config(args: argparse.Namespace) -> Any:
     if args.inputs is not None:
         load_inputs_file(args.inputs)  # fail fast on a missing or malformed file
     overrides = kernel_spec_from_args(args)
+    recipe = args.recipe or args.claims or "attn-qat"
+    if args.kv_splits is not None:
+        if "@" in recipe:
+            raise _Usage(f"--kv-splits {args.kv_splits} with the recipe {recipe!r}, which "
+                         "already sets an option: give one of them")
+        recipe = f"{recipe}@kv_splits={args.kv_splits}"
     return check_attention.AttentionCheckConfig(
-        recipe=args.recipe or args.claims or "attn-qat",
+        recipe=recipe,
         causal=args.causal,
         backward=not args.forward_only,
         max_len=args.max_len,

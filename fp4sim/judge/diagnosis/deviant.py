@@ -122,6 +122,7 @@ def faithful(recipe: Any) -> Knobs:
         p=knobs_from_spec(recipe.p),
         p_max="final" if recipe.p_policy == "consistent" else "running",
         block_n=recipe.block_n,
+        kv_splits=recipe.kv_splits if recipe.kv_splits > 1 else 0,
         backward=recipe.backward,
     )
     # the backward variants of the reference, as knobs (reference/backward.py table)

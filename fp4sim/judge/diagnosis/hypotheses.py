@@ -326,8 +326,15 @@ def _running_max(base: Knobs, lk: int) -> Iterator[Hypothesis]:
             yield Hypothesis(
                 f"running_max:splits{n}", "running_max",
                 f"the keys cut into {n} splits (split-KV / flash-decoding), each with its own "
-                f"running max: P~ quantized against its split's max, then the splits merged",
+                f"running max: P~ quantized against its split's max, then the splits merged "
+                f"(if by design, declare it: the recipe option kv_splits={n}, `fp4sim check "
+                f"--kv-splits {n}`)",
                 replace(base, kv_splits=n))
+        if base.kv_splits > 1:
+            yield Hypothesis(
+                "running_max:one_pass", "running_max",
+                f"one running max over all keys (no split-KV), where the recipe declares "
+                f"{base.kv_splits} splits", replace(base, kv_splits=0))
         for t in (1, 2, 4, 8, 16):
             if t < n_tiles:
                 yield Hypothesis(
