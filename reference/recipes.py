@@ -61,9 +61,9 @@ class Recipe:
     ``nan_policy``: 'raise' (NaN or Inf input raises ValueError) or 'propagate'.
     ``kv_splits``: the forward of a split-KV (flash-decoding) kernel: the key tiles cut into
     ``kv_splits`` contiguous splits of ceil(T / kv_splits) tiles each (T the number of key
-    tiles; the rule of FlashAttention's split-KV decode, whose ``num_splits`` blocks of
-    ceil(T / num_splits) tiles it follows), each split's running max starting afresh, the
-    splits merged exactly; 1 is one pass. It changes which max each tile's P is quantized
+    tiles; FlashAttention-2's split-KV rule, ``n_blocks_per_split`` in
+    csrc/flash_attn/src/flash_fwd_kernel.h, and ``kernels.decode``'s), each split's running
+    max starting afresh, the splits merged exactly; 1 is one pass. It changes which max each tile's P is quantized
     against (tiled mode), nothing else, so the backward is unchanged.
     """
 
