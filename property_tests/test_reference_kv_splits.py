@@ -84,14 +84,19 @@ def _inputs(lq: int, lk: int, seed: int = 0) -> tuple[torch.Tensor, ...]:
             torch.randn(1, 2, lk, 64, generator=g))
 
 
-def test_ste_tiled_forward_follows_the_splits() -> None:
+@pytest.mark.parametrize("causal", [False, True])
+def test_ste_tiled_forward_follows_the_splits(causal: bool) -> None:
     """The autograd ground truth's own loop restarts its max per split: its O equals the
-    reference's under kv_splits (and not the one-pass O)."""
-    q, k, v = _inputs(5, 300)
+    reference's under kv_splits (and not the one-pass O). Causal, Lq 100 and Lk 300 (5 tiles,
+    splits of 2): the early rows see no key of the last split, whose first tile is then all
+    masked (seen wiping those rows' sums while the loop rescaled by the split's own max)."""
+    q, k, v = _inputs(100, 300)
     rec = get_recipe("infer-nvfp4@kv_splits=3")
-    o, _, _ = tiled_forward_autograd(q, k, v, rec, False, 0.125, torch.float64)
-    want = reference.fp4_attention_forward(q, k, v, rec, accum_dtype=torch.float64).o
-    one = reference.fp4_attention_forward(q, k, v, "infer-nvfp4", accum_dtype=torch.float64).o
+    o, _, _ = tiled_forward_autograd(q, k, v, rec, causal, 0.125, torch.float64)
+    want = reference.fp4_attention_forward(q, k, v, rec, causal=causal,
+                                           accum_dtype=torch.float64).o
+    one = reference.fp4_attention_forward(q, k, v, "infer-nvfp4", causal=causal,
+                                          accum_dtype=torch.float64).o
     assert torch.allclose(o.detach(), want, rtol=1e-12, atol=1e-14)
     assert not torch.allclose(want, one, rtol=1e-6, atol=1e-8)
 

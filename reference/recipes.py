@@ -63,8 +63,8 @@ class Recipe:
     ``kv_splits`` contiguous splits of ceil(T / kv_splits) tiles each (T the number of key
     tiles; FlashAttention-2's split-KV rule, ``n_blocks_per_split`` in
     csrc/flash_attn/src/flash_fwd_kernel.h, and ``kernels.decode``'s), each split's running
-    max starting afresh, the splits merged exactly; 1 is one pass. It changes which max each tile's P is quantized
-    against (tiled mode), nothing else, so the backward is unchanged.
+    max starting afresh, the splits merged exactly; 1 is one pass. It changes which max each
+    tile's P is quantized against (tiled mode), nothing else, so the backward is unchanged.
     """
 
     name: str = "custom"

@@ -65,19 +65,31 @@ def tiled_forward_autograd(
     # concatenates the tiles' gradients once. Same views, same values (bit-identical).
     s_tiles = s.split(bn, dim=-1)
     v_tiles = v_pad.split(bn, dim=-2)
-    per_split = -(-len(s_tiles) // recipe.kv_splits)  # Recipe.kv_splits: tiles a split
+    # Recipe.kv_splits: each split's tile P is taken against the split's own running max
+    # (m_split) and enters the sums, kept relative to the running max m of every key so far,
+    # with the weight exp(m_split - m): the exact merge of the splits
+    per_split = -(-len(s_tiles) // recipe.kv_splits)
+    split = recipe.kv_splits > 1 and not consistent
+    m_split = m
     for j, s_j in enumerate(s_tiles):
-        # FlashAttention's online softmax: m_j = max(m_{j-1}, rowmax S_j), from rowmax S_j
-        # alone at a split's first tile (the sums are still rescaled from the previous max, an
-        # exact merge); consistent: m_final
-        m_prev = m if j % per_split else torch.full_like(m, float("-inf"))
-        m_new = m_final if consistent else torch.maximum(m_prev, s_j.amax(dim=-1))
-        e_j = torch.exp(s_j - _finite(m_new).unsqueeze(-1))
+        # FlashAttention's online softmax: m_j = max(m_{j-1}, rowmax S_j); consistent: m_final
+        if split:
+            restart = torch.full_like(m, float("-inf"))
+            m_split = torch.maximum(m_split if j % per_split else restart, s_j.amax(dim=-1))
+            m_new = torch.maximum(m, m_split)
+        else:
+            m_new = m_final if consistent else torch.maximum(m, s_j.amax(dim=-1))
+        e_j = torch.exp(s_j - _finite(m_split if split else m_new).unsqueeze(-1))
         e_tilde = e_j if p_tiles is None else straight_through(e_j, p_tiles[..., j, :])
         alpha = torch.where(torch.isfinite(m_new), torch.exp(_finite(m) - _finite(m_new)), 0.0)
         alpha = torch.where(torch.isfinite(m), alpha, torch.zeros_like(alpha))
-        l = l * alpha + e_j.sum(dim=-1)
-        out = out * alpha.unsqueeze(-1) + e_tilde @ v_tiles[j]
+        l_j, o_j = e_j.sum(dim=-1), e_tilde @ v_tiles[j]
+        if split:
+            beta = torch.where(torch.isfinite(m_split),
+                               torch.exp(_finite(m_split) - _finite(m_new)), 0.0)
+            l_j, o_j = l_j * beta, o_j * beta.unsqueeze(-1)
+        l = l * alpha + l_j
+        out = out * alpha.unsqueeze(-1) + o_j
         m = m_new
     l_e = l.unsqueeze(-1)
     empty = l_e == 0
