@@ -221,6 +221,16 @@ def reference_attention(q, k, v, causal=False, sm_scale=None):  # noqa: ANN001, 
     return reference.fp4_attention(q, k, v, causal, sm_scale, recipe="attn-qat")
 
 
+def reference_infer_nvfp4(q, k, v, causal=False, sm_scale=None):  # noqa: ANN001, ANN201
+    """Correct for the recipe its spec claims (infer-nvfp4, forward only); wrong for the
+    default attn-qat (V blocked along keys there)."""
+    return reference.fp4_attention_forward(q, k, v, "infer-nvfp4", causal=causal,
+                                           sm_scale=sm_scale).o.to(q.dtype)
+
+
+reference_infer_nvfp4.fp4sim_spec = {"claims": "infer-nvfp4", "backward": False}
+
+
 def triton_attention(q, k, v, causal=False, sm_scale=None):  # noqa: ANN001, ANN201
     """Correct (expected): kernels.attn_qat (CPU needs TRITON_INTERPRET=1)."""
     from fp4sim import kernels

@@ -151,6 +151,22 @@ def test_failure_exits_1_and_the_repro_reruns_it(
     assert "failure reproduced" in done.stderr and "nibble order swapped" in done.stderr
 
 
+def test_the_kernels_claims_pick_the_recipe(capsys: pytest.CaptureFixture[str]) -> None:
+    """No --recipe or --claims: the recipe the kernel's fp4sim_spec claims (it was attn-qat
+    whatever the spec said, so a correct infer-nvfp4 kernel failed); with --kv-splits the
+    claimed recipe with those splits; a named recipe still wins."""
+    base = ["check", "attention", "--kernel", f"{MUTANTS}:reference_infer_nvfp4",
+            "--examples", "4", "--max-len", "24", "--head-dims", "64", "--no-system"]
+    assert main(base) == 0
+    assert "recipe infer-nvfp4)" in capsys.readouterr().out
+    assert main([*base, "--kv-splits", "2"]) == 0  # one key tile at these lengths
+    assert "recipe infer-nvfp4@kv_splits=2)" in capsys.readouterr().out
+    assert main([*base, "--recipe", "attn-qat", "--shrink-seconds", "2", "--quiet"]) == 1
+    capsys.readouterr()
+    assert main([*base, "--claims", "infer-nvfp4@kv_splits=2", "--kv-splits", "3"]) == 2
+    assert "already sets an option" in capsys.readouterr().err
+
+
 def test_attention_failure_repro(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     repro = tmp_path / "repro_attn.py"
     argv = [

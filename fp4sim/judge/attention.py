@@ -38,12 +38,17 @@ __all__ = [
 ]
 
 
+# The recipe a check compares against when neither the command line nor the kernel names one
+DEFAULT_RECIPE = "attn-qat"
+
+
 @dataclass(frozen=True)
 class AttentionCheckConfig:
     """What ``fp4sim check attention`` compares."""
 
     kernel: str
-    recipe: str = "attn-qat"
+    # None: the recipe the kernel claims (its fp4sim_spec or --claims), else DEFAULT_RECIPE
+    recipe: str | None = None
     causal: bool = False
     device: str = "cpu"
     examples: int = 50
@@ -63,6 +68,19 @@ class AttentionCheckConfig:
     timeout: float = DEFAULT_TIMEOUT
     kernel_overrides: dict[str, Any] = field(default_factory=dict)
     inputs: str | None = None
+    # a split-KV kernel's splits (--kv-splits): the recipe checked is RECIPE@kv_splits=N
+    kv_splits: int = 1
+
+    def recipe_name(self, claims: str | None = None) -> str:
+        """The recipe checked against: ``recipe`` when named, else the kernel's ``claims``,
+        else ``DEFAULT_RECIPE``; with ``kv_splits`` > 1 as ``NAME@kv_splits=N``."""
+        base = self.recipe or claims or DEFAULT_RECIPE
+        if self.kv_splits <= 1:
+            return base
+        if "@" in base:
+            raise UsageError(f"--kv-splits {self.kv_splits} with the recipe {base!r}, which "
+                             "already sets an option: give one of them")
+        return f"{base}@kv_splits={self.kv_splits}"
 
     def __post_init__(self) -> None:
         # usage errors before any work (issue 14): exit 2 with one line
@@ -254,7 +272,7 @@ def evaluate_attention_case(
 ) -> AttentionOutcome:
     """Run the kernel and the reference on one case and apply the FP4 tolerance rule;
     ``diagnose`` looks for likely causes when it fails (several more reference runs)."""
-    recipe = reference.get_recipe(config.recipe)
+    recipe = reference.get_recipe(config.recipe_name())
     do_np = grad_output(case)
     called = call_attention_kernel(kernel, case, config, do_np)
     if called.problem is not None:

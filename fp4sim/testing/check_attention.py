@@ -66,6 +66,13 @@ def _shortest_length(spec: KernelSpec) -> int:
     return -(-max(spec.min_length, 1) // m) * m
 
 
+def _check_recipe(name: str) -> None:
+    try:
+        reference.get_recipe(name)
+    except (KeyError, ValueError) as err:  # one line, as in report and simulate
+        raise UsageError(str(err)) from err
+
+
 def effective_config(config: AttentionCheckConfig, spec: KernelSpec) -> AttentionCheckConfig:
     """The check restricted to what the kernel declares it supports (``KernelSpec``)."""
     dtypes = tuple(d for d in config.dtypes if d in spec.dtypes)
@@ -84,6 +91,8 @@ def effective_config(config: AttentionCheckConfig, spec: KernelSpec) -> Attentio
         )
     return dataclasses.replace(
         config,
+        recipe=config.recipe_name(spec.claims),
+        kv_splits=1,  # now part of the recipe's name
         dtypes=dtypes,
         head_dims=spec.head_dims or config.head_dims,
         backward=config.backward and spec.backward,
@@ -165,19 +174,19 @@ def run_attention_check(
     ``untested`` lists what could not be tested. Under torchrun (``shards``) the drawn
     examples are judged over the ranks (``fp4sim.testing.check_shards``): rank 0 returns
     the result, the other ranks None."""
-    try:
-        reference.get_recipe(config.recipe)
-    except (KeyError, ValueError) as err:  # one line, as in report and simulate
-        raise UsageError(str(err)) from err
+    if config.recipe is not None:  # named: a usage error before any work
+        _check_recipe(config.recipe_name())
     check_device(config.device)
     with KernelWorker(config.kernel, spec_overrides=config.kernel_overrides,
                       timeout=config.timeout, device=config.device) as worker:
         assert worker.spec is not None
         effective = effective_config(config, worker.spec)
+        _check_recipe(effective.recipe)  # the kernel's claims
         result = _run_with_worker(worker, effective, log, progress_every, shards)
         if result is not None:
             result.untested = untested_lines(effective, worker.spec)
             result.restarts = worker.starts - 1
+            result.recipe = effective.recipe
     return result
 
 

@@ -13,6 +13,7 @@ The kernel runs in a worker process (fp4sim.harness.KernelWorker): a hang become
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import datetime
 import os
 import sys
@@ -234,14 +235,10 @@ def _build_config(args: argparse.Namespace) -> Any:
     if args.inputs is not None:
         load_inputs_file(args.inputs)  # fail fast on a missing or malformed file
     overrides = kernel_spec_from_args(args)
-    recipe = args.recipe or args.claims or "attn-qat"
-    if args.kv_splits is not None:
-        if "@" in recipe:
-            raise _Usage(f"--kv-splits {args.kv_splits} with the recipe {recipe!r}, which "
-                         "already sets an option: give one of them")
-        recipe = f"{recipe}@kv_splits={args.kv_splits}"
     return check_attention.AttentionCheckConfig(
-        recipe=recipe,
+        # None: the kernel's claims (--claims or its fp4sim_spec), else attn-qat
+        recipe=args.recipe or args.claims,
+        kv_splits=args.kv_splits or 1,
         causal=args.causal,
         backward=not args.forward_only,
         max_len=args.max_len,
@@ -297,11 +294,13 @@ def run(args: argparse.Namespace) -> int:
     world = world_from_env()
     if world.size > 1:
         return _run_sharded(args, world)
-    return _then_system_properties(args, _run_recipe_check(args))
+    return _then_system_properties(args, *_run_recipe_check(args))
 
 
-def _then_system_properties(args: argparse.Namespace, code: int) -> int:
-    """The system properties after the recipe check's ``code`` (not after a usage error)."""
+def _then_system_properties(args: argparse.Namespace, code: int,
+                            recipe: str | None = None) -> int:
+    """The system properties after the recipe check's ``code`` (not after a usage error),
+    against the ``recipe`` the recipe check used."""
     if code == 2 or getattr(args, "no_system", False):
         return code
     # under torchrun this import must also follow the drawing: Hypothesis draws constants
@@ -309,7 +308,10 @@ def _then_system_properties(args: argparse.Namespace, code: int) -> int:
     # lazy: torch and Hypothesis extras: `fp4sim check --help` works with NumPy alone
     from fp4sim.testing.system.isolated import check_after_recipe
 
-    return check_after_recipe(_build_config(args), args.check_target, code)
+    config = _build_config(args)
+    if recipe is not None:
+        config = dataclasses.replace(config, recipe=recipe, kv_splits=1)
+    return check_after_recipe(config, args.check_target, code)
 
 
 # how long the other ranks wait for rank 0's shrinking, diagnosis and system properties
@@ -326,16 +328,23 @@ def _run_sharded(args: argparse.Namespace, world: World) -> int:
     # gloo even with --device cuda: the ranks exchange small Python objects, the reference
     # runs on the CPU and only the kernel worker (a child process) uses the GPU
     with process_group(world, "cpu", backend="gloo", timeout=_RANK_WAIT):
-        code = _run_recipe_check(args, Shards(world))
+        code, recipe = _run_recipe_check(args, Shards(world))
         if world.leader:  # rank 0 alone, after the drawing (check_shards' docstring)
-            code = _then_system_properties(args, code)
+            code = _then_system_properties(args, code, recipe)
         return share_exit_code(world, code)
 
 
-def _run_recipe_check(args: argparse.Namespace, shards: Any = None) -> int:
+def _run_recipe_check(args: argparse.Namespace, shards: Any = None) -> tuple[int, str | None]:
+    """(exit code, the recipe the attention check used: named or the kernel's claims)."""
+    used: dict[str, str] = {}
+    code = _recipe_check(args, shards, used)
+    return code, used.get("recipe")
+
+
+def _recipe_check(args: argparse.Namespace, shards: Any, used: dict[str, str]) -> int:
     """The recipe check in one process, or this rank's part of it (``shards``: a
     ``check_shards.Shards``); only rank 0 prints (the other ranks return 0, and the caller
-    gives every rank rank 0's code)."""
+    gives every rank rank 0's code). ``used["recipe"]``: the attention check's recipe."""
     # lazy: torch and Hypothesis extras: `fp4sim check --help` works with NumPy alone
     from fp4sim.testing import check_attention, check_quantizer
     from fp4sim.testing.repro import write_repro_script
@@ -373,6 +382,11 @@ def _run_recipe_check(args: argparse.Namespace, shards: Any = None) -> int:
         return 2
     if result is None:  # a rank other than 0: rank 0 reports
         return 0
+    if target == "attention" and result.recipe is not None:
+        # the recipe as checked (the kernel's claims when none was named), for the verdict
+        # line, the reproduction script and the system properties
+        config = dataclasses.replace(config, recipe=result.recipe, kv_splits=1)
+        used["recipe"] = result.recipe
     untested, conventions, restarts = result.untested, result.conventions, result.restarts
     if result.ok:
         print(f"{prefix}: OK: {result.examples_run} examples agree ({config.kernel}, seed"

@@ -41,6 +41,7 @@ class CheckResult:
     untested: list[str] = field(default_factory=list)
     conventions: list[str] = field(default_factory=list)
     restarts: int = 0
+    recipe: str | None = None  # attention: the recipe checked against (named or claimed)
 
 
 # A long check prints a progress line at least this often (seconds), on stderr.
