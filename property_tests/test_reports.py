@@ -577,6 +577,8 @@ def test_output_folder_rules(tmp_path):
         (["--kernel", "fp4sim.reports.metrics:nope"], ["has no attribute", "nope"]),
         (["--kernel", "nocolon"], ["MODULE:ATTR"]),
         (["--claims", "fp3", "--kernel", "x:y"], ["--claims", "unknown recipe", "attn-qat"]),
+        (["--claims", "infer-nvfp4@kv_splits=2", "--kernel", "x:y"],
+         ["preset names only", "--kv-splits"]),
         (["--claims", "bf16"], ["no --kernel"]),
         (["--seed", "-5"], ["--seed must be >= 0"]),
         (["--fail-on", "speed<=1"], ["unknown --fail-on metric", "grad_rel_l2_vs_ste"]),
