@@ -164,7 +164,11 @@ def test_the_kernels_claims_pick_the_recipe(capsys: pytest.CaptureFixture[str]) 
     assert main([*base, "--recipe", "attn-qat", "--shrink-seconds", "2", "--quiet"]) == 1
     capsys.readouterr()
     assert main([*base, "--claims", "infer-nvfp4@kv_splits=2", "--kv-splits", "3"]) == 2
-    assert "already sets an option" in capsys.readouterr().err
+    assert "give one split-KV schedule" in capsys.readouterr().err
+    assert main([*base, "--kv-splits", "3", "--kv-split-keys", "128"]) == 2
+    assert "--kv-splits, --kv-split-keys with the recipe" in capsys.readouterr().err
+    assert main([*base, "--kv-split-keys", "100"]) == 2
+    assert "multiple of block_n=64" in capsys.readouterr().err
 
 
 def test_attention_failure_repro(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:

@@ -8,6 +8,7 @@ one-pass tiled softmax on each split's own keys and merges the splits in float64
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import sys
 from pathlib import Path
@@ -37,21 +38,30 @@ from fp4sim.reference.ste_tiled import tiled_forward_autograd  # noqa: E402
 from fp4sim.reference.streaming import streaming_forward  # noqa: E402
 
 
+def _fixed_length_splits(lk: int, keys: int) -> list[tuple[int, int]]:
+    return [(a, min(a + keys, lk)) for a in range(0, lk, keys)]
+
+
 @pytest.mark.parametrize("lk", [65, 200, 448])
-@pytest.mark.parametrize("splits", [1, 2, 3, 5])
-def test_split_softmax_equals_split_passes_merged(lk: int, splits: int) -> None:
-    """The same scores S: one call with kv_splits against one one-pass call per split merged
-    in float64: the same max per tile and P codes bit for bit, O to float64 rounding."""
-    g = torch.Generator().manual_seed(lk + splits)
+@pytest.mark.parametrize("option", ["kv_splits=1", "kv_splits=2", "kv_splits=3", "kv_splits=5",
+                                    "kv_split_keys=64", "kv_split_keys=128"])
+def test_split_softmax_equals_split_passes_merged(lk: int, option: str) -> None:
+    """The same scores S: one call with the split-KV option against one one-pass call per
+    split merged in float64: the same max per tile and P codes bit for bit, O to float64
+    rounding. Splits: decode_schedule's rule for a number of splits, fixed lengths here."""
+    name, _, value = option.partition("=")
+    g = torch.Generator().manual_seed(lk + int(value))
     s = torch.randn(1, 2, 5, -(-lk // 64) * 64, generator=g, dtype=torch.float64) * 4
     s[..., lk:] = float("-inf")  # padded keys, as the reference masks them
     v = torch.randn(1, 2, s.shape[-1], 8, generator=g, dtype=torch.float64)
     one = get_recipe("infer-nvfp4")
-    split = get_recipe(f"infer-nvfp4@kv_splits={splits}")
+    split = get_recipe(f"infer-nvfp4@{option}")
     sm = softmax_forward(s, split, "tiled")
     o = sm.p_tilde @ v / sm.l.unsqueeze(-1)
+    ranges = (schedule_splits(lk, int(value)) if name == "kv_splits" else
+              _fixed_length_splits(lk, int(value)))
     ms, ls, accs, m_tiles, codes = [], [], [], [], []
-    for a, e in schedule_splits(lk, splits):
+    for a, e in ranges:
         e_pad = -(-e // 64) * 64
         part = softmax_forward(s[..., a:e_pad], one, "tiled")
         ms.append(part.m)
@@ -63,7 +73,7 @@ def test_split_softmax_equals_split_passes_merged(lk: int, splits: int) -> None:
     assert torch.equal(sm.pq.codes, torch.cat(codes, dim=-2))
     merged = merge_partials(torch.stack(ms, -1), torch.stack(ls, -1), torch.stack(accs, -2))
     assert torch.allclose(o, merged, rtol=1e-12, atol=1e-14)
-    if splits > 1 and lk > 64:  # the test can fail: one pass differs
+    if len(ranges) > 1:  # the test can fail: one pass differs
         assert not torch.equal(softmax_forward(s, one, "tiled").m_tiles, sm.m_tiles)
 
 
@@ -71,11 +81,15 @@ def test_recipe_names_carry_the_option() -> None:
     r = get_recipe("infer-mxfp4@kv_splits=4")
     assert (r.name, r.kv_splits, r.p) == ("infer-mxfp4@kv_splits=4", 4, get_recipe("infer-mxfp4").p)
     assert get_recipe("infer-mxfp4").kv_splits == 1
+    assert get_recipe("infer-nvfp4@kv_split_keys=128").kv_split_keys == 128
     for bad, words in (("infer-nvfp4@kv_splits=0", "N >= 1"), ("infer-nvfp4@block_n=32",
                        "expected kv_splits=N"), ("infer@kv_splits=2", "unknown recipe"),
-                       ("attn-qat-consistent@kv_splits=2", "consistent P policy")):
+                       ("attn-qat-consistent@kv_splits=2", "consistent P policy"),
+                       ("infer-nvfp4@kv_split_keys=100", "multiple of block_n=64")):
         with pytest.raises(ValueError, match=words):
             get_recipe(bad)
+    with pytest.raises(ValueError, match="both set"):
+        dataclasses.replace(get_recipe("infer-nvfp4@kv_splits=2"), kv_split_keys=128)
 
 
 def _inputs(lq: int, lk: int, seed: int = 0) -> tuple[torch.Tensor, ...]:
@@ -112,11 +126,12 @@ def _one_pass_kernel(q, k, v, causal=False, sm_scale=None):  # noqa: ANN001, ANN
                                            sm_scale=sm_scale).o.to(q.dtype)
 
 
-def test_one_pass_kernel_against_declared_splits_is_named() -> None:
+@pytest.mark.parametrize("declared", ["kv_splits=3", "kv_split_keys=64"])
+def test_one_pass_kernel_against_declared_splits_is_named(declared: str) -> None:
     spec = AttentionInputSpec(lq=3, lk=200, head_dim=64, dtype="float32")
     q, k, v = generate_attention_inputs(np.random.default_rng(0), spec)
     case = AttentionCase(spec, 0, False, None, q, k, v)
-    found = diagnose_attention(case, get_recipe("infer-nvfp4@kv_splits=3"),
+    found = diagnose_attention(case, get_recipe(f"infer-nvfp4@{declared}"),
                                kernel_outputs_from_callable(_one_pass_kernel, None), None)
     assert found.named is not None and found.named.name == "running_max:one_pass", (
         "\n".join(found.lines()))
@@ -124,22 +139,29 @@ def test_one_pass_kernel_against_declared_splits_is_named() -> None:
 
 @pytest.mark.skipif(not (torch.cuda.is_available() or os.environ.get("TRITON_INTERPRET")),
                     reason="the Triton decode kernel needs CUDA or TRITON_INTERPRET=1")
-@pytest.mark.parametrize("lq, lk, causal", [(2, 65, False), (3, 200, True), (16, 330, False)])
-def test_split_kv_kernel_passes_once_declared(lq: int, lk: int, causal: bool) -> None:
-    """fp4sim's own 3-split decode kernel, checked against infer-nvfp4 with kv_splits=3: the
-    tolerance rule holds (it fails it one pass: test_diagnosis_engine's split tests)."""
+@pytest.mark.parametrize("lq, lk, causal, declared", [
+    (2, 65, False, "kv_splits=3"), (3, 200, True, "kv_splits=3"), (16, 330, False, "kv_splits=3"),
+    (3, 200, True, "kv_split_keys=128"), (16, 330, False, "kv_split_keys=128")])
+def test_split_kv_kernel_passes_once_declared(lq: int, lk: int, causal: bool,
+                                              declared: str) -> None:
+    """fp4sim's own decode kernel with 3 splits, or with splits of 2 key tiles, checked
+    against infer-nvfp4 with that schedule declared: the tolerance rule holds (one pass it
+    fails it: test_diagnosis_engine's split tests)."""
+    fixed = declared.startswith("kv_split_keys")
     from fp4sim.kernels import fp4_decode_attention, pack_for_inference
 
     def kernel(q, k, v, causal=False, sm_scale=None):  # noqa: ANN001, ANN202
         dev = "cuda" if torch.cuda.is_available() else "cpu"
         ops = pack_for_inference(q.to(dev), k.to(dev), v.to(dev), "nvfp4")
-        o = fp4_decode_attention(*ops, "nvfp4", causal=causal, sm_scale=sm_scale, num_splits=3)
+        n_tiles = -(-k.shape[-2] // 64)
+        o = fp4_decode_attention(*ops, "nvfp4", causal=causal, sm_scale=sm_scale,
+                                 num_splits=-(-n_tiles // 2) if fixed else 3)
         return o.to(device=q.device, dtype=q.dtype)
 
     spec = AttentionInputSpec(lq=lq, lk=lk, head_dim=64, dtype="bfloat16")
     q, k, v = generate_attention_inputs(np.random.default_rng(lk), spec)
     case = AttentionCase(spec, lk, causal, None, q, k, v)
-    config = ca.AttentionCheckConfig(kernel="in-process", recipe="infer-nvfp4@kv_splits=3",
+    config = ca.AttentionCheckConfig(kernel="in-process", recipe=f"infer-nvfp4@{declared}",
                                      backward=False)
     outcome = ca.evaluate_attention_case(kernel, case, config, diagnose=False)
     assert outcome.ok, outcome.describe(case)

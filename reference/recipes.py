@@ -65,6 +65,8 @@ class Recipe:
     csrc/flash_attn/src/flash_fwd_kernel.h, and ``kernels.decode``'s), each split's running
     max starting afresh, the splits merged exactly; 1 is one pass. It changes which max each
     tile's P is quantized against (tiled mode), nothing else, so the backward is unchanged.
+    ``kv_split_keys``: the same with splits of a fixed number of keys (a multiple of
+    ``block_n``; the last split shorter) instead of a fixed number of splits; 0 is unused.
     """
 
     name: str = "custom"
@@ -80,6 +82,7 @@ class Recipe:
     v_pad_keys: bool = True
     nan_policy: str = "raise"
     kv_splits: int = 1
+    kv_split_keys: int = 0
 
     def __post_init__(self):
         for field in ("q", "k", "v", "p"):
@@ -112,9 +115,16 @@ class Recipe:
             val = getattr(self, field)
             if not isinstance(val, int) or isinstance(val, bool) or val <= 0:
                 raise ValueError(f"Recipe.{field} must be a positive int, got {val!r}")
-        if self.kv_splits > 1 and self.p_policy == "consistent":
-            raise ValueError("Recipe.kv_splits > 1 with the consistent P policy: its second "
-                             "pass quantizes against the final max, so splits have no meaning")
+        keys = self.kv_split_keys
+        if not isinstance(keys, int) or isinstance(keys, bool) or keys < 0 or keys % self.block_n:
+            raise ValueError(f"Recipe.kv_split_keys must be 0 or a positive multiple of block_n="
+                             f"{self.block_n}, got {keys!r}")
+        if keys and self.kv_splits > 1:
+            raise ValueError("Recipe.kv_splits and kv_split_keys both set: give one of them")
+        if (self.kv_splits > 1 or keys) and self.p_policy == "consistent":
+            raise ValueError("split-KV (kv_splits, kv_split_keys) with the consistent P policy: "
+                             "its second pass quantizes against the final max, so splits have "
+                             "no meaning")
         blocks = [s.block for s in (self.p,) if s is not None]
         if self.v is not None and self.v_axis == "keys":
             blocks.append(self.v.block)
@@ -179,7 +189,7 @@ RECIPE_NAMES: tuple[str, ...] = tuple(PRESETS)
 
 # Recipe fields a recipe name may set after '@' ("infer-nvfp4@kv_splits=3"): the name then
 # crosses the command line, child processes and reports as one string.
-NAME_OPTIONS: tuple[str, ...] = ("kv_splits",)
+NAME_OPTIONS: tuple[str, ...] = ("kv_splits", "kv_split_keys")
 
 
 def get_recipe(name_or_recipe: str | Recipe) -> Recipe:

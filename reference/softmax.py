@@ -42,11 +42,17 @@ def _tiles(x: torch.Tensor, block_n: int) -> torch.Tensor:
     return x.reshape(*x.shape[:-1], x.shape[-1] // block_n, block_n)
 
 
-def split_running_max(tile_max: torch.Tensor, kv_splits: int) -> torch.Tensor:
-    """Running max over the key tiles (last axis) of splits of ceil(T / kv_splits) tiles, each
-    starting afresh (``Recipe.kv_splits``; one split: the plain running max)."""
+def tiles_per_split(n_tiles: int, recipe: Recipe) -> int:
+    """Key tiles a split walks (``Recipe.kv_splits``, ``kv_split_keys``; one pass: all)."""
+    if recipe.kv_split_keys:
+        return recipe.kv_split_keys // recipe.block_n
+    return -(-n_tiles // recipe.kv_splits)
+
+
+def split_running_max(tile_max: torch.Tensor, per: int) -> torch.Tensor:
+    """Running max over the key tiles (last axis) in splits of ``per`` tiles, each starting
+    afresh (``tiles_per_split``; ``per`` >= the tiles: the plain running max)."""
     n_tiles = tile_max.shape[-1]
-    per = -(-n_tiles // max(1, kv_splits))
     if per >= n_tiles:
         return torch.cummax(tile_max, dim=-1).values
     return torch.cat([torch.cummax(tile_max[..., a:a + per], dim=-1).values
@@ -82,7 +88,7 @@ def softmax_forward(s: torch.Tensor, recipe: Recipe, mode: str) -> SoftmaxForwar
     if mode == "tiled" and recipe.p_policy != "consistent":
         # FlashAttention online softmax: running max m_j = max(m_{j-1}, rowmax S_j), afresh
         # at each split's first tile (Recipe.kv_splits)
-        m_tiles = split_running_max(tile_max, recipe.kv_splits)
+        m_tiles = split_running_max(tile_max, tiles_per_split(tile_max.shape[-1], recipe))
     else:
         # dense mode, and the consistent policy's second pass: every tile against m_final
         m_tiles = m.unsqueeze(-1).expand_as(tile_max)

@@ -18,7 +18,7 @@ import torch
 from fp4sim.reference.masks import visible_mask
 from fp4sim.reference.operands import pad_keys, quantize_operands, straight_through
 from fp4sim.reference.recipes import Recipe
-from fp4sim.reference.softmax import padded_length, scores, softmax_forward
+from fp4sim.reference.softmax import padded_length, scores, softmax_forward, tiles_per_split
 
 
 def _finite(x: torch.Tensor) -> torch.Tensor:
@@ -65,11 +65,11 @@ def tiled_forward_autograd(
     # concatenates the tiles' gradients once. Same views, same values (bit-identical).
     s_tiles = s.split(bn, dim=-1)
     v_tiles = v_pad.split(bn, dim=-2)
-    # Recipe.kv_splits: each split's tile P is taken against the split's own running max
-    # (m_split) and enters the sums, kept relative to the running max m of every key so far,
-    # with the weight exp(m_split - m): the exact merge of the splits
-    per_split = -(-len(s_tiles) // recipe.kv_splits)
-    split = recipe.kv_splits > 1 and not consistent
+    # Recipe.kv_splits / kv_split_keys: each split's tile P is taken against the split's own
+    # running max (m_split) and enters the sums, kept relative to the running max m of every
+    # key so far, with the weight exp(m_split - m): the exact merge of the splits
+    per_split = tiles_per_split(len(s_tiles), recipe)
+    split = per_split < len(s_tiles) and not consistent
     m_split = m
     for j, s_j in enumerate(s_tiles):
         # FlashAttention's online softmax: m_j = max(m_{j-1}, rowmax S_j); consistent: m_final

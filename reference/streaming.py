@@ -178,10 +178,10 @@ class _Layout:
 
 
 def _layout(q, k, recipe: Recipe, causal: bool, blocking: Blocking | None) -> _Layout:
-    if recipe.kv_splits > 1:
+    if recipe.kv_splits > 1 or recipe.kv_split_keys:
         # the key chunks here carry one running max across the whole row; restarting it per
         # split would need the splits aligned to the chunks
-        raise ValueError(f"the streaming reference does not model Recipe.kv_splits > 1 "
+        raise ValueError(f"the streaming reference does not model split-KV recipes "
                          f"(recipe {recipe.name!r}); use fp4_attention_forward")
     b, h, lq = q.shape[:3]
     hkv, lk = k.shape[1], k.shape[2]

@@ -68,19 +68,25 @@ class AttentionCheckConfig:
     timeout: float = DEFAULT_TIMEOUT
     kernel_overrides: dict[str, Any] = field(default_factory=dict)
     inputs: str | None = None
-    # a split-KV kernel's splits (--kv-splits): the recipe checked is RECIPE@kv_splits=N
+    # a split-KV kernel's schedule (--kv-splits N or --kv-split-keys L): the recipe checked
+    # is RECIPE@kv_splits=N or RECIPE@kv_split_keys=L
     kv_splits: int = 1
+    kv_split_keys: int = 0
 
     def recipe_name(self, claims: str | None = None) -> str:
         """The recipe checked against: ``recipe`` when named, else the kernel's ``claims``,
-        else ``DEFAULT_RECIPE``; with ``kv_splits`` > 1 as ``NAME@kv_splits=N``."""
+        else ``DEFAULT_RECIPE``; with a split-KV schedule as ``NAME@kv_splits=N`` or
+        ``NAME@kv_split_keys=L``."""
         base = self.recipe or claims or DEFAULT_RECIPE
-        if self.kv_splits <= 1:
+        options = [f"{name}={value}" for name, value, unset in (
+            ("kv_splits", self.kv_splits, 1), ("kv_split_keys", self.kv_split_keys, 0))
+            if value != unset]
+        if not options:
             return base
-        if "@" in base:
-            raise UsageError(f"--kv-splits {self.kv_splits} with the recipe {base!r}, which "
-                             "already sets an option: give one of them")
-        return f"{base}@kv_splits={self.kv_splits}"
+        if len(options) > 1 or "@" in base:
+            flags = ", ".join(f"--{o.partition('=')[0].replace('_', '-')}" for o in options)
+            raise UsageError(f"{flags} with the recipe {base!r}: give one split-KV schedule")
+        return f"{base}@{options[0]}"
 
     def __post_init__(self) -> None:
         # usage errors before any work (issue 14): exit 2 with one line

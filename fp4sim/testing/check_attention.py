@@ -93,6 +93,7 @@ def effective_config(config: AttentionCheckConfig, spec: KernelSpec) -> Attentio
         config,
         recipe=config.recipe_name(spec.claims),
         kv_splits=1,  # now part of the recipe's name
+        kv_split_keys=0,
         dtypes=dtypes,
         head_dims=spec.head_dims or config.head_dims,
         backward=config.backward and spec.backward,

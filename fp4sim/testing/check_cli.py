@@ -161,6 +161,9 @@ def configure_parser(parser: argparse.ArgumentParser) -> None:
                       help="the kernel is split-KV (flash-decoding): its key tiles cut into N "
                            "splits of ceil(tiles / N), each with its own running max; checks "
                            "against RECIPE@kv_splits=N (default: one pass)")
+    attn.add_argument("--kv-split-keys", type=positive_int, default=None, metavar="L",
+                      help="the same with splits of L keys each (a multiple of the recipe's "
+                           "key tile), RECIPE@kv_split_keys=L (default: one pass)")
     attn.add_argument("--causal", action="store_true", help="draw causal cases (default off)")
     attn.add_argument("--max-len", type=positive_int, default=80,
                       help="longest Lq, Lk drawn (default 80)")
@@ -239,6 +242,7 @@ def _build_config(args: argparse.Namespace) -> Any:
         # None: the kernel's claims (--claims or its fp4sim_spec), else attn-qat
         recipe=args.recipe or args.claims,
         kv_splits=args.kv_splits or 1,
+        kv_split_keys=args.kv_split_keys or 0,
         causal=args.causal,
         backward=not args.forward_only,
         max_len=args.max_len,
@@ -310,7 +314,7 @@ def _then_system_properties(args: argparse.Namespace, code: int,
 
     config = _build_config(args)
     if recipe is not None:
-        config = dataclasses.replace(config, recipe=recipe, kv_splits=1)
+        config = dataclasses.replace(config, recipe=recipe, kv_splits=1, kv_split_keys=0)
     return check_after_recipe(config, args.check_target, code)
 
 
@@ -385,7 +389,8 @@ def _recipe_check(args: argparse.Namespace, shards: Any, used: dict[str, str]) -
     if target == "attention" and result.recipe is not None:
         # the recipe as checked (the kernel's claims when none was named), for the verdict
         # line, the reproduction script and the system properties
-        config = dataclasses.replace(config, recipe=result.recipe, kv_splits=1)
+        config = dataclasses.replace(config, recipe=result.recipe, kv_splits=1,
+                                     kv_split_keys=0)
         used["recipe"] = result.recipe
     untested, conventions, restarts = result.untested, result.conventions, result.restarts
     if result.ok:

@@ -123,6 +123,7 @@ def faithful(recipe: Any) -> Knobs:
         p_max="final" if recipe.p_policy == "consistent" else "running",
         block_n=recipe.block_n,
         kv_splits=recipe.kv_splits if recipe.kv_splits > 1 else 0,
+        kv_split_tiles=recipe.kv_split_keys // recipe.block_n,
         backward=recipe.backward,
     )
     # the backward variants of the reference, as knobs (reference/backward.py table)

@@ -329,20 +329,24 @@ def _running_max(base: Knobs, lk: int) -> Iterator[Hypothesis]:
                 f"running max: P~ quantized against its split's max, then the splits merged "
                 f"(if by design, declare it: the recipe option kv_splits={n}, `fp4sim check "
                 f"--kv-splits {n}`)",
-                replace(base, kv_splits=n))
-        if base.kv_splits > 1:
+                replace(base, kv_splits=n, kv_split_tiles=0))
+        if base.kv_splits > 1 or base.kv_split_tiles:
+            declared = (f"{base.kv_splits} splits" if base.kv_splits > 1 else
+                        f"splits of {base.kv_split_tiles * base.block_n} keys")
             yield Hypothesis(
                 "running_max:one_pass", "running_max",
                 f"one running max over all keys (no split-KV), where the recipe declares "
-                f"{base.kv_splits} splits", replace(base, kv_splits=0))
+                f"{declared}", replace(base, kv_splits=0, kv_split_tiles=0))
         for t in (1, 2, 4, 8, 16):
             if t < n_tiles:
+                keys = t * base.block_n
                 yield Hypothesis(
-                    f"running_max:split_keys{t * base.block_n}", "running_max",
-                    f"the keys cut into splits of {t * base.block_n} (split-KV / "
-                    f"flash-decoding), each with its own running max: P~ quantized against "
-                    f"its split's max, then the splits merged",
-                    replace(base, kv_split_tiles=t))
+                    f"running_max:split_keys{keys}", "running_max",
+                    f"the keys cut into splits of {keys} (split-KV / flash-decoding), each "
+                    f"with its own running max: P~ quantized against its split's max, then "
+                    f"the splits merged (if by design, declare it: the recipe option "
+                    f"kv_split_keys={keys}, `fp4sim check --kv-split-keys {keys}`)",
+                    replace(base, kv_split_tiles=t, kv_splits=0))
     if base.p is not None:
         other = "final" if base.p_max == "running" else "running"
         text = ("P quantized against the wrong max (the final row max instead of the running "
