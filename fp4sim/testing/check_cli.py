@@ -156,7 +156,8 @@ def configure_parser(parser: argparse.ArgumentParser) -> None:
     )
     _common(attn, "attention")
     attn.add_argument("--recipe", default=None,
-                      help="reference recipe preset (default: --claims, else attn-qat)")
+                      help="reference recipe preset (default: --claims, else the claims of "
+                           "the kernel's fp4sim_spec, else attn-qat)")
     attn.add_argument("--kv-splits", type=positive_int, default=None, metavar="N",
                       help="the kernel is split-KV (flash-decoding): its key tiles cut into N "
                            "splits of ceil(tiles / N), each with its own running max; checks "
