@@ -162,7 +162,7 @@ def test_the_kernels_claims_pick_the_recipe(capsys: pytest.CaptureFixture[str]) 
     assert main([*base, "--kv-splits", "2"]) == 0  # one key tile at these lengths
     assert "recipe infer-nvfp4@kv_splits=2)" in capsys.readouterr().out
     assert main([*base, "--recipe", "attn-qat", "--shrink-seconds", "2", "--quiet"]) == 1
-    capsys.readouterr()
+    assert "recipe attn-qat); " in capsys.readouterr().out  # the FAIL line names it too
     assert main([*base, "--claims", "infer-nvfp4@kv_splits=2", "--kv-splits", "3"]) == 2
     assert "give one split-KV schedule" in capsys.readouterr().err
     assert main([*base, "--kv-splits", "3", "--kv-split-keys", "128"]) == 2

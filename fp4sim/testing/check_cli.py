@@ -408,7 +408,8 @@ def _recipe_check(args: argparse.Namespace, shards: Any, used: dict[str, str]) -
         return 0
     # the diagnosis first: nothing that follows may lose it
     print(f"{prefix}: FAIL after {result.first_failure_at} example(s)"
-          f" ({config.kernel}, seed {config.seed}); "
+          f" ({config.kernel}, seed {config.seed}"
+          f"{', recipe ' + config.recipe if target == 'attention' else ''}); "
           + ("shrunk case:" if result.case is not None else "no case:"))
     if not args.quiet:
         print(result.diagnosis)
