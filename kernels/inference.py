@@ -420,7 +420,7 @@ def fp4_inference_attention(
     same function, its fast operand decode; GQA groups share K/V tiles) or 'dense'
     (``kernels.prefill``: Q, K, V decoded once to bf16, then the training forward's key loop
     with the P quantizer; the same function; three bf16 operand tensors while it runs; its
-    launch is ``kernels.prefill.PREFILL_CONFIG``'s, so ``num_warps``/``num_stages`` are errors
+    launch is the training forward's, so ``num_warps``/``num_stages`` are errors
     there); None picks ``DEFAULT_KERNEL`` unless an option above (or a launch override) needs
     this module's kernel.
     Returns O (B, H, Lq, d) in bfloat16.
@@ -446,7 +446,7 @@ def fp4_inference_attention(
 
         if num_warps is not None or num_stages is not None:
             raise ValueError("num_warps and num_stages are not options of kernel='dense' "
-                             "(kernels.prefill.PREFILL_CONFIG sets its launch)")
+                             "(it runs the training forward's launch)")
         tau = 1.0 / math.sqrt(d) if sm_scale is None else float(sm_scale)
         packed = tuple(t.contiguous() for t in (q_packed, q_scales, k_packed, k_scales,
                                                  v_packed, v_scales))

@@ -97,18 +97,14 @@ def decode_operands(q_packed: torch.Tensor, q_scales: torch.Tensor, k_packed: to
     return q_hat, k_hat, v_hat
 
 
-# Launch configuration of the forward kernel for prefill ((BLOCK_M, warps, stages) per head
-# dim on the GPU); None: the training forward's own (kernels/training_attention._configs).
-PREFILL_CONFIG: dict[int, tuple[int, int, int]] = {}
-
-
 def dense_prefill(packed: tuple[torch.Tensor, ...], shp: PackedShape, causal: bool,
                   sm_scale: float, config: tuple[int, int, int] | None = None) -> torch.Tensor:
     """O (B, H, Lq, d) bf16 of the inference recipe ``infer-<shp.fmt>`` on contiguous packed
-    inputs (module docstring). ``config``: (BLOCK_M, warps, stages) of the forward kernel."""
+    inputs (module docstring). ``config``: (BLOCK_M, warps, stages) of the forward kernel
+    (benchmark sweeps); None: the training forward's own, which the H200 sweep of 2026-12-03
+    17:03 found fastest or within 0.5 % (BENCHMARKS.md)."""
     q_hat, k_hat, v_hat = decode_operands(*packed, shp)
-    cfg = config or (PREFILL_CONFIG.get(shp.head_dim) if q_hat.is_cuda else None)
-    launch = ta._Config(cfg[0], BLOCK_N, cfg[1], cfg[2]) if cfg else None
+    launch = ta._Config(config[0], BLOCK_N, config[1], config[2]) if config else None
     fwd = ta._forward_impl(q_hat, k_hat, v_hat, bool(causal), sm_scale, "attn-qat", False,
                            False, False, keep_hp=False, p_mx=shp.fmt == "mxfp4", config=launch)
     return fwd.o
