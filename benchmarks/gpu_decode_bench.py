@@ -42,6 +42,7 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."
 
 from decode_schedule import check_output, decode_schedule_reference  # noqa: E402
 
+from fp4sim.kernels import decode as decode_mod  # noqa: E402
 from fp4sim.kernels.decode import (  # noqa: E402
     _sm_count,
     default_num_splits,
@@ -401,18 +402,22 @@ def compile_probe(out_dir: str) -> list[dict]:
     kern = dec._decode_split_kernel
     rows = []
     os.makedirs(out_dir, exist_ok=True)
-    variants = [  # (block_m, is_mx, decode, opk, warps, causal, v_tiled, unroll)
-        (16, False, 1, 2, 4, False, True, 1), (16, False, 1, 2, 4, False, True, 2),
-        (16, False, 1, 2, 4, False, False, 1), (16, False, 1, 2, 2, False, True, 1),
-        (16, False, 2, 2, 4, False, True, 1), (16, False, 0, 1, 4, False, True, 1),
-        (16, True, 1, 1, 4, False, True, 1), (16, True, 1, 1, 4, False, True, 2),
-        (64, False, 1, 2, 4, False, True, 1), (128, False, 1, 2, 8, True, True, 1),
-        (128, False, 1, 2, 8, True, True, 2), (128, True, 1, 1, 8, True, True, 1),
+    variants = [  # (block_m, is_mx, decode, opk, warps, causal, v_tiled, unroll, halves)
+        (16, False, 1, 2, 4, False, True, 1, True), (16, False, 1, 2, 4, False, True, 1, False),
+        (16, False, 1, 2, 4, False, True, 2, True), (16, False, 1, 2, 4, False, False, 1, True),
+        (16, False, 1, 2, 2, False, True, 1, True), (16, False, 2, 2, 4, False, True, 1, True),
+        (16, False, 0, 1, 4, False, True, 1, False), (16, True, 1, 1, 4, False, True, 1, True),
+        (16, True, 1, 1, 4, False, True, 1, False), (16, True, 1, 1, 4, False, True, 2, True),
+        (64, False, 1, 2, 4, False, True, 1, True), (64, False, 1, 2, 4, False, True, 1, False),
+        (64, True, 1, 1, 4, False, True, 1, True), (64, True, 1, 1, 4, False, True, 1, False),
+        (128, False, 1, 2, 8, True, True, 1, True), (128, False, 1, 2, 8, True, True, 1, False),
+        (128, False, 1, 2, 8, True, True, 2, True), (128, True, 1, 1, 8, True, True, 1, True),
+        (128, True, 1, 1, 8, True, True, 1, False),
     ]
-    for bm, mx, decode, opk, warps, causal, v_tiled, unroll in variants:
+    for bm, mx, decode, opk, warps, causal, v_tiled, unroll, halves in variants:
         const = dict(HEAD_DIM=D, BLOCK_M=bm, BLOCK_N=64, BLOCK=32 if mx else 16, IS_MX=mx,
                      CAUSAL=causal, DECODE=decode, OPK=opk, UPCAST=False, STATIC_TILES=0,
-                     DIRECT=False, V_TILED=v_tiled, UNROLL=unroll)
+                     DIRECT=False, V_TILED=v_tiled, UNROLL=unroll, HALVES=halves)
         types = {}
         for n in kern.arg_names:
             if n in const:
@@ -431,7 +436,7 @@ def compile_probe(out_dir: str) -> list[dict]:
         c = triton.compile(src, target=GPUTarget("cuda", 90, 32),
                            options=dict(num_warps=warps, num_stages=3))
         tag = (f"bm{bm}_{'mx' if mx else 'nv'}_dec{decode}_w{warps}{'_causal' if causal else ''}"
-               f"{'_vtiled' if v_tiled else ''}_unroll{unroll}")
+               f"{'_vtiled' if v_tiled else ''}_unroll{unroll}{'_halves' if halves else ''}")
         base = Path(out_dir) / tag
         base.with_suffix(".ptx").write_text(c.asm["ptx"])
         log = subprocess.run([str(tools / "ptxas"), "-v", "--gpu-name=sm_90a",
@@ -495,10 +500,14 @@ def compile_probe(out_dir: str) -> list[dict]:
 
 def sanitize() -> int:
     """One run of each kernel variant on small shapes, outputs poisoned (compute-sanitizer)."""
-    # Every mode shares the loads and stores; 'asm' (with V untiled and tiled) and 'exact'
-    # cover both operand paths, on a multi-split and a one-split (direct store) case; both
-    # merge kernels run on the multi-split case.
+    # Every mode shares the loads and stores; 'asm' (with V untiled and tiled; products split
+    # and joined) and 'exact' cover the operand paths, on a multi-split and a one-split (direct
+    # store) case; both merge kernels run on the multi-split case.
     reps = correctness("cuda", ["asm", "exact"], cases=CHECK_CASES[:1] + CHECK_CASES[2:3])
+    for halves in (False, True):  # the products split and joined, whatever use_halves picks
+        decode_mod._OPTIONS["halves"] = halves
+        reps += correctness("cuda", ["asm"], cases=CHECK_CASES[:1] + CHECK_CASES[2:3])
+    decode_mod._OPTIONS["halves"] = None
     bad = sum(not r["ok"] for r in reps)
     print(f"sanitize runs done, {bad} failing checks", flush=True)
     return 1 if bad else 0
@@ -573,10 +582,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--mode-jobs", type=int, default=2, help="jobs that time every mode")
     parser.add_argument("--cases", default="", help="indices into TABLE (default all)")
     parser.add_argument("--prefill", action="store_true", help="also the prefill shapes")
+    parser.add_argument("--no-halves", action="store_true",
+                        help="never split the products (decode.use_halves; before/after)")
     parser.add_argument("--prefill-only", action="store_true",
                         help="the prefill shapes only (no decode checks or table)")
     args = parser.parse_args(argv)
     t_start = time.time()
+    if args.no_halves:
+        decode_mod._OPTIONS["halves"] = False
     if args.compile_probe:
         compile_probe(os.path.join(args.out, "decode_compile_probe"))
         return 0
@@ -594,6 +607,7 @@ def main(argv: list[str] | None = None) -> int:
         "date_utc": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "torch": torch.__version__,
         "triton": triton.__version__,
+        "decode_options": dict(decode_mod._OPTIONS),
         "sm_count": _sm_count(torch.device("cuda")),
     }
     res["copy"] = copy_bandwidth()

@@ -119,14 +119,15 @@ def _load_tile(ptr, offs_rows, n_rows, HEAD_DIM: tl.constexpr, QUANT: tl.constex
 # go to $0, $1 and the high nibbles to $2, $3, two bf16 per register, as bits
 # sign << 15 | (e1 e0 m) << 6 (the magnitude on the exponent's two low bits and the top
 # mantissa bit: 2^(e - 127) (1 + m/2), or the subnormal m 2^-127 for e = 0, i.e. the E2M1
-# value times 2^-126, OCP MX v1.0 5.3.3), then times 2^63 (bf16 0x5F00; exact, subnormal
-# inputs are supported by mul.bf16x2). prmt places nibble bytes 0, 1 (or 2, 3) in the two
-# halves; lop3 0xE4 = (u & c) | (w & ~c) takes the magnitude from t << 6 and the sign from
-# t << 12 in one instruction.
-_E2M1_BF16_ASM = tl.constexpr("""
+# value times 2^-126, OCP MX v1.0 5.3.3), then times 2^K_EXP (exact, subnormal inputs are
+# supported by mul.bf16x2). prmt places nibble bytes 0, 1 (or 2, 3) in the two halves;
+# lop3 0xE4 = (u & c) | (w & ~c) takes the magnitude from t << 6 and the sign from t << 12 in
+# one instruction. K_EXP 63 (bf16 0x5F00): values E2M1 * 2^-63, later times scale * 2^63;
+# K_EXP 126 (bf16 0x7E80): the E2M1 values themselves (``kernels.decode``, MXFP4).
+_E2M1_BF16_ASM_TEMPLATE = """
 {
 .reg .b32 xe, xo, t, u, w, k;
-mov.b32 k, 0x5F005F00;
+mov.b32 k, K_BITS;
 and.b32 xe, $4, 0x0F0F0F0F;
 shr.b32 xo, $4, 4;
 and.b32 xo, xo, 0x0F0F0F0F;
@@ -151,7 +152,17 @@ shl.b32 w, t, 12;
 lop3.b32 t, u, w, 0x71C071C0, 0xE4;
 mul.rn.bf16x2 $3, t, k;
 }
-""")
+"""
+
+
+def _e2m1_bf16_asm(k_exp: int) -> str:
+    """``_E2M1_BF16_ASM_TEMPLATE`` with the multiplier 2^k_exp (bf16 bits, twice per word)."""
+    half = (127 + k_exp) << 7
+    return _E2M1_BF16_ASM_TEMPLATE.replace("K_BITS", f"0x{half:04X}{half:04X}")
+
+
+_E2M1_BF16_ASM = tl.constexpr(_e2m1_bf16_asm(63))
+E2M1_BF16_EXACT_ASM = tl.constexpr(_e2m1_bf16_asm(126))
 
 
 @triton.jit

@@ -48,9 +48,17 @@ Operand decode (products exact in every mode; only float32 accumulation order di
   (``cvt.rn.f16x2.e4m3x2``) decodes two codes per instruction exactly. "asm" rewrites four
   bytes (eight codes) per 32-bit register in PTX; "ops" does the byte rewrite with Triton ops.
   NVFP4 then multiplies by ``64 * scale`` in f16 (E2M1 times E4M3 has at most 6 significant
-  bits and lies in [2^-10, 2688], exact in f16) and runs f16 MMAs. MXFP4 multiplies in
-  float32 by 64 and by 2^e (exact) and runs bf16 MMAs (exact inside bf16's normal range, as
-  ``kernels.inference``).
+  bits and lies in [2^-10, 2688], exact in f16) and runs f16 MMAs; MXFP4 runs bf16 MMAs on
+  values exact inside bf16's range, as ``kernels.inference``.
+* Split products (fast modes only; ``use_halves`` has the rule): the low-nibble values (even
+  columns) and the high-nibble ones (odd columns) stay in two tiles and each product is split
+  the same way: ``S = Q^_even K^_even^T + Q^_odd K^_odd^T`` along d, ``acc += P~_even
+  V^_even + P~_odd V^_odd`` along keys. This saves re-pairing the decoded halves into column
+  order (one byte permute per two values); the float32 sums run in another order. MXFP4 there
+  ("asm") builds the E2M1 values in bf16 from bit moves (``attn_qat_jit.E2M1_BF16_EXACT_ASM``)
+  and multiplies by the bf16 scale 2^(e - 127) (bf16 has float32's exponent range, so the
+  product is exact wherever the float32 one is finite); otherwise (and in "ops") it multiplies
+  in float32 by 64 and by 2^e. SASS counts and timings: BENCHMARKS.md.
 
 Cost model (d = 128, per key and kv head): NVFP4 K and V 2 * (64 + 8) = 144 bytes, MXFP4 136,
 bf16 512 (3.6x / 3.8x fewer). The split partials add ``2 * 4 * (d + 2)`` bytes per query row
@@ -67,6 +75,7 @@ import triton.language as tl
 
 from fp4sim.kernels import fp4_jit
 from fp4sim.kernels import inference as _inf
+from fp4sim.kernels.attn_qat_jit import E2M1_BF16_EXACT_ASM
 from fp4sim.kernels.inference import check_packed_inputs
 
 BLOCK_N = _inf.BLOCK_N  # key tile of the P quantization (the reference recipes' block_n = 64)
@@ -77,6 +86,9 @@ MERGE_MODES = ("blocked", "serial")
 # 4 warps, 32 a thread), columns of d a program, splits a step of the max pass (rows x splits)
 _MERGE_TILE, _MERGE_BLOCK_D, _MERGE_MAX_TILE = 4096, 16, 4096
 _LOG2E = 1.4426950408889634  # S and the row maxima are kept in log2 units (exp2 is native)
+# Implementation switch (benchmarks and tests set it; products exact either way, float32 sums
+# in another order): "halves" None: ``use_halves``'s rule; True / False: always / never.
+_OPTIONS: dict[str, bool | None] = {"halves": None}
 
 __all__ = [
     "BLOCK_N",
@@ -89,6 +101,7 @@ __all__ = [
     "merge_blocks",
     "split_bounds",
     "tile_v",
+    "use_halves",
 ]
 
 # Four packed bytes -> the E4M3 bytes of their low and high nibbles -> f16 pairs (value / 64).
@@ -194,12 +207,61 @@ def _decode_tile(
 
 
 @triton.jit
+def _e2m1_nibbles_bf16(packed, DECODE: tl.constexpr):
+    """Packed bytes (R, C/2) -> (low-nibble values, high-nibble values) bf16, exact."""
+    if DECODE == 1:
+        lo, hi = tl.inline_asm_elementwise(
+            E2M1_BF16_EXACT_ASM, "=r,=r,=r,=r,r", [packed], dtype=(tl.bfloat16, tl.bfloat16),
+            is_pure=True, pack=4)
+    else:
+        lo, hi = _e2m1_nibbles_f16(packed, DECODE)  # E2M1 / 64: exact in float32 and bf16
+        lo = (lo.to(tl.float32) * 64.0).to(tl.bfloat16)
+        hi = (hi.to(tl.float32) * 64.0).to(tl.bfloat16)
+    return lo, hi
+
+
+@triton.jit
+def _e8m0_bf16(sbits):
+    """E8M0 bytes -> bf16 2^(b - 127), exact (bf16 has float32's exponent range; byte 0 is the
+    subnormal 2^-127, 0x40) and 0xFF -> NaN (OCP MX v1.0 5.4.1)."""
+    b = sbits.to(tl.uint16)
+    bits = tl.where(b == 0, 0x40, tl.where(b == 255, 0x7FC0, b << 7))
+    return bits.to(tl.bfloat16, bitcast=True)
+
+
+@triton.jit
+def _decode_halves(packed, sbits, BLOCK: tl.constexpr, IS_MX: tl.constexpr,
+                   DECODE: tl.constexpr):
+    """Packed codes (R, C/2) and scale bytes -> (even columns, odd columns), each (R, C/2),
+    exact, in the MMA type: the low and high nibbles kept apart (no re-pairing)."""
+    R: tl.constexpr = packed.shape[0]
+    C2: tl.constexpr = packed.shape[1]
+    NB: tl.constexpr = 2 * C2 // BLOCK
+    if IS_MX:
+        lo, hi = _e2m1_nibbles_bf16(packed, DECODE)
+        lo = tl.reshape(lo, (R, NB, BLOCK // 2))
+        hi = tl.reshape(hi, (R, NB, BLOCK // 2))
+        scale = _e8m0_bf16(sbits)[:, :, None]
+        ev = lo * scale
+        od = hi * scale
+    else:
+        lo, hi = _e2m1_nibbles_f16(packed, DECODE)
+        lo = tl.reshape(lo, (R, NB, BLOCK // 2))
+        hi = tl.reshape(hi, (R, NB, BLOCK // 2))
+        scale16 = (sbits.to(tl.float8e4nv, bitcast=True).to(tl.float16) * 64.0)[:, :, None]
+        ev = lo * scale16
+        od = hi * scale16
+    return tl.reshape(ev, (R, C2)), tl.reshape(od, (R, C2))
+
+
+@triton.jit
 def _key_tile(
-    t, t_lo, t_hi, last_key, m_i, l_i, acc, q_hat, qi, qk_scale, k_base, ks_base, v_ptr, vs_ptr,
-    v_base, vs_base, bhkv, LQ, LK, LKP,
+    t, t_lo, t_hi, last_key, m_i, l_i, acc, q_hat, q_odd, qi, qk_scale, k_base, ks_base, v_ptr,
+    vs_ptr, v_base, vs_base, bhkv, LQ, LK, LKP,
     HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK: tl.constexpr,
     IS_MX: tl.constexpr, CAUSAL: tl.constexpr, DECODE: tl.constexpr, OPK: tl.constexpr,
     UPCAST: tl.constexpr, STATIC_TILES: tl.constexpr, V_TILED: tl.constexpr,
+    HALVES: tl.constexpr,
 ):
     """One 64-key tile of a split's flash pass (module docstring): (m, l, acc) -> updated."""
     D2: tl.constexpr = HEAD_DIM // 2
@@ -212,8 +274,14 @@ def _key_tile(
         n_mask = n_mask & (t >= t_lo) & (t < t_hi)
     k_pk = _inf._load_rows(k_base, offs_n, n_mask, D2)
     k_sb = _inf._load_rows(ks_base, offs_n, n_mask, DS)
-    k_hat = _decode_tile(k_pk, k_sb, BLOCK, IS_MX, DECODE, OPK)
-    s = _mma(q_hat, tl.trans(k_hat), tl.zeros((BLOCK_M, BLOCK_N), tl.float32), OPK)
+    if HALVES:
+        # even and odd columns of d in two products (q_hat, q_odd: Q^'s even and odd columns)
+        k_ev, k_od = _decode_halves(k_pk, k_sb, BLOCK, IS_MX, DECODE)
+        s = _mma(q_hat, tl.trans(k_ev), tl.zeros((BLOCK_M, BLOCK_N), tl.float32), OPK)
+        s = _mma(q_odd, tl.trans(k_od), s, OPK)
+    else:
+        k_hat = _decode_tile(k_pk, k_sb, BLOCK, IS_MX, DECODE, OPK)
+        s = _mma(q_hat, tl.trans(k_hat), tl.zeros((BLOCK_M, BLOCK_N), tl.float32), OPK)
     s = s * qk_scale  # log2 units: tau * log2(e) folded into one multiply
     # Masks only where a key of the tile may be invisible: past Lk, outside this split
     # (interpreter), or (causal) past some row's last visible key.
@@ -239,13 +307,20 @@ def _key_tile(
         v_sb = tl.load(vs_ptr + (t64 + offs_d[:, None]) * VS + tl.arange(0, VS)[None, :])
     else:
         v_pk, v_sb = _inf._load_vt_tile(v_base, vs_base, start_n, LKP, HEAD_DIM, BLOCK_N, BLOCK)
-    v_hat = _decode_tile(v_pk, v_sb, BLOCK, IS_MX, DECODE, OPK)
     # P is finite and >= 0: the inference kernel's non-negative quantizers (same bits).
     if IS_MX:
         _pc, _psb, _ps, p_tilde = fp4_jit.mxfp4_quantize_nonneg_rows(p, BLOCK)
     else:
         p_tilde = fp4_jit.nvfp4_fake_quantize_probs(p, BLOCK, not UPCAST)
-    acc = _mma(_op(p_tilde, OPK), tl.trans(v_hat), acc, OPK)  # P~ exact in bf16 / f16
+    if HALVES:
+        # even and odd keys in two products: V^T's low / high nibbles, P~'s even / odd columns
+        v_ev, v_od = _decode_halves(v_pk, v_sb, BLOCK, IS_MX, DECODE)
+        p_ev, p_od = tl.split(tl.reshape(_op(p_tilde, OPK), (BLOCK_M, BLOCK_N // 2, 2)))
+        acc = _mma(p_ev, tl.trans(v_ev), acc, OPK)
+        acc = _mma(p_od, tl.trans(v_od), acc, OPK)
+    else:
+        v_hat = _decode_tile(v_pk, v_sb, BLOCK, IS_MX, DECODE, OPK)
+        acc = _mma(_op(p_tilde, OPK), tl.trans(v_hat), acc, OPK)  # P~ exact in bf16 / f16
     return m_new, l_i, acc
 
 
@@ -283,6 +358,7 @@ def _decode_split_kernel(
     DIRECT: tl.constexpr,
     V_TILED: tl.constexpr,
     UNROLL: tl.constexpr,
+    HALVES: tl.constexpr = False,
 ):
     pid_r = tl.program_id(0)  # row blocks of one split launch together: shared K/V in L2
     pid_s = tl.program_id(1)
@@ -301,7 +377,11 @@ def _decode_split_kernel(
     grow = ((b * H + hkv * group) * LQ).to(tl.int64) + rows
     q_pk = _inf._load_rows(q_ptr, grow, r_mask, D2)
     q_sb = _inf._load_rows(qs_ptr, grow, r_mask, DS)
-    q_hat = _decode_tile(q_pk, q_sb, BLOCK, IS_MX, DECODE, OPK)
+    if HALVES:
+        q_hat, q_odd = _decode_halves(q_pk, q_sb, BLOCK, IS_MX, DECODE)
+    else:
+        q_hat = _decode_tile(q_pk, q_sb, BLOCK, IS_MX, DECODE, OPK)
+        q_odd = q_hat
 
     k_base = k_ptr + bhkv * LK * D2
     ks_base = ks_ptr + bhkv * LK * DS
@@ -330,9 +410,9 @@ def _decode_split_kernel(
         # outside this split (S = -inf there, so nothing changes).
         for t in range(0, STATIC_TILES):
             m_i, l_i, acc = _key_tile(
-                t, t_lo, t_hi, last_key, m_i, l_i, acc, q_hat, qi, qk_scale, k_base, ks_base,
+                t, t_lo, t_hi, last_key, m_i, l_i, acc, q_hat, q_odd, qi, qk_scale, k_base, ks_base,
                 v_ptr, vs_ptr, v_base, vs_base, bhkv, LQ, LK, LKP, HEAD_DIM, BLOCK_M, BLOCK_N,
-                BLOCK, IS_MX, CAUSAL, DECODE, OPK, UPCAST, True, V_TILED,
+                BLOCK, IS_MX, CAUSAL, DECODE, OPK, UPCAST, True, V_TILED, HALVES,
             )
     else:
         # UNROLL = 2: two tiles an iteration, one after the other (the same operations in the
@@ -342,22 +422,24 @@ def _decode_split_kernel(
         t_pairs = t_lo + tl.maximum(t_hi - t_lo, 0) // UNROLL * UNROLL
         for t in range(t_lo, t_pairs, UNROLL):
             m_i, l_i, acc = _key_tile(
-                t, t_lo, t_hi, last_key, m_i, l_i, acc, q_hat, qi, qk_scale, k_base, ks_base,
+                t, t_lo, t_hi, last_key, m_i, l_i, acc, q_hat, q_odd, qi, qk_scale, k_base, ks_base,
                 v_ptr, vs_ptr, v_base, vs_base, bhkv, LQ, LK, LKP, HEAD_DIM, BLOCK_M, BLOCK_N,
-                BLOCK, IS_MX, CAUSAL, DECODE, OPK, UPCAST, False, V_TILED,
+                BLOCK, IS_MX, CAUSAL, DECODE, OPK, UPCAST, False, V_TILED, HALVES,
             )
             if UNROLL == 2:
                 m_i, l_i, acc = _key_tile(
-                    t + 1, t_lo, t_hi, last_key, m_i, l_i, acc, q_hat, qi, qk_scale, k_base,
+                    t + 1, t_lo, t_hi, last_key, m_i, l_i, acc, q_hat, q_odd, qi, qk_scale, k_base,
                     ks_base, v_ptr, vs_ptr, v_base, vs_base, bhkv, LQ, LK, LKP, HEAD_DIM,
                     BLOCK_M, BLOCK_N, BLOCK, IS_MX, CAUSAL, DECODE, OPK, UPCAST, False, V_TILED,
+                    HALVES,
                 )
         if UNROLL == 2:
             for t in tl.range(t_pairs, t_hi, num_stages=1):  # at most one tile
                 m_i, l_i, acc = _key_tile(
-                    t, t_lo, t_hi, last_key, m_i, l_i, acc, q_hat, qi, qk_scale, k_base,
+                    t, t_lo, t_hi, last_key, m_i, l_i, acc, q_hat, q_odd, qi, qk_scale, k_base,
                     ks_base, v_ptr, vs_ptr, v_base, vs_base, bhkv, LQ, LK, LKP, HEAD_DIM,
                     BLOCK_M, BLOCK_N, BLOCK, IS_MX, CAUSAL, DECODE, OPK, UPCAST, False, V_TILED,
+                    HALVES,
                 )
 
     if DIRECT:  # one split: normalize here, exactly as kernels.inference
@@ -527,6 +609,16 @@ def merge_blocks(rows: int, head_dim: int, num_splits: int) -> tuple[int, int, i
     block_s = min(64, splits_p2, _MERGE_TILE // (block_r * block_d))
     block_d = min(head_dim, max(block_d, _MERGE_TILE // (block_r * block_s)))
     return block_r, block_s, min(splits_p2, _MERGE_MAX_TILE // block_r), block_d
+
+
+def use_halves(is_mx: bool, block_m: int) -> bool:
+    """Whether a fast decode mode runs split products (module docstring): MXFP4 always (its
+    bf16 decode lives there), NVFP4 at 16-row programs; ``_OPTIONS["halves"]`` overrides.
+    H200, 2026-12-03 19:27 (BENCHMARKS.md, 10 decode shapes split and joined): NVFP4 16-row
+    programs 2-8 % faster, 64-row 8-10 % and 128-row 1-4 % slower; MXFP4 faster at 7 shapes
+    (1-9 %), equal at 2, 2 % slower at 1."""
+    forced = _OPTIONS["halves"]
+    return (is_mx or block_m <= 16) if forced is None else bool(forced)
 
 
 def default_unroll(block_m: int) -> int:
@@ -727,6 +819,7 @@ def fp4_decode_attention(
         DIRECT=direct,
         V_TILED=v_tiled,
         UNROLL=unroll,
+        HALVES=mode != 0 and use_halves(is_mx, block_m),
         num_warps=num_warps,
         num_stages=num_stages,
     )

@@ -258,6 +258,16 @@ def test_default_splits_follow_the_documented_rule() -> None:
         assert decode_mod.default_num_splits(bkv, 1, rows, lk, 132) == want, (bkv, rows, lk)
 
 
+def test_split_products_rule(monkeypatch) -> None:
+    """``use_halves``: MXFP4 always, NVFP4 at 16-row programs; the option forces either way."""
+    assert decode_mod.use_halves(True, 128) and decode_mod.use_halves(False, 16)
+    assert not decode_mod.use_halves(False, 64) and not decode_mod.use_halves(False, 128)
+    monkeypatch.setitem(decode_mod._OPTIONS, "halves", False)
+    assert not decode_mod.use_halves(True, 16)
+    monkeypatch.setitem(decode_mod._OPTIONS, "halves", True)
+    assert decode_mod.use_halves(False, 128)
+
+
 def test_bad_arguments_raise() -> None:
     q, k, v = _inputs(4, 1, 2, 1, 1, 64)
     packed = pack_for_inference(q.to(DEVICE), k.to(DEVICE), v.to(DEVICE), "nvfp4")
@@ -308,9 +318,10 @@ def test_gpu_unroll_gives_the_same_bits(fmt: str, causal: bool, heads) -> None:
 @pytest.mark.skipif(not ON_GPU, reason="fast decode modes need CUDA (PTX, fp8 casts)")
 @pytest.mark.parametrize("fmt", ["nvfp4", "mxfp4"])
 @pytest.mark.parametrize("shape", [(1, 8, 1, 16, 4100, True, None), (2, 32, 8, 1, 8192, False, 7)])
-def test_gpu_decode_modes_match_reference(fmt: str, shape) -> None:
+def test_gpu_decode_modes_match_reference(fmt: str, shape, monkeypatch) -> None:
     """d = 128 at decode lengths: every decode mode within the schedule bound (outputs poisoned
-    first), and the fast modes equal to 'exact' up to float32 accumulation order."""
+    first), and the fast modes equal to 'exact' up to float32 accumulation order; 'asm' and
+    'ops' also with the products split and joined against ``use_halves``'s choice."""
     b, h, hkv, lq, lk, causal, splits = shape
     q, k, v = _inputs(5, b, h, hkv, lq, lk, d=128)
     packed = pack_for_inference(q.cuda(), k.cuda(), v.cuda(), fmt)
@@ -321,6 +332,15 @@ def test_gpu_decode_modes_match_reference(fmt: str, shape) -> None:
             *packed, fmt=fmt, causal=causal, num_splits=splits, decode=mode, out=out
         )
         outs[mode] = out.float().cpu()
+    for halves in (False, True):
+        monkeypatch.setitem(decode_mod._OPTIONS, "halves", halves)
+        for mode in ("asm", "ops"):
+            out = torch.full((b, h, lq, 128), float("nan"), dtype=torch.bfloat16, device="cuda")
+            fp4_decode_attention(
+                *packed, fmt=fmt, causal=causal, num_splits=splits, decode=mode, out=out
+            )
+            outs[f"{mode}, split products {halves}"] = out.float().cpu()
+    monkeypatch.setitem(decode_mod._OPTIONS, "halves", None)
     out = torch.full((b, h, lq, 128), float("nan"), dtype=torch.bfloat16, device="cuda")
     fp4_decode_attention(*packed[:4], *tile_v(packed[4], packed[5]), fmt=fmt, causal=causal,
                          num_splits=splits, out=out)
