@@ -14,7 +14,7 @@ import os
 import numpy as np
 import pytest
 import torch
-from hypothesis import given
+from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from fp4sim.testing.strategies import tensor_cases
@@ -60,6 +60,11 @@ def _emulator(x32: np.ndarray, fmt: str, tensor_scale: str | float | None):
     return fp4sim.quantize(x32, fmt, axis=-1, **settings)
 
 
+# A new shape or dtype JIT-compiles the kernel inside the example (hundreds of ms on a GPU
+# machine without the fp4sim plugin's profiles, whose default deadline is 200 ms): no deadline.
+_NO_DEADLINE = settings(deadline=None)
+
+
 def _check_against_oracles(x: torch.Tensor, fmt: str, tensor_scale: str | float | None) -> None:
     packed, scale_bits, ts = quantize_fp4(x.to(DEVICE), fmt, tensor_scale=tensor_scale)
     packed, scale_bits = packed.cpu().numpy(), scale_bits.cpu().numpy()
@@ -88,12 +93,14 @@ def _check_against_oracles(x: torch.Tensor, fmt: str, tensor_scale: str | float 
         max_blocks=5,
     )
 )
+@_NO_DEADLINE
 def test_nvfp4_bit_exact(case) -> None:
     x = torch.from_numpy(case.x).to(_TORCH_DTYPES[case.dtype])
     _check_against_oracles(x, "nvfp4", None)
 
 
 @given(case=tensor_cases(fmt="nvfp4", distributions=_DISTRIBUTIONS, max_rows=3, max_blocks=5))
+@_NO_DEADLINE
 def test_nvfp4_tensor_scale_bit_exact(case) -> None:
     _check_against_oracles(torch.from_numpy(case.x), "nvfp4", "amax")
 
@@ -107,12 +114,14 @@ def test_nvfp4_tensor_scale_bit_exact(case) -> None:
         max_blocks=4,
     )
 )
+@_NO_DEADLINE
 def test_mxfp4_bit_exact(case) -> None:
     x = torch.from_numpy(case.x).to(_TORCH_DTYPES[case.dtype])
     _check_against_oracles(x, "mxfp4", None)
 
 
 @given(seed=st.integers(0, 2**32 - 1), fmt=st.sampled_from(["nvfp4", "mxfp4"]))
+@_NO_DEADLINE
 def test_extreme_magnitudes_bit_exact(seed: int, fmt: str) -> None:
     """Random float32 bit patterns (every exponent, subnormals, NaN, Inf) in 3-D tensors."""
     rng = np.random.default_rng(seed)
