@@ -137,8 +137,10 @@ def configure_parser(parser: argparse.ArgumentParser) -> None:
 def _check_recipe(name: str, what: str) -> None:
     if "@" in name and name.partition("@")[0] in reference.RECIPE_NAMES:
         # the report's streaming reference walks the keys in one pass (no kv_splits)
+        option = name.partition("@")[2]
+        flag = ("--kv-split-keys L" if option.startswith("kv_split_keys") else "--kv-splits N")
         raise UsageError(f"{what}: {name!r}: the report takes preset names only; a split-KV "
-                         "recipe is checked with `fp4sim check attention --kv-splits N`")
+                         f"recipe is checked with `fp4sim check attention {flag}`")
     if name not in reference.RECIPE_NAMES:
         raise UsageError(
             f"{what}: unknown recipe {name!r}; valid recipes: {', '.join(reference.RECIPE_NAMES)}"
