@@ -118,6 +118,29 @@ def test_declared_limits_make_properties_untested() -> None:
     assert edge.status in ("ok", "untested") and "Lq=1 Lk=15" in edge.cause, edge.line()
 
 
+def _forward_only_infer_kernel(q, k, v, causal, sm_scale):  # noqa: ANN001, ANN202
+    with torch.no_grad():  # no autograd graph: a forward-only kernel, as it declares
+        return reference.fp4_attention(q, k, v, causal=causal, sm_scale=sm_scale,
+                                       recipe="infer-nvfp4")
+
+
+_forward_only_infer_kernel.fp4sim_spec = {  # type: ignore[attr-defined]
+    "backward": False, "dtypes": ("float32",), "claims": "infer-nvfp4"}
+
+
+def test_a_callable_is_judged_by_its_own_fp4sim_spec() -> None:
+    """No spec and no recipe given (the plugin fixture's call): the callable's ``fp4sim_spec``
+    sets the capabilities (forward only) and the recipe (its claims), as ``fp4sim check``
+    reads them; seen failing (7 properties) while the default spec and attn-qat were used."""
+    only = ["independence", "outputs", "edge lengths", "key permutation"]
+    verdicts = run_system_properties(_forward_only_infer_kernel, only=only)
+    assert all(v.status == "ok" for v in verdicts), format_verdicts(verdicts)
+    # the same kernel against a recipe it does not implement: the claims were what passed it
+    (verdict,) = run_system_properties(_forward_only_infer_kernel, recipe="attn-qat",
+                                       only=["key permutation"])
+    assert verdict.status == "fail" and "tolerance rule" in verdict.cause, verdict.line()
+
+
 def _refuses_everything(q, k, v, causal, sm_scale):  # noqa: ANN001, ANN202
     raise ValueError("this kernel takes no input of this shape")
 

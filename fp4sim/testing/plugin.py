@@ -175,9 +175,11 @@ def fp4_rng(request: pytest.FixtureRequest) -> Any:
 
 @pytest.fixture
 def fp4_system_properties(fp4_device: str) -> Any:
-    """``check(kernel, spec=None, *, recipe="attn-qat", quantizer=False, **kw)``: run
+    """``check(kernel, spec=None, *, recipe=None, quantizer=False, **kw)``: run
     ``fp4sim.testing.system.run_system_properties`` on ``fp4_device`` (seed 0 unless given)
-    and raise AssertionError with every verdict line if a property fails."""
+    and raise AssertionError with every verdict line if a property fails. Without ``spec``
+    and ``recipe`` the kernel's own ``fp4sim_spec`` (capabilities, claimed recipe) decides,
+    as in ``fp4sim check``; else attn-qat with every capability."""
     system = _import_or_skip("fp4sim.testing.system", "fp4sim[test]")
 
     def check(kernel: Any, spec: Any = None, **kwargs: Any) -> Any:

@@ -22,6 +22,8 @@ from typing import Any
 import torch
 
 from fp4sim.harness import KernelSpec
+from fp4sim.harness.spec import merge_spec
+from fp4sim.judge.attention import DEFAULT_RECIPE
 from fp4sim.testing.system.attention import ATTENTION_PROPERTIES
 from fp4sim.testing.system.context import AttentionContext, spec_field, timed
 from fp4sim.testing.system.quantizer import QUANTIZER_PROPERTIES, QuantizerContext
@@ -37,15 +39,24 @@ __all__ = [
 ]
 
 
-def _default_spec() -> Any:
-    return KernelSpec()
+def _declared_spec(kernel: Any) -> Any:
+    """What the kernel declares: a ``LoadedKernel``'s spec, else the callable's
+    ``fp4sim_spec`` (a KernelSpec or a dict, as ``fp4sim check`` reads it), else every
+    capability."""
+    spec = getattr(kernel, "spec", None)
+    if isinstance(spec, KernelSpec):
+        return spec
+    declared = getattr(kernel, "fp4sim_spec", None)
+    if declared is None:
+        return KernelSpec()
+    return merge_spec(declared, None, getattr(kernel, "__qualname__", type(kernel).__name__))
 
 
 def run_system_properties(
     kernel: Callable[..., Any],
     spec: Any = None,
     *,
-    recipe: str = "attn-qat",
+    recipe: str | None = None,
     device: str = "cpu",
     seed: int = 0,
     quantizer: bool = False,
@@ -58,19 +69,26 @@ def run_system_properties(
 
     Attention: ``kernel(q, k, v, causal, sm_scale) -> o`` with BHLD torch tensors and
     autograd (a ``fp4sim.harness.LoadedKernel`` or a plain callable); ``spec`` is its
-    ``KernelSpec`` (None: every capability); ``recipe`` the reference preset it is
-    compared with where values change. ``dtype`` / ``head_dim`` default to the spec's first.
+    ``KernelSpec`` (None: what the kernel declares, as ``fp4sim check`` reads it: a
+    LoadedKernel's spec or the callable's ``fp4sim_spec``, else every capability); ``recipe``
+    the reference preset it is compared with where values change (None: the spec's
+    ``claims``, else ``DEFAULT_RECIPE``; ``preset@kv_splits=N`` names a split-KV schedule).
+    ``dtype`` / ``head_dim`` default to the spec's first.
     Quantizer (``quantizer=True``): ``kernel(x) -> (packed, scale bytes, tensor scale)``,
-    ``recipe`` is the format ('nvfp4' or 'mxfp4'), ``input_type`` 'torch' or 'numpy'.
+    ``recipe`` is the format ('nvfp4' or 'mxfp4'; None: 'nvfp4'), ``input_type`` 'torch' or
+    'numpy'.
     ``only`` restricts to the named properties.
     """
     if quantizer:
-        qctx = QuantizerContext(kernel, recipe, device, seed, input_type, dtype or "float32")
+        qctx = QuantizerContext(kernel, recipe or "nvfp4", device, seed, input_type,
+                                dtype or "float32")
         props: dict[str, Callable[[Any], Verdict]] = dict(QUANTIZER_PROPERTIES)
         ctx: Any = qctx
     else:
         if spec is None:
-            spec = _default_spec()
+            spec = _declared_spec(kernel)
+        if recipe is None:
+            recipe = spec_field(spec, "claims", None) or DEFAULT_RECIPE
         dtypes = tuple(spec_field(spec, "dtypes", ("float32",)))
         dims = spec_field(spec, "head_dims", None)
         ctx = AttentionContext(
