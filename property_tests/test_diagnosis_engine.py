@@ -157,6 +157,36 @@ def test_quantizer_diagnosis_names_the_setting(name: str) -> None:
     assert f"[{want}:" in causes[0], causes
 
 
+def test_quantizer_diagnosis_retests_tied_explanations() -> None:
+    """A quantizer that divides by the scale (x / s), on one block where that, double
+    rounding through bfloat16 and truncation write the same bytes: on the case alone they
+    all explain it (the first named is a wrong one); re-tested through the kernel on inputs
+    where they disagree, the division is named and said to be confirmed."""
+    import fp4sim
+    from fp4sim.judge.diagnosis.quantizer import written_values
+    from fp4sim.testing.assertions import compare_quantized
+    from fp4sim.testing.check_quantizer import diagnose_quantizer
+
+    def divider(x):  # noqa: ANN001, ANN202
+        q = fp4sim.quantize(x, "nvfp4", scale_op="divide")
+        return np.asarray(q.packed), np.asarray(q.scale_bits), None
+
+    def kernel_values(x):  # noqa: ANN001, ANN202
+        q = fp4sim.quantize(x, "nvfp4", scale_op="divide")
+        return written_values(np.asarray(q.codes, np.uint8).reshape(-1, 16),
+                              np.asarray(q.scale_bits, np.uint8).reshape(-1), "nvfp4")
+
+    x = np.zeros((1, 16), np.float32)
+    x[0, 0], x[0, 1] = 6 * 1.875, 2.5 * 1.875  # x / s = 2.5 exactly, x * RN(1/s) above it
+    expected = fp4sim.quantize(x, "nvfp4")
+    diff = compare_quantized(x, expected, *divider(x), axis=-1)
+    assert diff is not None
+    alone = diagnose_quantizer(x, expected, diff, "nvfp4", {})
+    assert "[scale:op:" not in alone[0] and "divided by the scale" in alone[1], alone
+    causes = diagnose_quantizer(x, expected, diff, "nvfp4", {}, kernel_values)
+    assert "[scale:op:" in causes[0] and "confirmed on" in causes[0], causes
+
+
 def test_quantizer_diagnosis_says_none_when_no_setting_explains() -> None:
     import fp4sim
     from fp4sim.testing.assertions import compare_quantized

@@ -108,6 +108,23 @@ def test_near_ties_are_one_ulp_away() -> None:
     assert (ulps == 1).mean() > 0.8
 
 
+def test_reciprocal_ties_separate_the_two_ways_of_applying_a_scale() -> None:
+    """x / s sits exactly on an E2M1 tie (t s / s = t) for every non-amax element, the block
+    scales are E4M3 values with an inexact float32 reciprocal, and the emulator's two
+    ``scale_op`` settings give different codes on the array (what the distribution is for)."""
+    x = generate_tensor(np.random.default_rng(6), (16, 64), "reciprocal_ties")
+    blocks = x.reshape(16, 4, 16)
+    s = np.abs(blocks).max(axis=-1, keepdims=True) / np.float32(6.0)
+    mant = s / 2.0 ** np.floor(np.log2(s)) - 1.0
+    assert set(np.unique(mant * 8)) == {7.0}  # 1.875 * 2^e
+    y = np.abs(blocks) / s
+    on_tie = np.isin(y, np.asarray(E2M1_TIES, np.float32))
+    assert (on_tie | (y == 6.0)).all()
+    a = fp4sim.quantize(x, "nvfp4", scale_op="reciprocal")
+    b = fp4sim.quantize(x, "nvfp4", scale_op="divide")
+    assert not np.array_equal(np.asarray(a.codes), np.asarray(b.codes))
+
+
 def test_scale_ties_sit_on_e4m3_midpoints() -> None:
     x = generate_tensor(np.random.default_rng(4), (16, 16), "scale_ties")
     amax6 = np.abs(x).max(axis=-1) / np.float32(6.0)

@@ -15,8 +15,9 @@ Two families:
   the distributions are listed in ``DISTRIBUTIONS``;
 * quantizer inputs: ``generate_tensor(rng, shape, distribution, **params)``, float32
   arrays aimed at the corner cases of block quantization (rounding ties after scaling,
-  one ulp from ties, E4M3 scale ties, all-zero blocks, blocks below the flush threshold,
-  NaN/Inf and other specials); the names are in ``TENSOR_DISTRIBUTIONS``.
+  one ulp from ties, ties that only an exact division keeps, E4M3 scale ties, all-zero
+  blocks, blocks below the flush threshold, NaN/Inf and other specials); the names are in
+  ``TENSOR_DISTRIBUTIONS``.
 
 ``AttentionCase`` is one concrete attention input (spec, seed, causal flag, softmax scale and
 the arrays), as drawn by ``fp4sim.testing.strategies.attention_inputs`` or built from a
@@ -366,15 +367,19 @@ def _tensor_sparse_outliers(
 
 
 def _ties_blocked(
-    rng: np.random.Generator, blocked: tuple[int, ...], min_exp: int, max_exp: int
+    rng: np.random.Generator, blocked: tuple[int, ...], min_exp: int, max_exp: int,
+    mantissa: bool = False,
 ) -> tuple[np.ndarray, np.ndarray]:
-    """(x, is_amax) in blocked layout for the ``ties`` construction."""
+    """(x, is_amax) in blocked layout for the ``ties`` construction; ``mantissa``: block
+    scales 1.875 * 2^e instead of powers of two."""
     block_size = blocked[-1]
     ties = rng.choice(np.array(E2M1_TIES), size=blocked)
     amax_at = rng.integers(0, block_size, size=(*blocked[:-1], 1))
     is_amax = np.broadcast_to(np.arange(block_size) == amax_at, blocked)
     magnitudes = np.where(is_amax, _E2M1_MAX, ties)
     scale = _block_power_of_two(rng, blocked, min_exp, max_exp)
+    if mantissa:
+        scale = scale * 1.875
     return _random_signs(rng, blocked) * magnitudes * scale, is_amax
 
 
@@ -393,6 +398,25 @@ def _tensor_ties(
     the E2M1 ties {0.25, 0.75, 1.25, 1.75, 2.5, 3.5, 5}.
     """
     x, _ = _ties_blocked(rng, _blocked(shape, block_size), min_exp, max_exp)
+    return _unblock(x, shape)
+
+
+def _tensor_reciprocal_ties(
+    rng: np.random.Generator,
+    shape: tuple[int, ...],
+    block_size: int,
+    min_exp: int = -4,
+    max_exp: int = 4,
+) -> np.ndarray:
+    """As ``ties``, with NVFP4 block scales s = 1.875 * 2^e (E4M3 mantissa 1.111b), e in
+    [min_exp, max_exp] inside E4M3's normal range. amax = 6 s and every other element t s are
+    exact, so x / s lands exactly on the tie t, while x * RN(1/s) is an ulp above t for every
+    tie from 0.75 up (1/s is inexact for every E4M3 mantissa but 1.0, yet for the smaller
+    ones the float32 product rounds back onto t at most ties): the two ways of applying a
+    scale (``fp4sim.settings`` ``scale_op``: reciprocal, divide) round differently at
+    t = 1.25, 2.5 and 5, whose even neighbour is below. MX scales are powers of two: there
+    these are ordinary values."""
+    x, _ = _ties_blocked(rng, _blocked(shape, block_size), min_exp, max_exp, mantissa=True)
     return _unblock(x, shape)
 
 
@@ -490,6 +514,7 @@ TENSOR_DISTRIBUTIONS: dict[str, Callable[..., np.ndarray]] = {
     "sparse_outliers": _tensor_sparse_outliers,
     "ties": _tensor_ties,
     "near_ties": _tensor_near_ties,
+    "reciprocal_ties": _tensor_reciprocal_ties,
     "scale_ties": _tensor_scale_ties,
     "zero_blocks": _tensor_zero_blocks,
     "below_flush": _tensor_below_flush,
@@ -509,9 +534,9 @@ def generate_tensor(
     """A float32 array of ``shape`` from a quantizer-input distribution.
 
     ``block_size`` (16 for NVFP4, 32 for MXFP4) is the block length along the last axis
-    that block-structured distributions (ties, near_ties, scale_ties, zero_blocks,
-    below_flush) build on; ``params`` are the distribution's keyword parameters (see each
-    distribution's docstring in ``TENSOR_DISTRIBUTIONS``). The result is rounded to
+    that block-structured distributions (ties, near_ties, reciprocal_ties, scale_ties,
+    zero_blocks, below_flush) build on; ``params`` are the distribution's keyword parameters
+    (see each distribution's docstring in ``TENSOR_DISTRIBUTIONS``). The result is rounded to
     ``dtype`` (float32 keeps it as is).
     """
     if not isinstance(rng, np.random.Generator):

@@ -15,7 +15,9 @@ from fp4sim.harness import DEFAULT_TIMEOUT, KernelWorker, UsageError
 from fp4sim.judge.diagnosis.quantizer import (
     quantizer_cause_lines,
     rank_quantizer_hypotheses,
+    separate_tied,
     shape_hypotheses,
+    written_values,
 )
 from fp4sim.judge.inputs import generate_tensor
 from fp4sim.testing.assertions import QuantizedDiff, compare_quantized, tie_flip_summary
@@ -159,11 +161,14 @@ def emulate_quantizer(x: np.ndarray, fmt: str, settings: dict[str, Any]) -> Any:
 
 
 def diagnose_quantizer(
-    x: np.ndarray, expected: Any, diff: QuantizedDiff, fmt: str, settings: dict[str, Any]
+    x: np.ndarray, expected: Any, diff: QuantizedDiff, fmt: str, settings: dict[str, Any],
+    kernel_values: Callable[[np.ndarray], np.ndarray | None] | None = None,
 ) -> list[str]:
     """Likely causes of a quantizer disagreement: the differential diagnosis of
     ``fp4sim.judge.diagnosis.quantizer`` (one-setting deviations of the emulator, ranked
-    by the codes and scale bytes each reproduces), then a count of the code differences."""
+    by the codes and scale bytes each reproduces), then a count of the code differences.
+    ``kernel_values`` (the kernel's dequantized values of another input): explanations that
+    tie on ``x`` are re-tested on drawn inputs where they disagree (``separate_tied``)."""
     if diff.what == "shape":
         if diff.actual_scale_count:
             return shape_hypotheses(np.asarray(x), fmt, diff.actual_scale_count, diff.n_blocks)
@@ -174,7 +179,12 @@ def diagnose_quantizer(
     es, as_ = diff.expected_scale_bits, diff.actual_scale_bits
     assert ec is not None and ac is not None and es is not None and as_ is not None
     scores = rank_quantizer_hypotheses(np.asarray(x), fmt, settings, ac, as_, ec, es)
-    causes = quantizer_cause_lines(scores)
+    exact = [sc for sc in scores if sc.exact]
+    confirmed = None
+    if kernel_values is not None and len(exact) > 1:
+        confirmed = separate_tied(exact, fmt, _probe_inputs(fmt, str(np.asarray(x).dtype)),
+                                  kernel_values)
+    causes = quantizer_cause_lines(scores, confirmed=confirmed)
     if diff.x_blocks is not None and not (scores and scores[0].exact):
         summary = tie_flip_summary(
             diff.x_blocks.reshape(-1, diff.x_blocks.shape[-1]),
@@ -215,9 +225,11 @@ def _ts(expected: Any) -> float | None:
 
 
 def evaluate_quantizer_case(
-    kernel: Callable[..., Any], case: TensorCase, config: QuantizerCheckConfig, input_type: str
+    kernel: Callable[..., Any], case: TensorCase, config: QuantizerCheckConfig, input_type: str,
+    retest: bool = False,
 ) -> tuple[str | None, list[str]]:
-    """(diagnosis or None, likely causes) for one input."""
+    """(diagnosis or None, likely causes) for one input; ``retest``: explanations that tie on
+    it are re-tested on more inputs through the kernel (the final case only: it costs calls)."""
     settings = config.settings_dict()
     expected = emulate_quantizer(case.x, config.fmt, settings)
     out, problem, problem_causes = call_quantizer_kernel(
@@ -241,9 +253,43 @@ def evaluate_quantizer_case(
         packed, scale_bits = conv.packed, conv.scale_bits
         diff = compare_quantized(case.x, expected, packed, scale_bits, tensor_scale, axis=-1)
         assert diff is not None  # conv.remaining > 0 differences in values
-    causes = diagnose_quantizer(case.x, expected, diff, config.fmt, settings)
+    rerun = (_kernel_values(kernel, config, case.dtype, input_type, settings)
+             if retest else None)
+    causes = diagnose_quantizer(case.x, expected, diff, config.fmt, settings, rerun)
     text = note + diff.message + "".join(f"\nlikely cause: {c}" for c in causes)
     return text, causes
+
+
+def _probe_inputs(fmt: str, dtype: str) -> list[np.ndarray]:
+    """Inputs on which tied explanations are re-tested: three (4, 4 blocks) arrays of every
+    quantizer distribution (fixed seeds), float32 values of the case's dtype."""
+    block = BLOCK_SIZES[fmt]
+    dtype = dtype if dtype in ("float32", "float16", "bfloat16") else "float32"
+    return [generate_tensor(np.random.default_rng(seed), (4, 4 * block), name,
+                            block_size=block, dtype=dtype)
+            for seed in range(3) for name in QUANTIZER_DISTRIBUTIONS]
+
+
+def _kernel_values(kernel: Any, config: QuantizerCheckConfig, dtype: str, input_type: str,
+                   settings: dict[str, Any]) -> Callable[[np.ndarray], np.ndarray | None]:
+    """x -> the kernel's dequantized values on the emulator's block grid (None if it fails)."""
+
+    def run(x: np.ndarray) -> np.ndarray | None:
+        out, _problem, _causes = call_quantizer_kernel(kernel, x, dtype, input_type,
+                                                       config.device)
+        if out is None:
+            return None
+        expected = emulate_quantizer(x, config.fmt, settings)
+        diff = compare_quantized(x, expected, *out, axis=-1)
+        if diff is None:  # the kernel agrees with the emulator here
+            codes = np.asarray(expected.codes, np.uint8).reshape(-1, BLOCK_SIZES[config.fmt])
+            return written_values(codes, np.asarray(expected.scale_bits, np.uint8).reshape(-1),
+                                  config.fmt)
+        if diff.actual_codes is None or diff.actual_scale_bits is None:
+            return None
+        return written_values(diff.actual_codes, diff.actual_scale_bits, config.fmt)
+
+    return run
 
 
 def _tensor_case_key(case: TensorCase) -> tuple[Any, ...]:
@@ -309,9 +355,15 @@ def run_quantizer_check(
         )
         if result is None:  # a rank other than 0: rank 0 holds the verdict
             return None
+        result.causes = (causes_of.get(_tensor_case_key(result.case), [])
+                         if result.case is not None else [])
+        if result.case is not None and not seen["hard"]:
+            # the final case again, its tied explanations re-tested through the kernel
+            text, causes = evaluate_quantizer_case(worker, result.case, config, input_type,
+                                                   retest=True)
+            if text is not None:
+                result.diagnosis, result.causes = text, causes
         result.restarts = worker.starts - 1
-    if result.case is not None:
-        result.causes = causes_of.get(_tensor_case_key(result.case), [])
     result.conventions = [
         f"{note} ({n} case(s))" for note, n in conventions.items()
     ]

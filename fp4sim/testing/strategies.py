@@ -65,6 +65,7 @@ QUANTIZER_DISTRIBUTIONS: tuple[str, ...] = (
     "gaussian",
     "ties",
     "near_ties",
+    "reciprocal_ties",
     "scale_ties",
     "student_t",
     "lognormal",
@@ -228,6 +229,7 @@ _TENSOR_PARAMS: dict[str, dict[str, tuple[float, ...]]] = {
     "sparse_outliers": {"outlier_fraction": (0.01, 0.1), "outlier_scale": (10.0, 100.0, 1e4)},
     "ties": {"min_exp": (0, -4, -10), "max_exp": (0, 4, 10)},
     "near_ties": {"min_exp": (0, -4, -10), "max_exp": (0, 4, 10)},
+    "reciprocal_ties": {"min_exp": (0, -4, -6), "max_exp": (0, 4, 7)},
     "scale_ties": {"min_exp": (0, -6, -9), "max_exp": (0, 6, 8)},
     "zero_blocks": {"zero_fraction": (0.5, 0.1, 0.9)},
     "below_flush": {"min_exp": (-16, -20), "max_exp": (-4, -8)},
@@ -265,7 +267,7 @@ def tensor_cases(
         (name, draw(st.sampled_from(values)))
         for name, values in _TENSOR_PARAMS.get(distribution, {}).items()
     )
-    if distribution in ("ties", "near_ties", "scale_ties", "below_flush"):
+    if distribution in ("ties", "near_ties", "reciprocal_ties", "scale_ties", "below_flush"):
         low, high = dict(params)["min_exp"], dict(params)["max_exp"]
         params = (("min_exp", int(min(low, high))), ("max_exp", int(max(low, high))))
     seed = draw(seeds())

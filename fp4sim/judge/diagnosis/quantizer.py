@@ -10,6 +10,7 @@ A hypothesis that reproduces every byte *explains* the input.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, replace
 from typing import Any
 
@@ -222,6 +223,52 @@ def rank_quantizer_hypotheses(
     return out
 
 
+def hypothesis_values(x: np.ndarray, fmt: str, hyp: QuantHypothesis) -> np.ndarray | None:
+    """The dequantized values (n_blocks, block) a hypothesis writes for ``x`` on the
+    emulator's block grid (None: it cannot run on x or writes another grid)."""
+    try:
+        codes, sbytes = _hyp_bytes(x, hyp, BLOCKS[fmt])
+    except (ValueError, RuntimeError):
+        return None
+    return None if codes is None else _values(codes, sbytes, fmt)
+
+
+def written_values(codes: np.ndarray, scale_bits: np.ndarray, fmt: str) -> np.ndarray:
+    """Dequantized values of a kernel's blocked codes (n_blocks, block) and scale bytes."""
+    return _values(codes, scale_bits, fmt)
+
+
+def separate_tied(
+    tied: list[QuantScore], fmt: str, probes: list[np.ndarray],
+    kernel_values: Callable[[np.ndarray], np.ndarray | None], wanted: int = 2,
+) -> tuple[list[QuantScore], int]:
+    """Hypotheses that explain a case equally, re-tested where they disagree: on each probe
+    input that makes them write different values, the kernel is run (``kernel_values``: its
+    dequantized values on the emulator's grid, None if it failed) and those that do not
+    reproduce it are dropped, until one remains after ``wanted`` such inputs or the probes
+    run out. Returns (the remaining ones in their order, the inputs that separated them);
+    NaN inputs are not compared (their codes are a convention)."""
+    left, used = list(tied), 0
+    for x in probes:
+        if len(left) < 2 and used >= wanted:
+            break
+        vals = [hypothesis_values(x, fmt, s.hypothesis) for s in left]
+        if any(v is None for v in vals):
+            continue
+        care = ~np.isnan(np.asarray(x, np.float32).reshape(vals[0].shape)) \
+            if np.asarray(x).size == vals[0].size else np.ones(vals[0].shape, bool)
+        if all((_same(v, vals[0]) | ~care).all() for v in vals[1:]) and len(left) > 1:
+            continue
+        got = kernel_values(x)
+        if got is None or got.shape != vals[0].shape:
+            continue
+        keep = [s for s, v in zip(left, vals, strict=True) if (_same(v, got) | ~care).all()]
+        if not keep:  # no hypothesis survives: keep the tie as it was (reported as such)
+            break
+        left, used = keep, used + 1
+    return left, used
+
+
 def shape_hypotheses(x: np.ndarray, fmt: str, act_scale_count: int, exp_scale_count: int
                      ) -> list[str]:
     """A differing number of scales: the block size that gives the kernel's count."""
@@ -237,17 +284,31 @@ def shape_hypotheses(x: np.ndarray, fmt: str, act_scale_count: int, exp_scale_co
     return []
 
 
-def quantizer_cause_lines(scores: list[QuantScore], top: int = 3) -> list[str]:
-    """The named cause (a hypothesis reproducing every byte) or an honest 'none'."""
+def quantizer_cause_lines(scores: list[QuantScore], top: int = 3,
+                          confirmed: tuple[list[QuantScore], int] | None = None) -> list[str]:
+    """The named cause (a hypothesis reproducing every byte) or an honest 'none';
+    ``confirmed``: ``separate_tied``'s result for the exact ones (the survivors lead)."""
     exact = [s for s in scores if s.exact]
     if scores and not exact and scores[0].codes_differing == 0 and not scores[0].scales_differing:
         return ["no element value differs: the bits differ only where the value is the same"
                 " (a convention such as -0 or the codes of a zero-scale block, not a defect)"]
     if exact:
-        lines = [exact[0].describe()]
-        if len(exact) > 1:
+        used = 0
+        if confirmed is not None:
+            left, used = confirmed
+            exact = left + [s for s in exact if s not in left]
+            n_left = len(left)
+        else:
+            n_left = len(exact)
+        head = exact[0].describe()
+        if used:
+            others = len(exact) - n_left
+            head += (f"; confirmed on {used} more input(s) where it and the {others} other"
+                     " explanation(s) of this input disagree") if others else ""
+        lines = [head]
+        if n_left > 1:
             lines.append("equally explained on this input by: " + "; ".join(
-                s.hypothesis.text for s in exact[1:4]))
+                s.hypothesis.text for s in exact[1:min(n_left, 4)]))
         return lines
     lines = [f"no known hypothesis explains it ({len(scores)} tried)"]
     lines += [f"  closest: {s.describe()}" for s in scores[:top] if s.net > 0]
