@@ -163,12 +163,14 @@ def emulate_quantizer(x: np.ndarray, fmt: str, settings: dict[str, Any]) -> Any:
 def diagnose_quantizer(
     x: np.ndarray, expected: Any, diff: QuantizedDiff, fmt: str, settings: dict[str, Any],
     kernel_values: Callable[[np.ndarray], np.ndarray | None] | None = None,
+    probe_dtype: str = "float32",
 ) -> list[str]:
     """Likely causes of a quantizer disagreement: the differential diagnosis of
     ``fp4sim.judge.diagnosis.quantizer`` (one-setting deviations of the emulator, ranked
     by the codes and scale bytes each reproduces), then a count of the code differences.
     ``kernel_values`` (the kernel's dequantized values of another input): explanations that
-    tie on ``x`` are re-tested on drawn inputs where they disagree (``separate_tied``)."""
+    tie on ``x`` are re-tested on drawn inputs (values of ``probe_dtype``, the dtype the
+    kernel is called with) where they disagree (``separate_tied``)."""
     if diff.what == "shape":
         if diff.actual_scale_count:
             return shape_hypotheses(np.asarray(x), fmt, diff.actual_scale_count, diff.n_blocks)
@@ -182,8 +184,7 @@ def diagnose_quantizer(
     exact = [sc for sc in scores if sc.exact]
     confirmed = None
     if kernel_values is not None and len(exact) > 1:
-        confirmed = separate_tied(exact, fmt, _probe_inputs(fmt, str(np.asarray(x).dtype)),
-                                  kernel_values)
+        confirmed = separate_tied(exact, fmt, _probe_inputs(fmt, probe_dtype), kernel_values)
     causes = quantizer_cause_lines(scores, confirmed=confirmed)
     if diff.x_blocks is not None and not (scores and scores[0].exact):
         summary = tie_flip_summary(
@@ -255,7 +256,8 @@ def evaluate_quantizer_case(
         assert diff is not None  # conv.remaining > 0 differences in values
     rerun = (_kernel_values(kernel, config, case.dtype, input_type, settings)
              if retest else None)
-    causes = diagnose_quantizer(case.x, expected, diff, config.fmt, settings, rerun)
+    causes = diagnose_quantizer(case.x, expected, diff, config.fmt, settings, rerun,
+                                case.dtype)
     text = note + diff.message + "".join(f"\nlikely cause: {c}" for c in causes)
     return text, causes
 
@@ -264,7 +266,6 @@ def _probe_inputs(fmt: str, dtype: str) -> list[np.ndarray]:
     """Inputs on which tied explanations are re-tested: three (4, 4 blocks) arrays of every
     quantizer distribution (fixed seeds), float32 values of the case's dtype."""
     block = BLOCK_SIZES[fmt]
-    dtype = dtype if dtype in ("float32", "float16", "bfloat16") else "float32"
     return [generate_tensor(np.random.default_rng(seed), (4, 4 * block), name,
                             block_size=block, dtype=dtype)
             for seed in range(3) for name in QUANTIZER_DISTRIBUTIONS]

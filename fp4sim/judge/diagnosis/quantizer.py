@@ -307,7 +307,8 @@ def quantizer_cause_lines(scores: list[QuantScore], top: int = 3,
                      " explanation(s) of this input disagree") if others else ""
         lines = [head]
         if n_left > 1:
-            lines.append("equally explained on this input by: " + "; ".join(
+            where = "on this input and the re-test inputs" if used else "on this input"
+            lines.append(f"equally explained {where} by: " + "; ".join(
                 s.hypothesis.text for s in exact[1:min(n_left, 4)]))
         return lines
     lines = [f"no known hypothesis explains it ({len(scores)} tried)"]
