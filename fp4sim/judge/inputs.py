@@ -368,18 +368,16 @@ def _tensor_sparse_outliers(
 
 def _ties_blocked(
     rng: np.random.Generator, blocked: tuple[int, ...], min_exp: int, max_exp: int,
-    mantissa: bool = False,
+    mantissa: float = 1.0,
 ) -> tuple[np.ndarray, np.ndarray]:
-    """(x, is_amax) in blocked layout for the ``ties`` construction; ``mantissa``: block
-    scales 1.875 * 2^e instead of powers of two."""
+    """(x, is_amax) in blocked layout for the ``ties`` construction, block scales
+    ``mantissa`` * 2^e."""
     block_size = blocked[-1]
     ties = rng.choice(np.array(E2M1_TIES), size=blocked)
     amax_at = rng.integers(0, block_size, size=(*blocked[:-1], 1))
     is_amax = np.broadcast_to(np.arange(block_size) == amax_at, blocked)
     magnitudes = np.where(is_amax, _E2M1_MAX, ties)
-    scale = _block_power_of_two(rng, blocked, min_exp, max_exp)
-    if mantissa:
-        scale = scale * 1.875
+    scale = mantissa * _block_power_of_two(rng, blocked, min_exp, max_exp)
     return _random_signs(rng, blocked) * magnitudes * scale, is_amax
 
 
@@ -416,7 +414,7 @@ def _tensor_reciprocal_ties(
     scale (``fp4sim.settings`` ``scale_op``: reciprocal, divide) round differently at
     t = 1.25, 2.5 and 5, whose even neighbour is below. MX scales are powers of two: there
     these are ordinary values."""
-    x, _ = _ties_blocked(rng, _blocked(shape, block_size), min_exp, max_exp, mantissa=True)
+    x, _ = _ties_blocked(rng, _blocked(shape, block_size), min_exp, max_exp, mantissa=1.875)
     return _unblock(x, shape)
 
 

@@ -170,8 +170,9 @@ def _hyp_bytes(x: np.ndarray, hyp: QuantHypothesis, block: int) -> tuple[Any, An
     return codes.reshape(-1, block), sb.reshape(-1)
 
 
-def _values(codes: np.ndarray, scale_bits: np.ndarray, fmt: str) -> np.ndarray:
-    """Dequantized values (without a tensor scale) of blocked codes and their scale bytes."""
+def written_values(codes: np.ndarray, scale_bits: np.ndarray, fmt: str) -> np.ndarray:
+    """Dequantized values (without a tensor scale) of blocked codes (n_blocks, block) and
+    their scale bytes: what a quantizer wrote, compared by value."""
     dec = np.asarray(fp4sim.e2m1_decode(np.asarray(codes, np.uint8)), dtype=np.float64)
     sb = np.asarray(scale_bits, np.uint8)
     scale = fp4sim.e4m3_decode(sb) if fmt == "nvfp4" else fp4sim.e8m0_decode(sb)
@@ -199,8 +200,8 @@ def rank_quantizer_hypotheses(
     care = ~np.isnan(x2) if x2.shape == act_codes.shape else np.ones(act_codes.shape, bool)
     # bits with no effect on values are conventions (quantizer_conventions, issue 12): an
     # element counts by its dequantized value, code x block scale
-    act_v = _values(act_codes, act_scale_bits, fmt)
-    d_codes = ~_same(act_v, _values(exp_codes, exp_scale_bits, fmt)) & care
+    act_v = written_values(act_codes, act_scale_bits, fmt)
+    d_codes = ~_same(act_v, written_values(exp_codes, exp_scale_bits, fmt)) & care
     d_scales = act_scale_bits != exp_scale_bits
     out = []
     for hyp in quantizer_hypotheses(base):
@@ -210,7 +211,7 @@ def rank_quantizer_hypotheses(
             continue
         if codes is None or codes.shape != act_codes.shape or sbytes.shape != d_scales.shape:
             continue
-        c_ok = _same(_values(codes, sbytes, fmt), act_v) | ~care
+        c_ok = _same(written_values(codes, sbytes, fmt), act_v) | ~care
         s_ok = sbytes == act_scale_bits
         out.append(QuantScore(
             hyp,
@@ -230,12 +231,7 @@ def hypothesis_values(x: np.ndarray, fmt: str, hyp: QuantHypothesis) -> np.ndarr
         codes, sbytes = _hyp_bytes(x, hyp, BLOCKS[fmt])
     except (ValueError, RuntimeError):
         return None
-    return None if codes is None else _values(codes, sbytes, fmt)
-
-
-def written_values(codes: np.ndarray, scale_bits: np.ndarray, fmt: str) -> np.ndarray:
-    """Dequantized values of a kernel's blocked codes (n_blocks, block) and scale bytes."""
-    return _values(codes, scale_bits, fmt)
+    return None if codes is None else written_values(codes, sbytes, fmt)
 
 
 def separate_tied(
